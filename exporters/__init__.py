@@ -1,0 +1,1 @@
+"""ONNX export and runtime helpers (installed as ``otmel.exporters``)."""

@@ -1,0 +1,1 @@
+"""Ray entrypoints (installed as ``otmel.jobs``)."""

@@ -1,0 +1,145 @@
+"""The ``otmel`` command line.
+
+    otmel synth --entities N --mentions M --out DIR
+    otmel import-mimic --root DIR --dataset wikimel|richpediamel|wikidiverse --out DIR2
+    otmel evaluate --checkpoint CKPT --data DATA --split test [--retrieve K] [--out metrics.json]
+    otmel demo [--out DIR]
+
+Errors a user can fix (bad paths, schemas, checkpoints) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("otmel")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def cmd_synth(args) -> int:
+    from otmel.synth import write_synthetic_dataset
+
+    report = write_synthetic_dataset(args.out, n_entities=args.entities, n_mentions=args.mentions, seed=args.seed,
+                                     missing_image_rate=args.missing_image_rate)
+    _print(f"wrote synthetic dataset to {args.out}: {report}")
+    return 0
+
+
+def cmd_import_mimic(args) -> int:
+    from otmel.mimic import import_mimic
+
+    report = import_mimic(args.root, args.dataset, args.out)
+    _print(f"imported {args.dataset} from {args.root} to {args.out}: {report}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from otmel.data import load_split
+    from otmel.evaluation import evaluate
+    from otmel.factory import load_model
+    from otmel.metrics import format_metrics
+
+    model, pre = load_model(args.checkpoint)
+    kb, mentions = load_split(args.data, args.split)
+    metrics = evaluate(model, pre, mentions, kb, batch_size=args.batch_size, retrieve=args.retrieve)
+    _print(f"{args.split} ({metrics['count']} mentions, {metrics['entities']} entities): {format_metrics(metrics)}")
+    out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval-{args.split}.json"
+    out.write_text(json.dumps(metrics, indent=2))
+    _print(f"metrics written to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from otmel.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=args.out, entities=args.entities, mentions=args.mentions, mode=args.mode,
+                     time_budget_s=args.time_budget)
+    _print(f"otmel demo: synth {cfg.entities} entities / {cfg.mentions} mentions -> train a tiny "
+           f"OT-MEL ({cfg.mode}) on CPU (<= {cfg.time_budget_s:.0f} s) -> evaluate")
+    r = run_demo(cfg, progress=_print)
+    keys = ("H@1", "H@3", "H@5", "MRR")
+    _print("")
+    _print(f"test split, {r['test_exhaustive']['count']} mentions against all {r['entities']} KB entities")
+    _print(f"  {'protocol':<28} " + " ".join(f"{k:>7}" for k in keys))
+    _print(f"  {'exhaustive S_O (paper)':<28} " + " ".join(f"{100 * r['test_exhaustive'][k]:7.2f}" for k in keys))
+    rr = r["test_retrieve_rerank"]
+    _print(f"  {'retrieve K=20 + rerank':<28} " + " ".join(f"{100 * rr[k]:7.2f}" for k in keys))
+    _print(f"  {'chance':<28} {100 * r['chance_H@1']:7.2f}")
+    if r.get("same_name_chance_H@1"):
+        _print(f"  {'name match only (chance)':<28} {100 * r['same_name_chance_H@1']:7.2f}")
+    _print(f"  recall@20 of gold {100 * rr['recall@20']:.1f}%, of the exhaustive top-1 {100 * rr['recall@20_top1']:.1f}%")
+    _print(f"checkpoint: {r['checkpoint']}   metrics: {Path(args.out) / 'metrics.json'}   ({r['seconds']:.0f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="otmel", description="Multimodal entity linking with OT-MEL at cluster scale.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write a synthetic multimodal dataset (KB + mentions)")
+    s.add_argument("--entities", type=int, default=1000)
+    s.add_argument("--mentions", type=int, default=5000)
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--missing-image-rate", type=float, default=0.4, help="share of KB entities without an image")
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("import-mimic", help="convert a MIMIC/MELBench release to an otmel dataset")
+    s.add_argument("--root", required=True)
+    s.add_argument("--dataset", required=True, choices=["wikimel", "richpediamel", "wikidiverse"])
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_import_mimic)
+
+    s = sub.add_parser("evaluate", help="H@1/3/5 and MRR of a checkpoint on a dataset split")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    s.add_argument("--retrieve", type=int, default=None, metavar="K",
+                   help="retrieve K candidates by the separable score, then rerank with the full S_O")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--out", default=None, help="metrics JSON path (default: CHECKPOINT/eval-SPLIT.json)")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("demo", help="synth -> train a tiny model on CPU -> evaluate (the embedded default)")
+    s.add_argument("--out", default="demo-run")
+    s.add_argument("--entities", type=int, default=300)
+    s.add_argument("--mentions", type=int, default=2400)
+    s.add_argument("--mode", default="kd", choices=["ot", "att", "kd"])
+    s.add_argument("--time-budget", type=float, default=150.0, help="training seconds (checked per epoch)")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+#: errors a user can act on: one line, exit code 2 (anything else is a bug: full traceback)
+USER_ERRORS = (FileNotFoundError, ValueError, PermissionError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        if args.verbose:
+            raise
+        print(f"otmel {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Training pairs: mentions joined with their gold KB entities, batched and preprocessed.
+
+A dataset directory (DESIGN.md) holds ``kb.parquet`` and ``mentions/{train,dev,test}.parquet``.
+Rows that cannot be trained on are skipped and COUNTED with a reason (never silently):
+a gold entity id missing from the KB, a missing gold id, an empty mention string.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from otmel.preprocessing import Preprocessor
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "dev", "test")
+
+
+def dataset_paths(root: str | Path, split: str) -> tuple[Path, Path]:
+    root = Path(root)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return root / "kb.parquet", root / "mentions" / f"{split}.parquet"
+
+
+def load_split(root: str | Path, split: str) -> tuple[pa.Table, pa.Table]:
+    """Read and validate (kb, mentions) of a dataset directory; clear errors if absent/empty."""
+    from otmel.schemas import read_kb, read_mentions
+
+    kb_path, m_path = dataset_paths(root, split)
+    for p in (kb_path, m_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"dataset {root}: missing {p.relative_to(Path(root)) if p.is_relative_to(Path(root)) else p}")
+    kb = read_kb(str(kb_path))
+    mentions = read_mentions(str(m_path))
+    if kb.num_rows == 0:
+        raise ValueError(f"{kb_path}: the KB is empty")
+    if mentions.num_rows == 0:
+        raise ValueError(f"{m_path}: the {split} split is empty")
+    return kb, mentions
+
+
+@dataclass
+class PairBatch:
+    mention_inputs: dict
+    entity_inputs: dict
+    entity_ids: list[str]
+
+
+@dataclass
+class PairDataset:
+    """(mention, gold entity) pairs over a KB, preprocessed batch by batch."""
+
+    mentions: pa.Table
+    kb: pa.Table
+    preprocessor: Preprocessor
+    rows: np.ndarray = field(init=False)  # usable mention row indices
+    gold_rows: np.ndarray = field(init=False)  # KB row of each usable mention
+    skipped: Counter = field(init=False)
+
+    def __post_init__(self):
+        ids = self.kb.column("entity_id").to_pylist()
+        kb_index = {e: i for i, e in enumerate(ids)}
+        gold = self.mentions.column("gold_entity_id").to_pylist()
+        mention = self.mentions.column("mention").to_pylist()
+        rows, gold_rows = [], []
+        self.skipped = Counter()
+        for i, (g, m) in enumerate(zip(gold, mention)):
+            if g is None:
+                self.skipped["no_gold_entity_id"] += 1
+            elif g not in kb_index:
+                self.skipped["unknown_gold_entity_id"] += 1
+            elif not (m or "").strip():
+                self.skipped["empty_mention"] += 1
+            else:
+                rows.append(i)
+                gold_rows.append(kb_index[g])
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.gold_rows = np.asarray(gold_rows, dtype=np.int64)
+        if self.skipped:
+            log.warning("skipped %d of %d mentions: %s", sum(self.skipped.values()), len(gold), dict(self.skipped))
+        if len(self.rows) == 0:
+            raise ValueError("no usable (mention, gold entity) pair: " + str(dict(self.skipped)))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, positions: np.ndarray) -> PairBatch:
+        m_rows = self.mentions.take(pa.array(self.rows[positions]))
+        e_rows = self.kb.take(pa.array(self.gold_rows[positions]))
+        mb = self.preprocessor.mentions(m_rows.select(["mention", "text", "image"]).to_pydict())
+        eb = self.preprocessor.entities(e_rows.select(["name", "attributes", "image"]).to_pydict())
+        return PairBatch(mb.model_inputs(), eb.model_inputs(), e_rows.column("entity_id").to_pylist())
+
+    def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = True) -> Iterator[PairBatch]:
+        order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
+        stop = (len(order) // batch_size) * batch_size if drop_last and len(order) >= batch_size else len(order)
+        for start in range(0, stop, batch_size):
+            yield self.batch(order[start:start + batch_size])

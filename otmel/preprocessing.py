@@ -1,0 +1,182 @@
+"""Text + image preprocessing shared by training, evaluation, indexing and linking.
+
+Turns rows (mention / entity dicts in the Arrow schemas of ``otmel.schemas``) into the four
+model inputs: ``input_ids (B, L) int64``, ``attention_mask (B, L) int64``,
+``pixel_values (B, 3, S, S) float32``, ``has_image (B,) bool``.
+
+Bad input never fails a batch: each row gets a list of *issues* (a reason string each). A
+row whose issues include an error (e.g. an empty mention) is still returned, padded, with
+``ok = False`` so the caller reports it (status ``error``) instead of dropping it; a
+corrupt or missing image is a warning (the row is linked on text with no image); an
+over-long text is truncated to the tokenizer limit and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from otmel.encoders import ENTITY_TEMPLATE, MENTION_TEMPLATE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """Model inputs plus per-row accounting."""
+
+    input_ids: np.ndarray  # (B, L) int64
+    attention_mask: np.ndarray  # (B, L) int64
+    pixel_values: np.ndarray  # (B, 3, S, S) float32
+    has_image: np.ndarray  # (B,) bool
+    ok: np.ndarray  # (B,) bool: False = the row cannot be linked (see errors)
+    errors: list[str | None]  # per row: the reason the row is unusable, else None
+    warnings: list[list[str]]  # per row: non-fatal issues (missing/corrupt image, truncated)
+
+    def model_inputs(self) -> dict[str, Any]:
+        import torch
+
+        return {
+            "input_ids": torch.from_numpy(self.input_ids),
+            "attention_mask": torch.from_numpy(self.attention_mask),
+            "pixel_values": torch.from_numpy(self.pixel_values),
+            "has_image": torch.from_numpy(self.has_image),
+        }
+
+    def __len__(self) -> int:
+        return len(self.errors)
+
+
+@dataclass
+class IssueCounter:
+    """Counts of skipped/degraded rows by reason, for reports."""
+
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, batch: Batch) -> None:
+        for err in batch.errors:
+            if err:
+                self.counts[f"error: {err.split(':')[0]}"] += 1
+        for ws in batch.warnings:
+            for w in ws:
+                self.counts[f"warning: {w.split(':')[0]}"] += 1
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} x{v}" for k, v in sorted(self.counts.items())) or "none"
+
+
+class Preprocessor:
+    """Tokenizer + CLIP image processor + the text templates of the model.
+
+    Parameters
+    ----------
+    tokenizer : a CLIP tokenizer (``CLIPTokenizer.from_pretrained(dir)``)
+    image_processor : a CLIP image processor (resize, centre crop, normalise)
+    text_length : tokens per text (pad / truncate; 40 in the release)
+    """
+
+    def __init__(self, tokenizer, image_processor, text_length: int = 40,
+                 mention_template: str = MENTION_TEMPLATE, entity_template: str = ENTITY_TEMPLATE):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.text_length = text_length
+        self.mention_template = mention_template
+        self.entity_template = entity_template
+        crop = image_processor.crop_size
+        self.image_size = int(crop if isinstance(crop, int) else crop["height"])
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, text_length: int = 40, **templates) -> "Preprocessor":
+        """Load the tokenizer and image-processor files saved beside a checkpoint / ONNX dir."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(directory))
+        proc = AutoImageProcessor.from_pretrained(str(directory))
+        return cls(tok, proc, text_length, **templates)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.tokenizer.save_pretrained(str(directory))
+        self.image_processor.save_pretrained(str(directory))
+
+    # ------------------------------------------------------------------ text
+    def mention_texts(self, mentions: Sequence[str | None], contexts: Sequence[str | None]) -> tuple[list[str], list[str | None]]:
+        texts, errors = [], []
+        for m, c in zip(mentions, contexts):
+            m = (m or "").strip()
+            c = (c or "").strip()
+            errors.append(None if m else "empty_mention: the mention string is empty")
+            texts.append(self.mention_template.format(mention=m, context=c))
+        return texts, errors
+
+    def entity_texts(self, names: Sequence[str | None], attributes: Sequence[str | None]) -> tuple[list[str], list[str | None]]:
+        texts, errors = [], []
+        for n, a in zip(names, attributes):
+            n = (n or "").strip()
+            errors.append(None if n else "empty_name: the entity name is empty")
+            texts.append(self.entity_template.format(name=n, attributes=(a or "").strip()))
+        return texts, errors
+
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.text_length,
+                             return_tensors="np", return_overflowing_tokens=False, return_length=False)
+        ids = enc["input_ids"].astype(np.int64)
+        mask = enc["attention_mask"].astype(np.int64)
+        # truncation check: the untruncated length (cheap second pass without padding)
+        lengths = [len(x) for x in self.tokenizer(texts, truncation=False)["input_ids"]]
+        return ids, mask, [n > self.text_length for n in lengths]
+
+    # ------------------------------------------------------------------ images
+    def images(self, images: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        from otmel.images import ImageDecodeError, decode_image
+
+        S = self.image_size
+        pixels = np.zeros((len(images), 3, S, S), dtype=np.float32)
+        has = np.zeros(len(images), dtype=bool)
+        warn: list[str | None] = [None] * len(images)
+        decoded, where = [], []
+        for i, data in enumerate(images):
+            if data is None or len(data) == 0:
+                warn[i] = "missing_image: no image given"
+                continue
+            try:
+                decoded.append(decode_image(bytes(data)))
+                where.append(i)
+            except ImageDecodeError as exc:
+                warn[i] = f"bad_image: {exc}"
+        if decoded:
+            out = self.image_processor(decoded, return_tensors="np")["pixel_values"].astype(np.float32)
+            pixels[where] = out
+            has[where] = True
+        return pixels, has, warn
+
+    # ------------------------------------------------------------------ rows
+    def _assemble(self, texts, errors, images) -> Batch:
+        ids, mask, truncated = self.tokenize(texts)
+        pixels, has, img_warn = self.images(images)
+        warnings: list[list[str]] = []
+        for i in range(len(texts)):
+            w = []
+            if img_warn[i] and not img_warn[i].startswith("missing_image"):
+                w.append(img_warn[i])
+            if truncated[i]:
+                w.append(f"truncated: text longer than {self.text_length} tokens")
+            warnings.append(w)
+        ok = np.array([e is None for e in errors], dtype=bool)
+        return Batch(ids, mask, pixels, has, ok, list(errors), warnings)
+
+    def mentions(self, rows: dict[str, Sequence]) -> Batch:
+        """Rows with ``mention``, ``text`` (context) and ``image`` (bytes or None)."""
+        n = len(rows["mention"])
+        texts, errors = self.mention_texts(rows["mention"], rows.get("text", [None] * n))
+        return self._assemble(texts, errors, rows.get("image", [None] * n))
+
+    def entities(self, rows: dict[str, Sequence]) -> Batch:
+        """Rows with ``name``, ``attributes`` and ``image`` (bytes or None)."""
+        n = len(rows["name"])
+        texts, errors = self.entity_texts(rows["name"], rows.get("attributes", [None] * n))
+        return self._assemble(texts, errors, rows.get("image", [None] * n))
