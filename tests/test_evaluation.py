@@ -81,7 +81,7 @@ def test_topk_identical_when_exhaustive_topk_is_inside_the_candidates(encoded):
     k_top = 3
     exhaustive_topk = full.topk(k_top, dim=1).indices
     checked = 0
-    for K in (5, 8, 11):
+    for K in (5, 8, 11, 13):
         _, _, cands = rank_retrieve_rerank(model, m, e, e["retrieval_key"], m["retrieval_query"], gold, k=K)
         cands = torch.from_numpy(cands)
         inside = torch.stack([torch.isin(exhaustive_topk[i], cands[i]).all() for i in range(len(cands))])
@@ -89,7 +89,7 @@ def test_topk_identical_when_exhaustive_topk_is_inside_the_candidates(encoded):
         rerank_topk = torch.gather(cands, 1, reranked.topk(k_top, dim=1).indices)
         assert torch.equal(rerank_topk[inside], exhaustive_topk[inside])
         checked += int(inside.sum())
-    assert checked >= 9  # the property was exercised, not vacuously true
+    assert checked >= 12  # the property was exercised, not vacuously true
 
 
 # ---------------------------------------------------------------------------- evaluate() on tables
