@@ -59,13 +59,15 @@ def contrastive_loss(scores: torch.Tensor, target: torch.Tensor, allowed: torch.
 
 
 def matching_losses(
-    scores: MatchScores, target: torch.Tensor, allowed: torch.Tensor, global_rows: int | None = None
+    scores: MatchScores, target: torch.Tensor, allowed: torch.Tensor, global_rows: int | None = None,
+    sum_count=None,
 ) -> dict[str, torch.Tensor]:
     """eq. 27: ``L = L_O + L_F + L_T + L_V`` (mean over rows; L_V over rows where S_V is valid).
 
     ``global_rows``: the number of mention rows in the whole (multi-worker) batch; rows of
     L_V with a dropped gold pair are excluded from its count. Returned values are this
     worker's share, so summing them over workers gives the single-process loss.
+    ``sum_count``: sums a row count over workers (None = one process).
     """
     M = scores.overall.shape[0]
     n_rows = global_rows if global_rows is not None else M
@@ -75,7 +77,9 @@ def matching_losses(
         out[name] = total / n_rows
     v_allowed = allowed & scores.visual_valid
     total, counted = contrastive_loss(scores.visual, target, v_allowed)
-    out["visual"] = total / (n_rows if bool(scores.visual_valid.all()) else counted.clamp(min=1))
+    if sum_count is not None:
+        counted = sum_count(counted)
+    out["visual"] = total / counted.clamp(min=1)
     out["loss"] = out["overall"] + out["fused"] + out["text"] + out["visual"]
     return out
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from otmel.correlation import CorrelationAssignment, UnimodalProjection
 from otmel.encoders import DEFAULT_CLIP, ENTITY_TEMPLATE, MENTION_TEMPLATE, CLIPFeatureEncoder, load_clip
-from otmel.losses import distillation_kl, matching_losses
+from otmel.losses import allowed_columns, distillation_kl, matching_losses
 from otmel.matching import MatchScores, fused_score, overall_score, summary_score, unimodal_score
 from otmel.pooling import make_pool
 
@@ -279,8 +279,9 @@ class OTMEL(nn.Module):
 
         mention_inputs / entity_inputs: the four encode() inputs, row i of each a pair.
         gather: optional callable (features, entity_ids) -> (global features, global ids,
-            offset of this worker's rows) that concatenates entity features across workers
-            (keeping the local gradient); None = single process.
+            offset of this worker's rows, global rows) that concatenates entity features
+            across workers, differentiably, with a ``sum_count`` attribute summing a count
+            over workers (``otmel.distributed.make_entity_gather``); None = single process.
         """
         m_feats, kd_m = self._encode(**mention_inputs)
         e_feats, kd_e = self._encode(**entity_inputs)
@@ -290,11 +291,9 @@ class OTMEL(nn.Module):
         if gather is not None:
             e_feats, ids, offset, global_rows = gather(e_feats, ids)
         target = torch.arange(M, device=m_feats["fused"].device) + offset
-        from otmel.losses import allowed_columns
-
         allowed = allowed_columns(list(mention_entity_ids), ids, target).to(target.device)
         scores, kd_u = self._score(m_feats, e_feats)
-        losses = matching_losses(scores, target, allowed, global_rows)
+        losses = matching_losses(scores, target, allowed, global_rows, getattr(gather, "sum_count", None))
         if kd_m or kd_u:
             kd_items = kd_m + kd_e + kd_u  # 4 multimodal + 2 unimodal assignments
             l_kd = sum(distillation_kl(a, self.config.kd_target) for a in kd_items)
