@@ -2,7 +2,9 @@
 
     otmel synth --entities N --mentions M --out DIR
     otmel import-mimic --root DIR --dataset wikimel|richpediamel|wikidiverse --out DIR2
-    otmel evaluate --checkpoint CKPT --data DATA --split test [--retrieve K] [--out metrics.json]
+    otmel train --data DATA_URI --out RUN_URI --mode ot|att|kd --workers N [--gpu] [--epochs E]
+                [--batch-size B] [--lr LR] [--clip NAME_OR_DIR | --tiny-clip] [--resume] [--address ADDR]
+    otmel evaluate --checkpoint CKPT_URI --data DATA_URI --split test [--retrieve K] [--out metrics.json]
     otmel demo [--out DIR]
 
 Errors a user can fix (bad paths, schemas, checkpoints) print one line and exit 2.
@@ -47,18 +49,46 @@ def cmd_import_mimic(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from otmel.jobs.train import TrainConfig, run
+
+    model_overrides = {}
+    if args.missing_image:
+        model_overrides["missing_image"] = args.missing_image
+    if args.text_length:
+        model_overrides["text_length"] = args.text_length
+    cfg = TrainConfig(data=args.data, out=args.out, mode=args.mode, workers=args.workers, gpu=args.gpu,
+                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
+                      clip=args.clip, tiny_clip=args.tiny_clip, resume=args.resume, address=args.address,
+                      name=args.name, eval_every=args.eval_every, eval_retrieve=args.eval_retrieve,
+                      max_failures=args.max_failures, seed=args.seed, s3_endpoint=args.s3_endpoint,
+                      cpus_per_worker=args.cpus_per_worker, model=model_overrides or None)
+    result = run(cfg)
+    m = result.metrics
+    _print(f"trained {cfg.mode} for {m.get('epoch', -1) + 1} epochs ({m.get('step')} steps): train loss "
+           f"{m.get('train_loss', float('nan')):.4f}, dev MRR {m.get('dev_MRR', float('nan')):.4f}")
+    if result.skipped:
+        _print(f"skipped training rows: {result.skipped}")
+    _print(f"run: {result.run_uri}\nlatest checkpoint: {result.latest_checkpoint}\nbest checkpoint: {result.best_checkpoint}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from otmel.data import load_split
     from otmel.evaluation import evaluate
     from otmel.factory import load_model
     from otmel.metrics import format_metrics
+    from otmel.storage import is_remote, join, local_copy, write_bytes
 
-    model, pre = load_model(args.checkpoint)
-    kb, mentions = load_split(args.data, args.split)
+    with local_copy(args.checkpoint, args.s3_endpoint) as ckpt_dir:
+        model, pre = load_model(ckpt_dir)
+    kb, mentions = load_split(args.data, args.split, args.s3_endpoint)
     metrics = evaluate(model, pre, mentions, kb, batch_size=args.batch_size, retrieve=args.retrieve)
     _print(f"{args.split} ({metrics['count']} mentions, {metrics['entities']} entities): {format_metrics(metrics)}")
-    out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval-{args.split}.json"
-    out.write_text(json.dumps(metrics, indent=2))
+    out = args.out or join(args.checkpoint, f"eval-{args.split}.json")
+    if not is_remote(out):
+        out = str(Path(out))
+    write_bytes(out, json.dumps(metrics, indent=2).encode(), args.s3_endpoint)
     _print(f"metrics written to {out}")
     return 0
 
@@ -105,6 +135,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_import_mimic)
 
+    s = sub.add_parser("train", help="distributed training on Ray Train (checkpoints to a local dir or s3://)")
+    s.add_argument("--data", required=True, help="dataset URI (kb.parquet + mentions/{train,dev}.parquet)")
+    s.add_argument("--out", required=True, help="run storage URI (local dir or s3://bucket/prefix)")
+    s.add_argument("--mode", default="kd", choices=["ot", "att", "kd"])
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
+    s.add_argument("--epochs", type=int, default=3)
+    s.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch (each worker gets B / workers)")
+    s.add_argument("--lr", type=float, default=2e-5)
+    s.add_argument("--head-lr", type=float, default=None, help="learning rate of the OT-MEL heads (default: --lr)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--clip", default=None, help="pretrained CLIP: hub name or local directory")
+    g.add_argument("--tiny-clip", action="store_true", help="tiny random CLIP (tests, CPU demo)")
+    s.add_argument("--missing-image", choices=["zeros", "mask"], default=None)
+    s.add_argument("--text-length", type=int, default=None)
+    s.add_argument("--resume", action="store_true", help="continue the run in --out/--name from its latest checkpoint")
+    s.add_argument("--name", default="otmel-train", help="run name (the run dir is OUT/NAME)")
+    s.add_argument("--eval-every", type=int, default=1, help="dev evaluation every N epochs (0 = never)")
+    s.add_argument("--eval-retrieve", type=int, default=None, metavar="K",
+                   help="dev evaluation by retrieve K + rerank instead of exhaustive")
+    s.add_argument("--max-failures", type=int, default=2, help="worker failures to survive")
+    s.add_argument("--cpus-per-worker", type=float, default=0.5)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
+    s.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
+    s.set_defaults(func=cmd_train)
+
     s = sub.add_parser("evaluate", help="H@1/3/5 and MRR of a checkpoint on a dataset split")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--data", required=True)
@@ -113,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrieve K candidates by the separable score, then rerank with the full S_O")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--out", default=None, help="metrics JSON path (default: CHECKPOINT/eval-SPLIT.json)")
+    s.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("demo", help="synth -> train a tiny model on CPU -> evaluate (the embedded default)")
@@ -126,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: errors a user can act on: one line, exit code 2 (anything else is a bug: full traceback)
-USER_ERRORS = (FileNotFoundError, ValueError, PermissionError)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from otmel.storage import StorageError
+
+    return (FileNotFoundError, ValueError, PermissionError, StorageError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except USER_ERRORS as exc:
+    except _user_errors() as exc:
         if args.verbose:
             raise
         print(f"otmel {args.command}: error: {exc}", file=sys.stderr)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
+
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,28 +24,48 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test")
 
 
-def dataset_paths(root: str | Path, split: str) -> tuple[Path, Path]:
-    root = Path(root)
+def dataset_uris(root: str | Path, split: str) -> tuple[str, str]:
+    """(kb.parquet, mentions/SPLIT.parquet) URIs of a dataset directory (local or s3://)."""
+    from otmel.storage import join
+
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return root / "kb.parquet", root / "mentions" / f"{split}.parquet"
+    return join(str(root), "kb.parquet"), join(str(root), "mentions", f"{split}.parquet")
 
 
-def load_split(root: str | Path, split: str) -> tuple[pa.Table, pa.Table]:
+def load_split(root: str | Path, split: str, s3_endpoint: str | None = None) -> tuple[pa.Table, pa.Table]:
     """Read and validate (kb, mentions) of a dataset directory; clear errors if absent/empty."""
-    from otmel.schemas import read_kb, read_mentions
+    from otmel.schemas import check_kb, check_mentions
+    from otmel.storage import read_parquet
 
-    kb_path, m_path = dataset_paths(root, split)
-    for p in (kb_path, m_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"dataset {root}: missing {p.relative_to(Path(root)) if p.is_relative_to(Path(root)) else p}")
-    kb = read_kb(str(kb_path))
-    mentions = read_mentions(str(m_path))
+    kb_uri, m_uri = dataset_uris(root, split)
+    try:
+        kb = check_kb(read_parquet(kb_uri, s3_endpoint), kb_uri)
+        mentions = check_mentions(read_parquet(m_uri, s3_endpoint), m_uri)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"dataset {root}: {exc}") from exc
     if kb.num_rows == 0:
-        raise ValueError(f"{kb_path}: the KB is empty")
+        raise ValueError(f"{kb_uri}: the KB is empty")
     if mentions.num_rows == 0:
-        raise ValueError(f"{m_path}: the {split} split is empty")
+        raise ValueError(f"{m_uri}: the {split} split is empty")
     return kb, mentions
+
+
+def usable_pairs(mentions: pa.Table, kb: pa.Table) -> tuple[np.ndarray, np.ndarray, Counter]:
+    """(mention rows, their gold KB rows, skipped counts by reason) of the trainable pairs."""
+    kb_index = {e: i for i, e in enumerate(kb.column("entity_id").to_pylist())}
+    rows, gold_rows, skipped = [], [], Counter()
+    for i, (g, m) in enumerate(zip(mentions.column("gold_entity_id").to_pylist(), mentions.column("mention").to_pylist())):
+        if g is None:
+            skipped["no_gold_entity_id"] += 1
+        elif g not in kb_index:
+            skipped["unknown_gold_entity_id"] += 1
+        elif not (m or "").strip():
+            skipped["empty_mention"] += 1
+        else:
+            rows.append(i)
+            gold_rows.append(kb_index[g])
+    return np.asarray(rows, dtype=np.int64), np.asarray(gold_rows, dtype=np.int64), skipped
 
 
 @dataclass
@@ -66,26 +87,10 @@ class PairDataset:
     skipped: Counter = field(init=False)
 
     def __post_init__(self):
-        ids = self.kb.column("entity_id").to_pylist()
-        kb_index = {e: i for i, e in enumerate(ids)}
-        gold = self.mentions.column("gold_entity_id").to_pylist()
-        mention = self.mentions.column("mention").to_pylist()
-        rows, gold_rows = [], []
-        self.skipped = Counter()
-        for i, (g, m) in enumerate(zip(gold, mention)):
-            if g is None:
-                self.skipped["no_gold_entity_id"] += 1
-            elif g not in kb_index:
-                self.skipped["unknown_gold_entity_id"] += 1
-            elif not (m or "").strip():
-                self.skipped["empty_mention"] += 1
-            else:
-                rows.append(i)
-                gold_rows.append(kb_index[g])
-        self.rows = np.asarray(rows, dtype=np.int64)
-        self.gold_rows = np.asarray(gold_rows, dtype=np.int64)
+        self.rows, self.gold_rows, self.skipped = usable_pairs(self.mentions, self.kb)
         if self.skipped:
-            log.warning("skipped %d of %d mentions: %s", sum(self.skipped.values()), len(gold), dict(self.skipped))
+            log.warning("skipped %d of %d mentions: %s", sum(self.skipped.values()), self.mentions.num_rows,
+                        dict(self.skipped))
         if len(self.rows) == 0:
             raise ValueError("no usable (mention, gold entity) pair: " + str(dict(self.skipped)))
 

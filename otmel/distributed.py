@@ -33,13 +33,19 @@ def world() -> tuple[int, int]:
 
 def _gather_tensor(x: torch.Tensor) -> torch.Tensor:
     """Differentiable all_gather of equal-shaped tensors along dim 0."""
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
     if x.dtype == torch.bool:  # masks carry no gradient; gather as uint8
         parts = [torch.empty_like(x, dtype=torch.uint8) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, x.to(torch.uint8))
         return torch.cat(parts).bool()
-    return torch.cat(all_gather(x.contiguous()))
+    with warnings.catch_warnings():
+        # deprecated in favour of a private functional-collectives API; still the public,
+        # documented autograd-aware all_gather
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x.contiguous()))
 
 
 def make_entity_gather() -> Callable | None:

@@ -1,0 +1,418 @@
+"""Distributed OT-MEL training on Ray Train (``otmel train``).
+
+    otmel train --data DATA_URI --out RUN_URI --mode ot|att|kd --workers N [--gpu]
+                [--epochs E] [--batch-size B] [--lr LR] [--clip NAME_OR_DIR | --tiny-clip]
+                [--resume] [--address ADDR]
+
+* ``TorchTrainer`` with DDP (``prepare_model``); one worker per GPU on a cluster, CPU workers
+  with gloo here (fractional CPUs so Ray Data's tasks can run beside them).
+* Data flows through Ray Data: the driver joins mentions with their gold KB rows (skipped
+  rows counted), Ray Data preprocesses them on CPU tasks (tokenise, decode + CLIP-process
+  images), each worker iterates its shard (``get_dataset_shard``) in batches of B/N.
+* Global in-batch negatives (``otmel.distributed``): every loss term sees all B entities.
+* Checkpoints (config.json + model.safetensors + tokenizer/processor files + optimizer,
+  scheduler and step state) are reported to ``RunConfig(storage_path=RUN_URI)``; the best by
+  dev MRR and the latest are kept. A worker failure restores from the latest checkpoint
+  (``FailureConfig``); ``--resume`` continues a stopped run at the next epoch boundary.
+* ``metrics.jsonl`` and ``training_curves.png`` are written into the run directory.
+
+This module is thin: the model, losses, data and evaluation are ``otmel`` library code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+#: test hook: if set to a path that does not exist yet, the worker of rank 0 creates it and
+#: raises once at the configured step (``OTMEL_TEST_FAIL_AT_STEP``), to exercise FailureConfig.
+FAIL_ONCE_ENV = "OTMEL_TEST_FAIL_ONCE_FILE"
+FAIL_STEP_ENV = "OTMEL_TEST_FAIL_AT_STEP"
+
+TRAIN_STATE_FILE = "train_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; passed to Ray workers as a dict and rebuilt there."""
+
+    data: str  # dataset URI: kb.parquet + mentions/{train,dev}.parquet (local dir or s3://)
+    out: str  # run storage URI (RunConfig.storage_path): local dir or s3://
+    mode: str = "kd"  # ot | att | kd
+    workers: int = 2  # Ray Train workers (one per GPU on a cluster)
+    gpu: bool = False  # one GPU per worker, bf16 autocast
+    epochs: int = 3
+    batch_size: int = 256  # GLOBAL batch: each worker gets batch_size / workers
+    lr: float = 2e-5  # CLIP towers (paper)
+    head_lr: float | None = None  # OT-MEL heads (None = lr)
+    warmup_steps: int = 0
+    clip: str | None = None  # hub name / local dir of the pretrained CLIP
+    tiny_clip: bool = False  # tiny random CLIP (tests, CPU demo)
+    resume: bool = False
+    address: str | None = None  # Ray cluster address (None = local instance)
+    name: str = "otmel-train"  # run name: the run dir is RUN_URI/name
+    eval_every: int = 1  # dev evaluation every N epochs (0 = never)
+    eval_retrieve: int | None = None  # dev eval by retrieve K + rerank (None = exhaustive)
+    max_failures: int = 2  # worker failures survived (FailureConfig)
+    cpus_per_worker: float = 0.5  # fractional on small machines: leaves room for Ray Data
+    seed: int = 0
+    s3_endpoint: str | None = None
+    model: dict | None = None  # ModelConfig overrides (dim, text_length, missing_image, ...)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_uri(self) -> str:
+        from otmel.storage import join
+
+        return join(self.out, self.name)
+
+
+# ---------------------------------------------------------------------- driver-side checks
+def _model_config(cfg: TrainConfig):
+    from otmel.factory import TINY
+    from otmel.model import ModelConfig
+
+    overrides = dict(TINY) if cfg.tiny_clip else {}
+    overrides.update(cfg.model or {})
+    return ModelConfig(mode=cfg.mode, clip=cfg.clip if not cfg.tiny_clip else None, **overrides)
+
+
+def _tiny_words(kb: pa.Table, mentions: pa.Table, limit: int = 4000) -> list[str]:
+    """Whole-word vocabulary of a tiny tokenizer: the most frequent words of the data."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for col in (kb.column("name"), kb.column("attributes"), mentions.column("mention"), mentions.column("text")):
+        for text in col.to_pylist():
+            counts.update(w for w in (text or "").lower().split() if w.isalpha())
+    return [w for w, _ in counts.most_common(limit)]
+
+
+def find_latest_checkpoint(run_uri: str, s3_endpoint: str | None = None) -> str | None:
+    """The newest checkpoint dir of a run (by the step in its train_state.json), or None."""
+    import pyarrow.fs as pafs
+
+    from otmel.storage import join, resolve
+
+    fs, path = resolve(run_uri, s3_endpoint)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    best, best_step = None, -1
+    for info in infos:
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        state_path = f"{info.path}/{TRAIN_STATE_FILE}"
+        if fs.get_file_info(state_path).type == pafs.FileType.NotFound:
+            continue
+        with fs.open_input_stream(state_path) as f:
+            step = json.loads(f.read())["step"]
+        if step > best_step:
+            best, best_step = join(run_uri, info.base_name), step
+    return best
+
+
+def preflight(cfg: TrainConfig) -> dict:
+    """Every check a user can fix, before any worker starts: one clear error each."""
+    from otmel.data import load_split
+    from otmel.storage import exists, read_bytes
+
+    if cfg.mode not in ("ot", "att", "kd"):
+        raise ValueError(f"--mode must be ot, att or kd, got {cfg.mode!r}")
+    if cfg.workers < 1:
+        raise ValueError("--workers must be >= 1")
+    if cfg.batch_size % cfg.workers:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --workers {cfg.workers} (global batch)")
+    if cfg.batch_size // cfg.workers < 2:
+        raise ValueError("each worker needs at least 2 pairs per batch for in-batch negatives")
+    if not cfg.tiny_clip and not cfg.clip:
+        raise ValueError("give --clip NAME_OR_DIR (e.g. openai/clip-vit-base-patch32) or --tiny-clip")
+    kb, train = load_split(cfg.data, "train", cfg.s3_endpoint)
+    dev = None
+    if cfg.eval_every:
+        _, dev = load_split(cfg.data, "dev", cfg.s3_endpoint)
+    exists(cfg.out, cfg.s3_endpoint)  # reachability of the run storage (bounded timeouts)
+    latest = find_latest_checkpoint(cfg.run_uri, cfg.s3_endpoint)
+    if latest and not cfg.resume:
+        raise ValueError(f"{cfg.run_uri} already holds a run (latest {latest}); pass --resume to continue it "
+                         "or choose another --out / --name")
+    if cfg.resume and not latest:
+        raise ValueError(f"--resume: no checkpoint under {cfg.run_uri}")
+    if latest:
+        saved = json.loads(read_bytes(f"{latest}/config.json", cfg.s3_endpoint))
+        want = _model_config(cfg).to_dict()
+        for key in ("mode", "dim", "input_width", "text_length", "pooling", "missing_image"):
+            if saved.get(key) != want.get(key):
+                raise ValueError(f"--resume: the checkpoint in {latest} has {key}={saved.get(key)!r} but this run asks "
+                                 f"{key}={want.get(key)!r}")
+    return {"kb": kb, "train": train, "dev": dev, "latest": latest}
+
+
+# ---------------------------------------------------------------------- Ray Data preprocessing
+def pairs_table(kb: pa.Table, mentions: pa.Table) -> tuple[pa.Table, dict]:
+    """Mentions joined with their gold KB rows (``entity_*`` columns); skipped rows counted."""
+    from otmel.data import usable_pairs
+
+    rows, gold_rows, skipped = usable_pairs(mentions, kb)
+    m = mentions.take(pa.array(rows, pa.int64())).select(["mention", "text", "image"])
+    e = kb.take(pa.array(gold_rows, pa.int64())).select(["entity_id", "name", "attributes", "image"])
+    # entity_code (the gold's KB row) identifies the entity inside batches: Ray's torch
+    # batches carry numbers only, and equal codes = equal entities for negative masking
+    cols = {"mention": m["mention"], "text": m["text"], "image": m["image"],
+            "entity_code": pa.array(gold_rows, pa.int64()),
+            "entity_name": e["name"], "entity_attributes": e["attributes"], "entity_image": e["image"]}
+    return pa.table(cols), dict(skipped)
+
+
+class PreprocessPairs:
+    """Ray Data map_batches callable: rows of ``pairs_table`` -> model input arrays."""
+
+    def __init__(self, preprocessor):
+        self.pre = preprocessor
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        def as_list(x):
+            return [None if v is None else v for v in list(x)]
+
+        mb = self.pre.mentions({"mention": as_list(batch["mention"]), "text": as_list(batch["text"]),
+                                "image": as_list(batch["image"])})
+        eb = self.pre.entities({"name": as_list(batch["entity_name"]), "attributes": as_list(batch["entity_attributes"]),
+                                "image": as_list(batch["entity_image"])})
+        out = {}
+        for prefix, b in (("m_", mb), ("e_", eb)):
+            out[prefix + "input_ids"] = b.input_ids
+            out[prefix + "attention_mask"] = b.attention_mask
+            out[prefix + "pixel_values"] = b.pixel_values
+            out[prefix + "has_image"] = b.has_image
+        out["entity_code"] = np.asarray(batch["entity_code"], dtype=np.int64)
+        return out
+
+
+def _inputs(batch: dict, prefix: str) -> dict:
+    return {k: batch[prefix + k] for k in ("input_ids", "attention_mask", "pixel_values", "has_image")}
+
+
+# ---------------------------------------------------------------------- the worker loop
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: thin over otmel.training / otmel.evaluation."""
+    import ray.train
+    import torch
+    from ray.train.torch import prepare_model
+
+    from otmel.distributed import make_entity_gather
+    from otmel.factory import save_model
+    from otmel.model import OTMEL, ModelConfig
+    from otmel.training import OptimConfig, make_optimizer
+
+    cfg = TrainConfig(**config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, int(os.environ.get("OTMEL_TORCH_THREADS", "1"))))
+    model_cfg = ModelConfig.from_dict(config["model"])
+    model = OTMEL(model_cfg)
+    preprocessor = config["preprocessor"]
+
+    start_epoch, step, history, best = 0, 0, [], None
+    checkpoint = ray.train.get_checkpoint()
+    opt_state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+            state = json.loads(Path(d, TRAIN_STATE_FILE).read_text())
+            opt_state = torch.load(os.path.join(d, OPTIMIZER_FILE), weights_only=True)
+        start_epoch, step, history, best = state["epoch"] + 1, state["step"], state["history"], state.get("best_dev_MRR")
+        log.info("rank %d resumed at epoch %d, step %d", rank, start_epoch, step)
+
+    device = ray.train.torch.get_device()
+    model = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) if world > 1 else model.to(device)
+    core = getattr(model, "module", model)
+    per_worker = cfg.batch_size // world
+    shard = ray.train.get_dataset_shard("train")
+    n_pairs = config["n_pairs"]
+    steps_per_epoch = n_pairs // cfg.batch_size
+    opt, sched = make_optimizer(core, OptimConfig(lr=cfg.lr, head_lr=cfg.head_lr, warmup_steps=cfg.warmup_steps,
+                                                  total_steps=steps_per_epoch * cfg.epochs))
+    if opt_state is not None:
+        opt.load_state_dict(opt_state["optimizer"])
+        sched.load_state_dict(opt_state["scheduler"])
+    gather = make_entity_gather()
+    fail_file, fail_step = os.environ.get(FAIL_ONCE_ENV), int(os.environ.get(FAIL_STEP_ENV, "-1"))
+    use_bf16 = cfg.gpu and torch.cuda.is_available()
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0, sums, n = time.perf_counter(), {}, 0
+        for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device,
+                                              local_shuffle_buffer_size=4 * per_worker,
+                                              local_shuffle_seed=cfg.seed + epoch * 1000 + rank):
+            if fail_file and step == fail_step and rank == 0 and not os.path.exists(fail_file):
+                Path(fail_file).write_text(f"failed once at step {step}")
+                raise RuntimeError(f"test hook: simulated worker failure at step {step}")
+            ids = [str(x) for x in batch["entity_code"].tolist()]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                losses = model(_inputs(batch, "m_"), _inputs(batch, "e_"), ids, gather=gather)
+            if not torch.isfinite(losses["loss"]):
+                raise FloatingPointError(f"non-finite loss at step {step}")
+            opt.zero_grad(set_to_none=True)
+            (losses["loss"] * world).backward()  # DDP averages; see otmel.distributed
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            n += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * world
+        if n == 0:
+            raise ValueError(f"no full batch of {per_worker} pairs on worker {rank}")
+        # the epoch's mean loss over all workers (each reports its share of the global loss)
+        loss_t = torch.tensor([sums.get("loss", 0.0) / n], dtype=torch.float64)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(loss_t)
+            loss_t /= world
+        metrics = {"epoch": epoch, "step": step, "train_loss": float(loss_t), "epoch_seconds": time.perf_counter() - t0}
+        metrics.update({f"train_{k}": v / n for k, v in sums.items() if k != "loss"})
+        dev_metrics = {}
+        if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and rank == 0:
+            dev_metrics = _dev_eval(core, preprocessor, cfg, config)
+        if world > 1:  # every rank reports the same dev figures (rank 0 computed them)
+            import torch.distributed as dist
+
+            holder = [dev_metrics]
+            dist.broadcast_object_list(holder, src=0)
+            dev_metrics = holder[0]
+        metrics.update(dev_metrics)
+        if "dev_MRR" in metrics and (best is None or metrics["dev_MRR"] > best):
+            best = metrics["dev_MRR"]
+        metrics["best_dev_MRR"] = best if best is not None else float("nan")
+        history.append(metrics)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_model(core, preprocessor, tmp)
+                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, os.path.join(tmp, OPTIMIZER_FILE))
+                Path(tmp, TRAIN_STATE_FILE).write_text(json.dumps(
+                    {"epoch": epoch, "step": step, "history": history, "best_dev_MRR": best}, indent=2))
+                _write_run_files(cfg, history)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            report.setdefault("dev_MRR", float("nan"))
+            ray.train.report(report, checkpoint=ckpt)
+
+
+def _dev_eval(model, preprocessor, cfg: TrainConfig, config: dict) -> dict:
+    from otmel.data import load_split
+    from otmel.evaluation import evaluate
+
+    kb, dev = load_split(cfg.data, "dev", cfg.s3_endpoint)
+    model.eval()
+    m = evaluate(model, preprocessor, dev, kb, retrieve=cfg.eval_retrieve, compare_exhaustive=False)
+    model.train()
+    return {f"dev_{k}": v for k, v in m.items() if k in ("H@1", "H@3", "H@5", "MRR", "seconds")
+            or k.startswith("recall@")}
+
+
+def _write_run_files(cfg: TrainConfig, history: list[dict]) -> None:
+    """metrics.jsonl and training_curves.png into the run directory (rewritten each epoch)."""
+    from otmel.plots import plot_training_curves
+    from otmel.storage import join, write_bytes
+
+    lines = "\n".join(json.dumps(h, sort_keys=True) for h in history) + "\n"
+    write_bytes(join(cfg.run_uri, "metrics.jsonl"), lines.encode(), cfg.s3_endpoint)
+    write_bytes(join(cfg.run_uri, "training_curves.png"), plot_training_curves(history), cfg.s3_endpoint)
+
+
+# ---------------------------------------------------------------------- driver
+@dataclass
+class TrainResult:
+    run_uri: str
+    latest_checkpoint: str | None
+    best_checkpoint: str | None
+    metrics: dict
+    skipped: dict
+
+
+def run(cfg: TrainConfig, ray_init_kwargs: dict | None = None) -> TrainResult:
+    """Preflight, start (or join) Ray, train, return where the checkpoints are."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from otmel.factory import create_model
+    from otmel.storage import resolve
+
+    checks = preflight(cfg)
+    model_cfg = _model_config(cfg)
+    words = _tiny_words(checks["kb"], checks["train"]) if cfg.tiny_clip else ()
+    model, pre = create_model(model_cfg, tiny=cfg.tiny_clip, words=words)
+    model_cfg_dict = model.config.to_dict()
+    model_cfg_dict["clip_config"] = model.encoder.clip.config.to_dict()
+    if not cfg.tiny_clip:  # workers load the pretrained weights themselves
+        model_cfg_dict["clip_config"] = None
+    del model
+
+    pairs, skipped = pairs_table(checks["kb"], checks["train"])
+    if skipped:
+        log.warning("train split: skipped %s", skipped)
+    if pairs.num_rows < cfg.batch_size:
+        raise ValueError(f"train split has {pairs.num_rows} usable pairs, fewer than one batch of {cfg.batch_size}")
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.address, **(ray_init_kwargs or {}))
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # reproducible runs on CPU
+    ds = ray.data.from_arrow(pairs).map_batches(
+        PreprocessPairs, fn_constructor_kwargs={"preprocessor": pre}, batch_size=64,
+        concurrency=1, num_cpus=0.5)
+    fs, storage_path = resolve(cfg.out, cfg.s3_endpoint)
+    scaling = ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
+                                      resources_per_worker=None if cfg.gpu else {"CPU": cfg.cpus_per_worker})
+    run_config = ray.train.RunConfig(
+        name=cfg.name, storage_path=storage_path, storage_filesystem=fs,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="dev_MRR",
+                                                     checkpoint_score_order="max"),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                         if k in (FAIL_ONCE_ENV, FAIL_STEP_ENV, "OTMEL_TORCH_THREADS")}},
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.to_dict(), "model": model_cfg_dict, "preprocessor": pre, "n_pairs": pairs.num_rows},
+        scaling_config=scaling, run_config=run_config, datasets={"train": ds},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    best = None
+    if result.best_checkpoints:
+        scored = [(m.get("dev_MRR", float("nan")), c) for c, m in result.best_checkpoints]
+        scored = [(s, c) for s, c in scored if s == s]
+        if scored:
+            best = _uri_of(cfg, max(scored, key=lambda t: t[0])[1])
+    latest = find_latest_checkpoint(cfg.run_uri, cfg.s3_endpoint)
+    return TrainResult(cfg.run_uri, latest, best or latest, dict(result.metrics or {}), skipped)
+
+
+def _uri_of(cfg: TrainConfig, checkpoint) -> str:
+    from otmel.storage import join
+
+    return join(cfg.run_uri, Path(checkpoint.path).name)

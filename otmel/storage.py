@@ -1,0 +1,162 @@
+"""URIs everywhere: a local path, ``file://`` or ``s3://bucket/key``, through ``pyarrow.fs``.
+
+Credentials come from the standard AWS chain only. ``--s3-endpoint`` (or the
+``AWS_ENDPOINT_URL`` environment variable) points at any S3-compatible store; an
+``http://`` endpoint turns TLS off (local test servers). Connection and request timeouts
+are bounded and retries limited, so an unreachable endpoint fails with a clear error
+instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 30.0
+S3_RETRIES = 3
+
+
+class StorageError(OSError):
+    """A storage location that cannot be reached, read or written (one clear line)."""
+
+
+def is_remote(uri: str) -> bool:
+    return urlparse(str(uri)).scheme in ("s3", "s3a")
+
+
+def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> pafs.S3FileSystem:
+    """An S3 filesystem for ``endpoint`` (default: AWS_ENDPOINT_URL, else AWS itself)."""
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = dict(
+        connect_timeout=CONNECT_TIMEOUT_S,
+        request_timeout=REQUEST_TIMEOUT_S,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRIES),
+        region=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+    )
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str | os.PathLike, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path, file:// URI or s3:// URI."""
+    uri = str(uri)
+    parsed = urlparse(uri)
+    if parsed.scheme in ("s3", "s3a"):
+        if not parsed.netloc:
+            raise ValueError(f"{uri}: an s3 URI needs a bucket (s3://bucket/key)")
+        return s3_filesystem(s3_endpoint), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if parsed.scheme == "file":
+        return pafs.LocalFileSystem(), os.path.abspath(parsed.path)
+    if parsed.scheme and len(parsed.scheme) > 1:
+        raise ValueError(f"{uri}: unsupported URI scheme {parsed.scheme!r} (use a path, file:// or s3://)")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    uri = str(uri)
+    return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def _wrap(uri: str, exc: Exception) -> StorageError:
+    return StorageError(f"{uri}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def exists(uri: str, s3_endpoint: str | None = None) -> bool:
+    fs, path = resolve(uri, s3_endpoint)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as exc:
+        raise _wrap(uri, exc) from exc
+
+
+def read_bytes(uri: str, s3_endpoint: str | None = None) -> bytes:
+    fs, path = resolve(uri, s3_endpoint)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if "not found" in str(exc).lower() or "does not exist" in str(exc).lower():
+            raise FileNotFoundError(f"{uri}: no such file") from exc
+        raise _wrap(uri, exc) from exc
+
+
+def write_bytes(uri: str, data: bytes, s3_endpoint: str | None = None) -> None:
+    """Write a whole object; local files are written to a temp name and renamed."""
+    fs, path = resolve(uri, s3_endpoint)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+    except OSError as exc:
+        raise _wrap(uri, exc) from exc
+
+
+def read_parquet(uri: str, s3_endpoint: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(uri, s3_endpoint)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as exc:
+        raise _wrap(uri, exc) from exc
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: no such file")
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except OSError as exc:
+        raise _wrap(uri, exc) from exc
+
+
+def upload_dir(local_dir: str | Path, uri: str, s3_endpoint: str | None = None) -> None:
+    """Copy a local directory tree to ``uri`` (a local path or s3://)."""
+    fs, path = resolve(uri, s3_endpoint)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            shutil.copytree(local_dir, path, dirs_exist_ok=True)
+        else:
+            pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    except OSError as exc:
+        raise _wrap(uri, exc) from exc
+
+
+@contextmanager
+def local_copy(uri: str, s3_endpoint: str | None = None) -> Iterator[Path]:
+    """A local directory holding ``uri``'s tree: the directory itself if local, else a temp copy."""
+    fs, path = resolve(uri, s3_endpoint)
+    if isinstance(fs, pafs.LocalFileSystem):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{uri}: no such directory")
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="otmel-") as tmp:
+        try:
+            info = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        except OSError as exc:
+            raise _wrap(uri, exc) from exc
+        if not info:
+            raise FileNotFoundError(f"{uri}: no such directory (or it is empty)")
+        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield Path(tmp)
