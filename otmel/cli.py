@@ -73,6 +73,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from otmel.exporters.onnx import ExportConfig, ExportError, export
+
+    cfg = ExportConfig(checkpoint=args.checkpoint, out=args.out, opset=args.opset, fp16=args.fp16, int8=args.int8,
+                       mode=args.mode, s3_endpoint=args.s3_endpoint)
+    try:
+        meta = export(cfg)
+    except ExportError as exc:
+        print(f"otmel export: error: {exc}", file=sys.stderr)
+        return 2
+    worst = max(meta["parity_max_abs_diff"].values())
+    _print(f"exported {meta['export_mode']} ({meta['assignment']}, {meta['precision']}, opset {meta['opset']}) to "
+           f"{args.out}: encoder.onnx + matcher.onnx, max |ONNX - PyTorch| = {worst:.2e} "
+           f"(tolerance {meta['parity_tolerance']:g}), model_version {meta['model_version'][:12]}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from otmel.data import load_split
     from otmel.evaluation import evaluate
@@ -161,6 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
     s.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("export", help="ONNX export (encoder.onnx + matcher.onnx), verified against PyTorch")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--opset", type=int, default=17)
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--fp16", action="store_true", help="fp16 weights and compute (I/O stays fp32)")
+    g.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the matmul weights")
+    s.add_argument("--mode", choices=["kd", "ot", "att"], default=None,
+                   help="default: the checkpoint's own (kd exports its attention path; --mode ot its OT teacher)")
+    s.add_argument("--s3-endpoint", default=None)
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("evaluate", help="H@1/3/5 and MRR of a checkpoint on a dataset split")
     s.add_argument("--checkpoint", required=True)

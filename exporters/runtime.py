@@ -1,0 +1,101 @@
+"""ONNX Runtime sessions for an otmel export: the ``OnnxBackend`` of ``otmel.backend``.
+
+Providers: CUDAExecutionProvider when onnxruntime-gpu is installed and a GPU is visible,
+else the CPU provider. Thread counts are set explicitly (small machines: a session per
+actor must not grab every core). No IOBinding: inputs are numpy arrays, batched here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from otmel.backend import SCORE_NAMES
+from otmel.model import ENTITY_FEATURES, MENTION_FEATURES
+
+log = logging.getLogger(__name__)
+
+ENCODER_INPUTS = ("input_ids", "attention_mask", "pixel_values", "has_image")
+_INPUT_DTYPES = {"input_ids": np.int64, "attention_mask": np.int64, "pixel_values": np.float32, "has_image": np.bool_}
+
+
+def gpu_available() -> bool:
+    """A CUDA device usable by onnxruntime-gpu (checked without importing torch.cuda state)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return os.path.exists("/dev/nvidia0")
+
+
+def providers(prefer_gpu: bool = True) -> list[str]:
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if prefer_gpu and gpu_available() else ["CPUExecutionProvider"]
+
+
+def session_options(threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or max(1, min(4, os.cpu_count() or 1))
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return opts
+
+
+class OnnxBackend:
+    """encoder.onnx + matcher.onnx + the preprocessor files of one export directory."""
+
+    kind = "onnx"
+
+    def __init__(self, onnx_dir: str | Path, threads: int | None = None, prefer_gpu: bool = True, batch_size: int = 64):
+        import onnxruntime as ort
+
+        from otmel.preprocessing import Preprocessor
+
+        d = Path(onnx_dir)
+        meta_path = d / "export.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{d}: not an otmel ONNX export (no export.json)")
+        self.meta = json.loads(meta_path.read_text())
+        self.config = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
+        self.model_version = self.meta.get("model_version", "")
+        self.nil_threshold = self.meta.get("nil_threshold")
+        self.batch_size = batch_size
+        opts = session_options(threads)
+        prov = providers(prefer_gpu)
+        self.encoder = ort.InferenceSession(str(d / "encoder.onnx"), opts, providers=prov)
+        self.matcher = ort.InferenceSession(str(d / "matcher.onnx"), opts, providers=prov)
+        self.encoder_outputs = [o.name for o in self.encoder.get_outputs()]
+        self.preprocessor = Preprocessor.from_pretrained(
+            d, self.meta.get("text_length", 40),
+            **{k: self.config[k] for k in ("mention_template", "entity_template") if k in self.config})
+        log.info("ONNX backend %s on %s", d, prov[0])
+
+    def encode(self, inputs: dict[str, np.ndarray], feature_names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        n = len(inputs["input_ids"])
+        chunks: list[dict[str, np.ndarray]] = []
+        for start in range(0, max(n, 1), self.batch_size):
+            feed = {k: np.ascontiguousarray(inputs[k][start:start + self.batch_size], dtype=_INPUT_DTYPES[k])
+                    for k in ENCODER_INPUTS}
+            outs = self.encoder.run(self.encoder_outputs, feed)
+            part = dict(zip(self.encoder_outputs, outs))
+            part["has_image"] = feed["has_image"]
+            chunks.append(part)
+        names = feature_names or tuple(chunks[0])
+        return {k: np.concatenate([c[k] for c in chunks]) for k in names}
+
+    def score(self, mention: dict[str, np.ndarray], candidates: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = {f"mention_{k}": np.ascontiguousarray(mention[k]) for k in MENTION_FEATURES}
+        feed.update({f"entity_{k}": np.ascontiguousarray(candidates[k]) for k in ENTITY_FEATURES})
+        outs = self.matcher.run(list(SCORE_NAMES), feed)
+        return dict(zip(SCORE_NAMES, outs))

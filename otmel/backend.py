@@ -1,0 +1,102 @@
+"""One protocol, two backends: what the index and link jobs call to encode and score.
+
+``TorchBackend`` wraps a PyTorch OT-MEL checkpoint; ``otmel.exporters.runtime.OnnxBackend``
+wraps an ONNX export. Both take and return numpy arrays:
+
+* ``encode(inputs)``: the four model inputs (``input_ids``, ``attention_mask``,
+  ``pixel_values``, ``has_image``) -> the features of ``otmel.model.FEATURE_SHAPES``;
+* ``score(mention, candidates)``: mention features ``(M, ...)`` and candidate entity
+  features ``(M, K, ...)`` -> ``{"overall", "fused", "text", "visual"}``, each ``(M, K)``;
+
+and expose ``preprocessor``, ``model_version``, ``config`` and ``nil_threshold``.
+:func:`load_backend` opens either kind of directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+SCORE_NAMES = ("overall", "fused", "text", "visual")
+
+
+class Backend(Protocol):
+    preprocessor: object
+    model_version: str
+    config: dict
+    nil_threshold: float | None
+
+    def encode(self, inputs: dict[str, np.ndarray], feature_names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]: ...
+
+    def score(self, mention: dict[str, np.ndarray], candidates: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class TorchBackend:
+    """A PyTorch model behind the backend protocol (inference mode, CPU or GPU)."""
+
+    kind = "torch"
+
+    def __init__(self, model, preprocessor, model_version: str | None = None, device: str | None = None):
+        import torch
+
+        from otmel.model import model_version as version_of
+
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device).eval()
+        self.preprocessor = preprocessor
+        self.model_version = model_version or version_of(model)
+        self.config = model.config.to_dict()
+        self.nil_threshold = (model.config.extra or {}).get("nil_threshold")
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path) -> "TorchBackend":
+        from otmel.factory import load_model
+
+        model, pre = load_model(directory)
+        return cls(model, pre)
+
+    def _tensors(self, arrays: dict[str, np.ndarray]) -> dict:
+        return {k: self.torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in arrays.items()}
+
+    def encode(self, inputs: dict[str, np.ndarray], feature_names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        with self.torch.inference_mode():
+            feats = self.model.encode(**self._tensors(inputs))
+        names = feature_names or tuple(feats)
+        return {k: feats[k].cpu().numpy() for k in names}
+
+    def score(self, mention: dict[str, np.ndarray], candidates: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self.torch.inference_mode():
+            s = self.model.score(self._tensors(mention), self._tensors(candidates))
+        return {name: getattr(s, name).cpu().numpy() for name in SCORE_NAMES}
+
+
+def load_backend(uri: str, s3_endpoint: str | None = None, **kwargs) -> Backend:
+    """An ONNX export dir (has export.json) or a checkpoint dir (config.json + model.safetensors).
+
+    Remote (s3://) directories are copied to a local temp dir first.
+    """
+    from otmel.model import CheckpointError
+    from otmel.storage import is_remote, local_copy
+
+    if is_remote(uri):
+        import shutil
+        import tempfile
+
+        with local_copy(uri, s3_endpoint) as d:
+            keep = Path(tempfile.mkdtemp(prefix="otmel-model-"))
+            shutil.copytree(d, keep, dirs_exist_ok=True)
+        return load_backend(str(keep), **kwargs)
+    d = Path(uri)
+    if (d / "export.json").is_file():
+        from otmel.exporters.runtime import OnnxBackend
+
+        return OnnxBackend(d, **kwargs)
+    if (d / "config.json").is_file() and (d / "model.safetensors").is_file():
+        return TorchBackend.from_checkpoint(d)
+    if not d.exists():
+        raise FileNotFoundError(f"{uri}: no such model directory")
+    raise CheckpointError(f"{uri} is neither an otmel ONNX export (export.json) nor a checkpoint "
+                          "(config.json + model.safetensors)")
