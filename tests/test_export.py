@@ -1,0 +1,140 @@
+"""ONNX export: parity with PyTorch on both graphs, dynamic axes, OT teacher export, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_model
+from otmel.backend import TorchBackend, load_backend
+from otmel.exporters.onnx import ExportConfig, ExportError, export
+from otmel.factory import save_model
+
+
+@pytest.fixture(scope="module")
+def kd_checkpoint(tmp_path_factory):
+    model, pre = make_model("kd", missing_image="mask", seed=4)
+    return str(save_model(model, pre, tmp_path_factory.mktemp("ckpt") / "kd"))
+
+
+@pytest.fixture(scope="module")
+def kd_export(kd_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "kd"
+    meta = export(ExportConfig(checkpoint=kd_checkpoint, out=str(out)))
+    return str(out), meta
+
+
+def test_export_writes_a_self_contained_verified_directory(kd_export):
+    from pathlib import Path
+
+    out, meta = kd_export
+    files = {p.name for p in Path(out).iterdir()}
+    assert {"encoder.onnx", "matcher.onnx", "export.json", "config.json", "tokenizer.json",
+            "preprocessor_config.json"} <= files
+    saved = json.loads((Path(out) / "export.json").read_text())
+    assert saved["export_mode"] == "kd" and saved["assignment"] == "att"
+    assert saved["model_version"] and len(saved["model_version"]) == 64
+    assert saved["parity_max_abs_diff"] and max(saved["parity_max_abs_diff"].values()) < 1e-4
+    assert saved["encoder"]["inputs"]["input_ids"][0] == "batch"
+    assert saved["matcher"]["outputs"]["overall"] == ["batch", "candidates"]
+    assert {"torch", "onnx", "onnxruntime", "otmel"} <= set(saved["versions"])
+
+
+@pytest.mark.parametrize("batch,k", [(1, 1), (4, 7), (11, 3)])
+def test_onnx_backend_matches_torch_backend_on_real_rows(kd_checkpoint, kd_export, batch, k):
+    from conftest import png_bytes
+
+    torch_be = TorchBackend.from_checkpoint(kd_checkpoint)
+    onnx_be = load_backend(kd_export[0], threads=1)
+    assert onnx_be.kind == "onnx" and onnx_be.model_version == torch_be.model_version
+    rows = {"mention": ["robert", "paris", "holland", "watch"] * 3, "text": ["actor france tennis"] * 12,
+            "image": [png_bytes(i) if i % 3 else None for i in range(12)]}
+    rows = {c: v[:batch] for c, v in rows.items()}
+    b = onnx_be.preprocessor.mentions(rows)
+    inputs = {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "pixel_values": b.pixel_values,
+              "has_image": b.has_image}
+    ft, fo = torch_be.encode(inputs), onnx_be.encode(inputs)
+    for name in ft:
+        np.testing.assert_allclose(fo[name], ft[name], atol=1e-4, err_msg=name)
+    idx = np.random.default_rng(k).integers(0, batch, (batch, k))
+    cands = {n: ft[n][idx] for n in ft}
+    st, so = torch_be.score(ft, cands), onnx_be.score(ft, cands)
+    for name in st:
+        assert so[name].shape == (batch, k)
+        np.testing.assert_allclose(so[name], st[name], atol=1e-4, err_msg=name)
+
+
+def test_ot_mode_export_unrolls_sinkhorn_and_matches(kd_checkpoint, tmp_path):
+    meta = export(ExportConfig(checkpoint=kd_checkpoint, out=str(tmp_path / "ot"), mode="ot", parity_batches=(2, 5)))
+    assert meta["assignment"] == "ot"
+    assert max(meta["parity_max_abs_diff"].values()) < 1e-4
+    # the OT teacher and the distilled attention path are different graphs
+    kd = export(ExportConfig(checkpoint=kd_checkpoint, out=str(tmp_path / "kd"), parity_batches=(2,)))
+    import onnx
+
+    n_ot = len(onnx.load(str(tmp_path / "ot" / "matcher.onnx")).graph.node)
+    n_kd = len(onnx.load(str(tmp_path / "kd" / "matcher.onnx")).graph.node)
+    assert n_ot > n_kd  # unrolled Sinkhorn iterations
+    assert kd["model_version"] == meta["model_version"]
+
+
+def test_int8_export_stays_within_its_tolerance(kd_checkpoint, tmp_path):
+    meta = export(ExportConfig(checkpoint=kd_checkpoint, out=str(tmp_path / "q"), int8=True, parity_batches=(3,)))
+    assert meta["precision"] == "int8"
+    assert max(meta["parity_fp32_before_conversion"].values()) < 1e-4
+    assert max(meta["parity_max_abs_diff"].values()) <= meta["parity_tolerance"]
+
+
+def test_export_errors_are_one_clear_line_and_leave_nothing(tmp_path):
+    from otmel.cli import main
+
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "config.json").write_text('{"model_type": "bert"}')
+    (tmp_path / "foreign" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ExportError, match="cannot load an otmel checkpoint"):
+        export(ExportConfig(checkpoint=str(tmp_path / "foreign"), out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+    model, pre = make_model("att", seed=2)
+    save_model(model, pre, tmp_path / "att")
+    with pytest.raises(ExportError, match="cannot be exported from a 'att' checkpoint"):
+        export(ExportConfig(checkpoint=str(tmp_path / "att"), out=str(tmp_path / "out"), mode="ot"))
+    assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
+    assert not (tmp_path / "o2").exists()
+
+
+def test_export_refuses_a_parity_failure(kd_checkpoint, tmp_path, monkeypatch):
+    """A graph that disagrees with PyTorch is never published."""
+    from otmel.exporters import onnx as onnx_export
+
+    monkeypatch.setitem(onnx_export.TOLERANCE, "fp32", 0.0)
+    monkeypatch.setattr(onnx_export, "check_parity", lambda *a, **k: {"matcher.overall": 1e-3})
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        export(ExportConfig(checkpoint=kd_checkpoint, out=str(tmp_path / "bad")))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_trained_kd_model_ranks_identically_through_onnx(trained_run, tmp_path):
+    """Rankings of the ONNX backend equal the PyTorch backend's on the synth test split."""
+    from otmel.data import load_split
+
+    cfg, result = trained_run
+    out = tmp_path / "onnx"
+    export(ExportConfig(checkpoint=result.latest_checkpoint, out=str(out), parity_batches=(4,)))
+    kb, test = load_split(cfg.data, "test")
+    rankings = []
+    for be in (TorchBackend.from_checkpoint(result.latest_checkpoint), load_backend(str(out))):
+        pre = be.preprocessor
+        eb = pre.entities(kb.select(["name", "attributes", "image"]).to_pydict())
+        mb = pre.mentions(test.select(["mention", "text", "image"]).to_pydict())
+        keys = ("input_ids", "attention_mask", "pixel_values", "has_image")
+        ef = be.encode({k: getattr(eb, k) for k in keys})
+        mf = be.encode({k: getattr(mb, k) for k in keys})
+        E, M = len(eb), len(mb)
+        grid = {n: np.broadcast_to(v[None], (M, *v.shape)) for n, v in ef.items()}
+        scores = be.score(mf, grid)["overall"]  # (M, E)
+        rankings.append(np.argsort(-scores, axis=1, kind="stable")[:, :5])
+    agree = (rankings[0][:, 0] == rankings[1][:, 0]).mean()
+    assert agree == 1.0
+    assert (rankings[0] == rankings[1]).mean() > 0.98  # top-5 orders (near-ties may swap)
