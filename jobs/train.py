@@ -225,7 +225,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = OTMEL(model_cfg)
     preprocessor = config["preprocessor"]
 
-    start_epoch, step, history, best = 0, 0, [], None
+    start_epoch, step, history, best, resumes = 0, 0, [], None, []
     checkpoint = ray.train.get_checkpoint()
     opt_state = None
     if checkpoint is not None:
@@ -236,6 +236,7 @@ def train_loop_per_worker(config: dict) -> None:
             state = json.loads(Path(d, TRAIN_STATE_FILE).read_text())
             opt_state = torch.load(os.path.join(d, OPTIMIZER_FILE), weights_only=True)
         start_epoch, step, history, best = state["epoch"] + 1, state["step"], state["history"], state.get("best_dev_MRR")
+        resumes = state.get("resumed_at_steps", []) + [step]  # an audit trail of restores
         log.info("rank %d resumed at epoch %d, step %d", rank, start_epoch, step)
 
     device = ray.train.torch.get_device()
@@ -309,7 +310,8 @@ def train_loop_per_worker(config: dict) -> None:
                 save_model(core, preprocessor, tmp)
                 torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, os.path.join(tmp, OPTIMIZER_FILE))
                 Path(tmp, TRAIN_STATE_FILE).write_text(json.dumps(
-                    {"epoch": epoch, "step": step, "history": history, "best_dev_MRR": best}, indent=2))
+                    {"epoch": epoch, "step": step, "history": history, "best_dev_MRR": best,
+                     "resumed_at_steps": resumes}, indent=2))
                 _write_run_files(cfg, history)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -50,3 +50,68 @@ def png_bytes(seed: int = 0, size: int = 32) -> bytes:
 @pytest.fixture
 def kd_model():
     return make_model("kd")
+
+
+# ---------------------------------------------------------------------------- session-wide services
+SYNTH_ENTITIES = 60
+SYNTH_MENTIONS = 400
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """A small synthetic dataset shared by the job tests."""
+    from otmel.synth import write_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    write_synthetic_dataset(out, n_entities=SYNTH_ENTITIES, n_mentions=SYNTH_MENTIONS, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One local Ray instance for the session (token auth off explicitly: in Ray 2.60
+    ray.init() would otherwise turn it on and write ~/.ray/auth_token, making behaviour
+    depend on test order)."""
+    import os
+
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible HTTP endpoint on 127.0.0.1 (moto), with a bucket ``otmel-test``."""
+    import os
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="otmel-test")
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_local, synth_dir, tmp_path_factory):
+    """ONE tiny 2-worker KD training run per session (Ray Train start-up costs ~30 s here);
+    later tests (export, index, link) reuse its checkpoint."""
+    from otmel.jobs.train import TrainConfig, run
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = TrainConfig(data=str(synth_dir), out=str(out), mode="kd", workers=2, epochs=2, batch_size=16, lr=1e-3,
+                      tiny_clip=True, name="tiny", model={"text_length": 24}, max_failures=0)
+    return cfg, run(cfg)
