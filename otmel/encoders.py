@@ -96,32 +96,27 @@ def _byte_alphabet() -> list[str]:
 
 
 def build_tiny_tokenizer(words: Iterable[str]):
-    """A CLIP byte-level BPE tokenizer whose vocabulary holds every given word whole.
+    """A CLIP byte-level BPE tokenizer in which every given word is one token.
 
-    Unknown words still tokenize (into characters), like a real CLIP vocabulary would
-    handle rare words. Token ids: 0 = ``<|startoftext|>``, 1 = ``<|endoftext|>`` (also the
-    padding token, as in CLIP), matching :func:`tiny_clip_config`'s defaults.
+    The base vocabulary is the 256 byte symbols (with and without the end-of-word mark) and no
+    merges, so unknown words still tokenize, character by character, as a real CLIP
+    vocabulary handles rare words. The given words are added as whole-word tokens
+    (``single_word``: "was" does not match inside "washing"); BPE merges cannot guarantee
+    that (a shorter word's merge can win inside a longer word). Token ids: 0 =
+    ``<|startoftext|>``, 1 = ``<|endoftext|>`` (also the padding token, as in CLIP),
+    matching :func:`tiny_clip_config`'s defaults.
     """
+    from tokenizers import AddedToken
     from transformers import CLIPTokenizer
 
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for ch in _byte_alphabet():
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
-    merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    for word in sorted({w.lower() for w in words if w and w.isalpha() and w.isascii()}):
-        current = word[0]
-        for i, ch in enumerate(word[1:], start=1):
-            piece = ch + ("</w>" if i == len(word) - 1 else "")
-            if (current, piece) not in seen:
-                seen.add((current, piece))
-                merges.append((current, piece))
-            current = current + piece
-            vocab.setdefault(current, len(vocab))
-        if len(word) == 1:
-            vocab.setdefault(word + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    whole = sorted({w.lower() for w in words if w and w.isalpha()})
+    tokenizer.add_tokens([AddedToken(w, single_word=True, normalized=True) for w in whole])
+    return tokenizer
 
 
 def tiny_image_processor(image_size: int = 32):

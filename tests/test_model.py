@@ -231,3 +231,18 @@ def test_kd_gradient_reaches_attention_not_the_teacher_only_path():
     a2 = Assignment(a.transported, a.weights.detach().clone(), attention_logits(q2, k2), ones_q, ones_k)
     distillation_kl(a2).backward()
     torch.testing.assert_close(q.grad, q2.grad)
+
+
+def test_tiny_tokenizer_keeps_every_vocabulary_word_whole(tmp_path):
+    from transformers import AutoTokenizer
+
+    from otmel.encoders import build_tiny_tokenizer
+    from otmel.synth import SYNTH_VOCABULARY
+
+    tok = build_tiny_tokenizer(SYNTH_VOCABULARY)
+    split = [w for w in SYNTH_VOCABULARY if w.isalpha() and len(tok(w)["input_ids"]) != 3]
+    assert split == []  # <|startoftext|> word <|endoftext|>
+    ids = tok("was washing")["input_ids"]
+    assert len(ids) > 4  # "was" is whole, "washing" falls back to characters
+    tok.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)("Was washing")["input_ids"] == ids
