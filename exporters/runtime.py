@@ -76,6 +76,9 @@ class OnnxBackend:
         self.encoder = ort.InferenceSession(str(d / "encoder.onnx"), opts, providers=prov)
         self.matcher = ort.InferenceSession(str(d / "matcher.onnx"), opts, providers=prov)
         self.encoder_outputs = [o.name for o in self.encoder.get_outputs()]
+        # the exporter drops graph inputs a mode does not use (e.g. has_image when images are
+        # not masked), so feed only what the matcher declares
+        self.matcher_inputs = {i.name for i in self.matcher.get_inputs()}
         self.preprocessor = Preprocessor.from_pretrained(
             d, self.meta.get("text_length", 40),
             **{k: self.config[k] for k in ("mention_template", "entity_template") if k in self.config})
@@ -95,7 +98,9 @@ class OnnxBackend:
         return {k: np.concatenate([c[k] for c in chunks]) for k in names}
 
     def score(self, mention: dict[str, np.ndarray], candidates: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feed = {f"mention_{k}": np.ascontiguousarray(mention[k]) for k in MENTION_FEATURES}
-        feed.update({f"entity_{k}": np.ascontiguousarray(candidates[k]) for k in ENTITY_FEATURES})
+        feed = {f"mention_{k}": np.ascontiguousarray(mention[k]) for k in MENTION_FEATURES
+                if f"mention_{k}" in self.matcher_inputs}
+        feed.update({f"entity_{k}": np.ascontiguousarray(candidates[k]) for k in ENTITY_FEATURES
+                     if f"entity_{k}" in self.matcher_inputs})
         outs = self.matcher.run(list(SCORE_NAMES), feed)
         return dict(zip(SCORE_NAMES, outs))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -301,7 +302,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.update(dev_metrics)
         if "dev_MRR" in metrics and (best is None or metrics["dev_MRR"] > best):
             best = metrics["dev_MRR"]
-        metrics["best_dev_MRR"] = best if best is not None else float("nan")
+        if best is not None:
+            metrics["best_dev_MRR"] = best
         history.append(metrics)
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -314,8 +316,9 @@ def train_loop_per_worker(config: dict) -> None:
                      "resumed_at_steps": resumes}, indent=2))
                 _write_run_files(cfg, history)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            report.setdefault("dev_MRR", float("nan"))
+            # finite numbers only: Ray's checkpoint-manager snapshot stores NaN as null, which
+            # breaks its best-checkpoint ordering when a run is resumed
+            report = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
             ray.train.report(report, checkpoint=ckpt)
 
 
@@ -377,7 +380,11 @@ def run(cfg: TrainConfig, ray_init_kwargs: dict | None = None) -> TrainResult:
         raise ValueError(f"train split has {pairs.num_rows} usable pairs, fewer than one batch of {cfg.batch_size}")
 
     if not ray.is_initialized():
-        ray.init(address=cfg.address, **(ray_init_kwargs or {}))
+        # the job's actors (Ray Train's controller included) persist to RUN_URI themselves:
+        # give them the driver's AWS credential-chain variables
+        kwargs = dict(ray_init_kwargs or {})
+        kwargs.setdefault("runtime_env", {"env_vars": _worker_env()})
+        ray.init(address=cfg.address, **kwargs)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -390,11 +397,12 @@ def run(cfg: TrainConfig, ray_init_kwargs: dict | None = None) -> TrainResult:
                                       resources_per_worker=None if cfg.gpu else {"CPU": cfg.cpus_per_worker})
     run_config = ray.train.RunConfig(
         name=cfg.name, storage_path=storage_path, storage_filesystem=fs,
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="dev_MRR",
-                                                     checkpoint_score_order="max"),
+        # keep the best by dev MRR (+ Ray always keeps the latest); without dev evaluation, the last two
+        checkpoint_config=(ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="dev_MRR",
+                                                      checkpoint_score_order="max")
+                           if cfg.eval_every else ray.train.CheckpointConfig(num_to_keep=2)),
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-        worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                         if k in (FAIL_ONCE_ENV, FAIL_STEP_ENV, "OTMEL_TORCH_THREADS")}},
+        worker_runtime_env={"env_vars": _worker_env()},
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -412,6 +420,13 @@ def run(cfg: TrainConfig, ray_init_kwargs: dict | None = None) -> TrainResult:
             best = _uri_of(cfg, max(scored, key=lambda t: t[0])[1])
     latest = find_latest_checkpoint(cfg.run_uri, cfg.s3_endpoint)
     return TrainResult(cfg.run_uri, latest, best or latest, dict(result.metrics or {}), skipped)
+
+
+def _worker_env() -> dict[str, str]:
+    """Environment the workers need from the driver: the AWS credential chain's variables
+    (workers persist checkpoints to S3 themselves) and otmel's knobs/test hooks."""
+    keep = (FAIL_ONCE_ENV, FAIL_STEP_ENV, "OTMEL_TORCH_THREADS")
+    return {k: v for k, v in os.environ.items() if k in keep or k.startswith("AWS_")}
 
 
 def _uri_of(cfg: TrainConfig, checkpoint) -> str:

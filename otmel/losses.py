@@ -92,8 +92,12 @@ def distillation_kl(assignment: Assignment, target: str = "plan") -> torch.Tenso
     real entries. ``target = paper``: eq. 28 as written, softmax over the raw plan entries,
     which are all <= 1/n, so that teacher is uniform to within a few percent.
 
-    KL terms are summed over rows and over columns as in eq. 28, halved, and averaged over
-    the leading dims (items or mention-entity pairs) that have real entries.
+    Departure from eq. 28, which SUMS the row KLs and the column KLs: we AVERAGE them over
+    the real rows and the real columns. With ~40 tokens the sum weighs L_KD ~40x a per-row
+    term, and J = L + L_KD then swamps the matching loss: measured on synth data (tiny
+    CLIP, 6 epochs), dev H@1 18% with the sum vs ~55% with the mean (OT-only training: 60%).
+    The average is then taken over the leading dims (items or mention-entity pairs) that
+    have real entries.
 
     Returns a scalar (0 if nothing is real).
     """
@@ -117,7 +121,8 @@ def distillation_kl(assignment: Assignment, target: str = "plan") -> torch.Tenso
             raise ValueError(f"kd_target must be 'plan' or 'paper', got {target!r}")
         p = p * validf
         kl = torch.xlogy(p, p) - p * log_q  # (..., n, m); 0 where p == 0
-        return (kl * validf).sum((-1, -2))  # (...)
+        lines = valid.any(-1 if dim == -1 else -2).to(S.dtype)  # (..., n) real rows / (..., m) real cols
+        return (kl * validf).sum((-1, -2)) / lines.sum(-1).clamp_min(1.0)  # mean over real rows / cols
 
     per_item = 0.5 * (one_way(-1) + one_way(-2))  # (...)
     has_real = valid.flatten(-2).any(-1).to(S.dtype)  # (...)

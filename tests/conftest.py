@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -10,6 +11,12 @@ import torch
 
 from otmel.factory import TINY, create_model
 from otmel.model import ModelConfig
+
+# dummy credentials for the local S3-compatible endpoint, set before any Ray process starts
+# so that every Ray actor inherits them (a real cluster uses its nodes' credential chain)
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_REGION", "us-east-1")
 
 WORDS = "robert downey holland actor singer paris france tennis watch spider man red blue".split()
 TEXT_LENGTH = 16
