@@ -136,3 +136,15 @@ def test_cli_train_reports_one_line_errors(capsys, tmp_path):
     assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--tiny-clip"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error" in err[0] and "kb.parquet" in err[0]
+
+
+def test_cli_evaluate_prints_and_writes_json(trained_run, tmp_path, capsys):
+    from otmel.cli import main
+
+    cfg, result = trained_run
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--checkpoint", result.latest_checkpoint, "--data", cfg.data, "--split", "dev",
+                 "--retrieve", "10", "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert {"H@1", "MRR", "recall@10", "recall@10_top1"} <= set(metrics)
+    assert "MRR" in capsys.readouterr().out
