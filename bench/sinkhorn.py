@@ -147,7 +147,7 @@ def main() -> None:
     otm.log.setLevel(logging.DEBUG)
     otm.log.propagate = False
     load0 = os.getloadavg()[0]
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     rows = []
     with torch.no_grad():
         for B in SHAPES + [BIG]:
@@ -206,8 +206,9 @@ def main() -> None:
     grad_diff = float((grad_rows[0][2] - grad_rows[1][2]).abs().max() / grad_rows[1][2].abs().max())
 
     total = time.perf_counter() - t_start
+    cores_used = (time.process_time() - cpu_start) / total  # ~2 alone on 2 cores, less if others run
     load1 = os.getloadavg()[0]
-    write_markdown(rows, grad_rows, grad_diff, total, load0, load1)
+    write_markdown(rows, grad_rows, grad_diff, total, load0, load1, cores_used)
     print(f"wrote {OUT} ({total:.0f} s)")
 
 
@@ -221,14 +222,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_markdown(rows, grad_rows, grad_diff, total, load0, load1) -> None:
+def write_markdown(rows, grad_rows, grad_diff, total, load0, load1, cores_used) -> None:
     lines = [
         "# Sinkhorn benchmark: otmel.ot.sinkhorn vs POT",
         "",
         f"Date {datetime.date.today()}; {cpu_model()}, {os.cpu_count()} cores "
         f"(torch threads {torch.get_num_threads()}); torch {torch.__version__}, POT {ot.__version__}; "
-        f"load average {load0:.1f} at start, {load1:.1f} at end. "
-        f"Produced by `bench/sinkhorn.py` in {total:.0f} s.",
+        f"load average {load0:.1f} at start, {load1:.1f} at end; the benchmark process used "
+        f"{cores_used:.2f} cores on average (CPU time / wall time: close to 2 when it has the machine to "
+        f"itself, lower when other jobs compete). Produced by `bench/sinkhorn.py` in {total:.0f} s.",
         "",
         f"Float32 CPU torch tensors, B problems of size ({N}, {M}) per call, cosine costs in [0, 1] "
         f"(random 8-d features), uniform marginals, epsilon = {EPS}, forward only (no autograd). "
