@@ -184,13 +184,10 @@ class PreprocessPairs:
         self.pre = preprocessor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        def as_list(x):
-            return [None if v is None else v for v in list(x)]
-
-        mb = self.pre.mentions({"mention": as_list(batch["mention"]), "text": as_list(batch["text"]),
-                                "image": as_list(batch["image"])})
-        eb = self.pre.entities({"name": as_list(batch["entity_name"]), "attributes": as_list(batch["entity_attributes"]),
-                                "image": as_list(batch["entity_image"])})
+        mb = self.pre.mentions({"mention": list(batch["mention"]), "text": list(batch["text"]),
+                                "image": list(batch["image"])})
+        eb = self.pre.entities({"name": list(batch["entity_name"]), "attributes": list(batch["entity_attributes"]),
+                                "image": list(batch["entity_image"])})
         out = {}
         for prefix, b in (("m_", mb), ("e_", eb)):
             out[prefix + "input_ids"] = b.input_ids
@@ -255,6 +252,7 @@ def train_loop_per_worker(config: dict) -> None:
     gather = make_entity_gather()
     fail_file, fail_step = os.environ.get(FAIL_ONCE_ENV), int(os.environ.get(FAIL_STEP_ENV, "-1"))
     use_bf16 = cfg.gpu and torch.cuda.is_available()
+    dev_data = None  # (kb, dev mentions), loaded on first use
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -292,7 +290,11 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.update({f"train_{k}": v / n for k, v in sums.items() if k != "loss"})
         dev_metrics = {}
         if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and rank == 0:
-            dev_metrics = _dev_eval(core, preprocessor, cfg, config)
+            if dev_data is None:  # read once, on the rank that evaluates
+                from otmel.data import load_split
+
+                dev_data = load_split(cfg.data, "dev", cfg.s3_endpoint)
+            dev_metrics = _dev_eval(core, preprocessor, cfg, *dev_data)
         if world > 1:  # every rank reports the same dev figures (rank 0 computed them)
             import torch.distributed as dist
 
@@ -322,11 +324,9 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(report, checkpoint=ckpt)
 
 
-def _dev_eval(model, preprocessor, cfg: TrainConfig, config: dict) -> dict:
-    from otmel.data import load_split
+def _dev_eval(model, preprocessor, cfg: TrainConfig, kb: pa.Table, dev: pa.Table) -> dict:
     from otmel.evaluation import evaluate
 
-    kb, dev = load_split(cfg.data, "dev", cfg.s3_endpoint)
     model.eval()
     m = evaluate(model, preprocessor, dev, kb, retrieve=cfg.eval_retrieve, compare_exhaustive=False)
     model.train()

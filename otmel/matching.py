@@ -34,11 +34,6 @@ def _pair_layout(mention: torch.Tensor, entity: torch.Tensor, entity_lead: int) 
     return m, e
 
 
-def entity_lead_dims(entity_features: dict[str, torch.Tensor]) -> int:
-    """1 for a grid (E, d) layout, 2 for a candidates (M, K, d) layout."""
-    return entity_features["fused"].dim() - 1
-
-
 @dataclass
 class MatchScores:
     """Scores of a layout, each (M, E) or (M, K).

@@ -24,18 +24,6 @@ def ranks_from_scores(scores: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
     return at_least  # = 1 + #{e != gold : s_e >= s_gold}
 
 
-def count_at_least(scores: torch.Tensor, threshold: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row, how many columns score >= threshold[row] (excluding a column mask).
-
-    Used to accumulate ranks over entity chunks without holding the (M, E) matrix.
-    scores (M, e), threshold (M,), exclude (M, e) bool -> (M,) long.
-    """
-    hit = scores >= threshold.unsqueeze(1)
-    if exclude is not None:
-        hit = hit & ~exclude
-    return hit.sum(1)
-
-
 def ranking_metrics(ranks: Sequence[float] | np.ndarray, ks: Iterable[int] = (1, 3, 5)) -> dict[str, float]:
     """H@k (eq. 34) and MRR (eq. 35) from ranks (inf = not found)."""
     r = np.asarray(ranks, dtype=np.float64)
