@@ -59,7 +59,11 @@ class TorchBackend:
         return cls(model, pre)
 
     def _tensors(self, arrays: dict[str, np.ndarray]) -> dict:
-        return {k: self.torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in arrays.items()}
+        # read-only inputs (memory-mapped features, Ray object-store arrays) are copied: torch
+        # tensors over non-writable memory are undefined behaviour
+        return {k: self.torch.from_numpy(np.array(v, copy=not (isinstance(v, np.ndarray) and v.flags.writeable
+                                                               and v.flags.c_contiguous))).to(self.device)
+                for k, v in arrays.items()}
 
     def encode(self, inputs: dict[str, np.ndarray], feature_names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         with self.torch.inference_mode():

@@ -5,6 +5,11 @@
     otmel train --data DATA_URI --out RUN_URI --mode ot|att|kd --workers N [--gpu] [--epochs E]
                 [--batch-size B] [--lr LR] [--clip NAME_OR_DIR | --tiny-clip] [--resume] [--address ADDR]
     otmel evaluate --checkpoint CKPT_URI --data DATA_URI --split test [--retrieve K] [--out metrics.json]
+    otmel index --model MODEL_URI --kb KB_URI --out INDEX_URI --shards S [--factory FAISS_FACTORY]
+    otmel index --update INDEX_URI --kb CHANGED_KB_URI --model MODEL_URI
+    otmel link --model MODEL_URI --index INDEX_URI --input INPUT_URI --output OUTPUT_URI [--top-k k]
+               [--candidates K] [--nil-threshold T] [--workers N] [--detect-mentions alias]
+    otmel calibrate --model MODEL_URI --index INDEX_URI --data DATA_URI [--split dev]
     otmel demo [--out DIR]
 
 Errors a user can fix (bad paths, schemas, checkpoints) print one line and exit 2.
@@ -110,27 +115,83 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from otmel.jobs.index import IndexConfig, run, summary_line
+
+    if args.update and args.out:
+        raise ValueError("--update names the index to change; do not pass --out with it")
+    if not args.update and not args.out:
+        raise ValueError("--out INDEX_URI is required (or --update INDEX_URI to change an existing index)")
+    cfg = IndexConfig(model=args.model, kb=args.kb, out=args.update or args.out, shards=args.shards,
+                      factory=args.factory, feature_dtype=args.feature_dtype, update=bool(args.update),
+                      overwrite=args.overwrite, workers=args.workers, batch_size=args.batch_size,
+                      address=args.address, s3_endpoint=args.s3_endpoint,
+                      allow_image_prefix=args.allow_image_prefix or [], allow_private_hosts=args.allow_private_hosts)
+    _print(summary_line(run(cfg)))
+    return 0
+
+
+def cmd_link(args) -> int:
+    from otmel.jobs.link import LinkConfig, run, summary_line
+
+    cfg = LinkConfig(model=args.model, index=args.index, input=args.input, output=args.output, top_k=args.top_k,
+                     candidates=args.candidates, nil_threshold=args.nil_threshold, workers=args.workers,
+                     batch_size=args.batch_size, detect_mentions=args.detect_mentions,
+                     context_chars=args.context_chars, min_alias_length=args.min_alias_length,
+                     max_alias_entities=args.max_alias_entities, bad_image=args.bad_image,
+                     allow_image_prefix=args.allow_image_prefix or [], allow_private_hosts=args.allow_private_hosts,
+                     image_timeout_s=args.image_timeout, force=args.force, address=args.address,
+                     s3_endpoint=args.s3_endpoint)
+    _print(summary_line(run(cfg, progress=log.info)))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from otmel.calibration import CalibrateConfig, calibrate
+
+    cfg = CalibrateConfig(model=args.model, index=args.index, data=args.data, split=args.split,
+                          candidates=args.candidates, s3_endpoint=args.s3_endpoint, write=not args.dry_run)
+    r = calibrate(cfg)
+    _print(f"NIL threshold {r['nil_threshold']:.4f} on {r['mentions']} {args.split} mentions "
+           f"({r['nil_gold']} with a gold entity outside the KB): F1 {r['f1']:.4f} (precision {r['precision']:.4f}, "
+           f"recall {r['recall']:.4f}) vs F1 {r['f1_no_threshold']:.4f} without a threshold"
+           + (f"; stored in {r['stored_in']}" if r.get("stored_in") else " (not stored: --dry-run)"))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from otmel.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=args.out, entities=args.entities, mentions=args.mentions, mode=args.mode,
-                     time_budget_s=args.time_budget)
-    _print(f"otmel demo: synth {cfg.entities} entities / {cfg.mentions} mentions -> train a tiny "
-           f"OT-MEL ({cfg.mode}) on CPU (<= {cfg.time_budget_s:.0f} s) -> evaluate")
+    cfg = DemoConfig(out=args.out, entities=args.entities, mentions=args.mentions, mode=args.mode, epochs=args.epochs)
+    _print(f"otmel demo: synth {cfg.entities} entities / {cfg.mentions} mentions -> train (Ray Train, {cfg.workers} "
+           f"workers) -> export ONNX -> index ({cfg.shards} shards) -> calibrate NIL -> link the test split (Ray Data)")
     r = run_demo(cfg, progress=_print)
+    m = r["test_linked"]
     keys = ("H@1", "H@3", "H@5", "MRR")
     _print("")
-    _print(f"test split, {r['test_exhaustive']['count']} mentions against all {r['entities']} KB entities")
-    _print(f"  {'protocol':<28} " + " ".join(f"{k:>7}" for k in keys))
-    _print(f"  {'exhaustive S_O (paper)':<28} " + " ".join(f"{100 * r['test_exhaustive'][k]:7.2f}" for k in keys))
-    rr = r["test_retrieve_rerank"]
-    _print(f"  {'retrieve K=20 + rerank':<28} " + " ".join(f"{100 * rr[k]:7.2f}" for k in keys))
-    _print(f"  {'chance':<28} {100 * r['chance_H@1']:7.2f}")
-    if r.get("same_name_chance_H@1"):
-        _print(f"  {'name match only (chance)':<28} {100 * r['same_name_chance_H@1']:7.2f}")
-    _print(f"  recall@20 of gold {100 * rr['recall@20']:.1f}%, of the exhaustive top-1 {100 * rr['recall@20_top1']:.1f}%")
-    _print(f"checkpoint: {r['checkpoint']}   metrics: {Path(args.out) / 'metrics.json'}   ({r['seconds']:.0f} s)")
+    _print(f"linked test split: {m['count']} mentions against {r['entities']} KB entities "
+           f"(retrieve K={cfg.candidates} per shard + rerank with S_O)")
+    _print("  " + " ".join(f"{k:>7}" for k in keys))
+    _print("  " + " ".join(f"{100 * m[k]:7.2f}" for k in keys))
+    _print(f"  chance H@1 {100 * r['chance_H@1']:.2f}, name match only {100 * r['same_name_chance_H@1']:.2f}; "
+           f"with the NIL threshold {r['nil_threshold']:.3f}: link precision {100 * m['link_precision']:.1f}%, "
+           f"recall {100 * m['link_recall']:.1f}%")
+    s = r["link_summary"]
+    _print(f"  link job: {s['counts']['in']} rows, {s['mentions_per_second']} mentions/s ({s['link_seconds']} s)")
+    _print(f"output Parquet: {r['links']}   index: {r['index']}   model: {r['onnx']}")
+    _print(f"metrics: {Path(args.out) / 'metrics.json'}   ({r['seconds']:.0f} s: "
+           + ", ".join(f"{k} {v:.0f}" for k, v in r["timings_s"].items()) + ")")
     return 0
+
+
+def _data_job_options(s: argparse.ArgumentParser) -> None:
+    """Options the Ray Data jobs (index, link) share: actors, images, cluster, storage."""
+    s.add_argument("--workers", type=int, default=1, help="encode actors (one GPU each when the cluster has GPUs)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--allow-image-prefix", action="append", metavar="DIR", help="local image_uri roots allowed (repeatable)")
+    s.add_argument("--allow-private-hosts", action="store_true", help="allow http(s) image_uri on private/loopback hosts")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
+    s.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,12 +263,55 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("demo", help="synth -> train a tiny model on CPU -> evaluate (the embedded default)")
+    s = sub.add_parser("index", help="build (or --update) the sharded FAISS entity index on Ray Data")
+    s.add_argument("--model", required=True, help="ONNX export dir or checkpoint dir (local or s3://)")
+    s.add_argument("--kb", required=True, help="KB Parquet file, directory or glob; with --update, the changed rows "
+                   "(a boolean 'deleted' column marks removals)")
+    s.add_argument("--out", default=None, help="index URI to create (local dir or s3://)")
+    s.add_argument("--update", default=None, metavar="INDEX_URI", help="apply --kb as changes to this index")
+    s.add_argument("--shards", type=int, default=1)
+    s.add_argument("--factory", default="Flat", help="FAISS index factory string, e.g. Flat, HNSW32, IVF4096,PQ32")
+    s.add_argument("--feature-dtype", choices=["fp16", "fp32"], default="fp16", help="stored reranking features")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    _data_job_options(s)
+    s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("link", help="link a corpus (Parquet/JSONL posts or mentions) against an index, on Ray Data")
+    s.add_argument("--model", required=True, help="ONNX export dir or checkpoint dir (the index's model)")
+    s.add_argument("--index", required=True)
+    s.add_argument("--input", required=True, help="Parquet/JSONL file, directory or glob (local or s3://)")
+    s.add_argument("--output", required=True, help="output dir (local or s3://): one Parquet file per input file")
+    s.add_argument("--top-k", type=int, default=5, help="candidates written per mention")
+    s.add_argument("--candidates", type=int, default=20, metavar="K", help="retrieved per shard, then reranked")
+    s.add_argument("--nil-threshold", type=float, default=None, help="default: the calibrated value of the model")
+    s.add_argument("--detect-mentions", choices=["alias"], default=None,
+                   help="find mentions in posts without spans by KB name/alias matching")
+    s.add_argument("--context-chars", type=int, default=200, help="context window around a span")
+    s.add_argument("--min-alias-length", type=int, default=3)
+    s.add_argument("--max-alias-entities", type=int, default=20, help="aliases shared by more entities are not matched")
+    s.add_argument("--bad-image", choices=["error", "text"], default="error",
+                   help="a given image that cannot be fetched/decoded: error row (default) or link on text")
+    s.add_argument("--image-timeout", type=float, default=10.0, help="seconds per image fetch")
+    s.add_argument("--force", action="store_true", help="recompute inputs whose output is already complete")
+    _data_job_options(s)
+    s.set_defaults(func=cmd_link)
+
+    s = sub.add_parser("calibrate", help="pick the NIL threshold on a dev split (max linking F1) and store it")
+    s.add_argument("--model", required=True, help="ONNX export dir or checkpoint dir (the threshold is stored there)")
+    s.add_argument("--index", required=True)
+    s.add_argument("--data", required=True, help="dataset dir with kb.parquet and mentions/SPLIT.parquet")
+    s.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    s.add_argument("--candidates", type=int, default=20)
+    s.add_argument("--dry-run", action="store_true", help="print the threshold, store nothing")
+    s.add_argument("--s3-endpoint", default=None)
+    s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("demo", help="the whole pipeline on a local Ray instance: synth -> train -> export -> index -> link")
     s.add_argument("--out", default="demo-run")
     s.add_argument("--entities", type=int, default=300)
     s.add_argument("--mentions", type=int, default=2400)
     s.add_argument("--mode", default="kd", choices=["ot", "att", "kd"])
-    s.add_argument("--time-budget", type=float, default=150.0, help="training seconds (checked per epoch)")
+    s.add_argument("--epochs", type=int, default=6, help="training epochs")
     s.set_defaults(func=cmd_demo)
     return p
 
@@ -216,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from otmel.storage import StorageError
 
-    return (FileNotFoundError, ValueError, PermissionError, StorageError)
+    return (FileNotFoundError, FileExistsError, ValueError, PermissionError, StorageError)
 
 
 def main(argv: list[str] | None = None) -> int:

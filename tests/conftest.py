@@ -122,3 +122,26 @@ def trained_run(ray_local, synth_dir, tmp_path_factory):
     cfg = TrainConfig(data=str(synth_dir), out=str(out), mode="kd", workers=2, epochs=2, batch_size=16, lr=1e-3,
                       tiny_clip=True, name="tiny", model={"text_length": 24}, max_failures=0)
     return cfg, run(cfg)
+
+
+@pytest.fixture(scope="session")
+def onnx_model(trained_run, tmp_path_factory):
+    """The session's tiny checkpoint exported to ONNX (what the index and link jobs run)."""
+    from otmel.exporters.onnx import ExportConfig, export
+
+    _, result = trained_run
+    out = tmp_path_factory.mktemp("onnx") / "model"
+    export(ExportConfig(checkpoint=result.latest_checkpoint, out=str(out), parity_batches=(4,)))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def s3_index(ray_local, onnx_model, synth_dir, s3_server):
+    """A 2-shard Flat index of the synth KB on the S3 test endpoint (KB read from S3 too)."""
+    from otmel.jobs.index import IndexConfig, run
+    from otmel.storage import write_bytes
+
+    write_bytes("s3://otmel-test/data/kb.parquet", (synth_dir / "kb.parquet").read_bytes(), s3_server)
+    cfg = IndexConfig(model=onnx_model, kb="s3://otmel-test/data/kb.parquet", out="s3://otmel-test/index-2",
+                      shards=2, s3_endpoint=s3_server)
+    return cfg, run(cfg)

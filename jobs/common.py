@@ -1,0 +1,167 @@
+"""Pieces the Ray Data jobs share: Ray start-up, the preprocess step and the encode actor.
+
+Batch callables follow the Ray Data convention: ``dict[str, np.ndarray] -> dict[str, np.ndarray]``,
+loaded once (``__init__``), wired with ``map_batches``. Rows are never dropped here: a row that
+cannot be encoded keeps ``ok = False`` and its reason in ``error``; the job decides what that
+means (the index skips and counts it, the link job writes an ``error`` row).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: encoder inputs produced by the preprocess step
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "has_image")
+
+
+def worker_env() -> dict[str, str]:
+    """Environment Ray workers need from the driver: the AWS credential chain's variables and
+    otmel's knobs (a real cluster's nodes have their own credential chain as well)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k.startswith("OTMEL_")}
+
+
+def init_ray(address: str | None) -> None:
+    """Join ``address`` (a cluster) or start a local instance, unless Ray is already up."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=True)
+    ctx = __import__("ray.data", fromlist=["DataContext"]).DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic output order (files are re-sorted anyway)
+    ctx.enable_progress_bars = True
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:  # pragma: no cover
+        return 0
+
+
+def fetch_images(images: list, uris: list, policy) -> tuple[list, list[str | None]]:
+    """Image bytes per row: the ``image`` cell, else ``image_uri`` fetched under ``policy``.
+
+    Returns (bytes or None per row, fetch error or None per row). A list of images (posts may
+    carry several) uses the first.
+    """
+    from otmel.image_fetch import ImageFetchError, fetch_image
+
+    out, errors = [], []
+    for data, uri in zip(images, uris):
+        if isinstance(data, (list, tuple, np.ndarray)) and not isinstance(data, (bytes, bytearray)):
+            data = data[0] if len(data) else None
+        if isinstance(uri, (list, tuple, np.ndarray)):
+            uri = uri[0] if len(uri) else None
+        if data is not None and len(data):
+            out.append(bytes(data))
+            errors.append(None)
+        elif uri:
+            try:
+                out.append(fetch_image(str(uri), policy))
+                errors.append(None)
+            except ImageFetchError as exc:
+                out.append(None)
+                errors.append(f"bad_image: {uri}: {exc}")
+        else:
+            out.append(None)
+            errors.append(None)
+    return out, errors
+
+
+class Preprocess:
+    """Tokenise + decode/resize images (CPU tasks). ``kind`` = ``entity`` or ``mention``.
+
+    ``bad_image``: ``error`` (a given image that cannot be fetched or decoded makes the row an
+    error, the default for linking: the user asked for multimodal linking) or ``text``
+    (link/index on text alone and count it).
+    """
+
+    def __init__(self, preprocessor, kind: str, image_policy=None, bad_image: str = "error"):
+        from otmel.image_fetch import ImagePolicy
+
+        if kind not in ("entity", "mention"):
+            raise ValueError(f"kind must be entity or mention, got {kind!r}")
+        if bad_image not in ("error", "text"):
+            raise ValueError(f"bad_image must be error or text, got {bad_image!r}")
+        self.pre = preprocessor
+        self.kind = kind
+        self.policy = image_policy or ImagePolicy()
+        self.bad_image = bad_image
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(next(iter(batch.values())))
+        col = lambda name: list(batch[name]) if name in batch else [None] * n  # noqa: E731
+        images, fetch_errors = fetch_images(col("image"), col("image_uri"), self.policy)
+        if self.kind == "entity":
+            rows = {"name": col("name"), "attributes": col("attributes"), "image": images}
+            prepared = self.pre.entities(rows)
+        else:
+            rows = {"mention": col("mention"), "text": col("text"), "image": images}
+            prepared = self.pre.mentions(rows)
+        errors = list(prepared.errors)
+        for i in range(n):
+            image_problem = fetch_errors[i] or next((w for w in prepared.warnings[i] if w.startswith("bad_image")), None)
+            if errors[i] is None and image_problem and self.bad_image == "error":
+                errors[i] = image_problem
+            upstream = batch.get("error")
+            if upstream is not None and upstream[i]:  # an error found earlier (reading the input)
+                errors[i] = upstream[i]
+        out = {k: v for k, v in batch.items() if k not in ("image", "image_uri", "error", "ok")}
+        out.update({
+            "input_ids": prepared.input_ids,
+            "attention_mask": prepared.attention_mask,
+            "pixel_values": prepared.pixel_values,
+            "has_image": prepared.has_image,
+            "ok": np.array([e is None for e in errors], dtype=bool),
+            "error": np.array(errors, dtype=object),
+        })
+        return out
+
+
+class Encode:
+    """Encoder actor: loads the model once (ONNX Runtime or PyTorch), encodes the usable rows.
+
+    Rows with ``ok = False`` are not encoded (their feature rows are zeros); the model inputs
+    are dropped from the output, ``feature_names`` added.
+    """
+
+    def __init__(self, model_uri: str, feature_names: tuple[str, ...], s3_endpoint: str | None = None,
+                 threads: int | None = None):
+        import torch
+
+        from otmel.backend import load_backend
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.backend = load_backend(model_uri, s3_endpoint, threads=threads)
+        self.feature_names = tuple(feature_names)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.asarray(batch["ok"], dtype=bool)
+        n = len(ok)
+        out = {k: v for k, v in batch.items() if k not in MODEL_INPUTS}
+        sel = np.flatnonzero(ok)
+        feats = self.backend.encode({k: np.asarray(batch[k])[sel] for k in MODEL_INPUTS}, self.feature_names) if len(sel) else None
+        if feats is None:  # nothing usable in this batch: shapes from a one-row encode
+            probe = self.backend.encode({k: np.asarray(batch[k])[:1] for k in MODEL_INPUTS}, self.feature_names)
+            feats = {k: v[:0] for k, v in probe.items()}
+        for name, arr in feats.items():
+            full = np.zeros((n, *arr.shape[1:]), dtype=arr.dtype)
+            full[sel] = arr
+            out[name] = full
+        return out
+
+
+def probe_model(backend) -> dict[str, list[int]]:
+    """Per-row feature shapes of a backend (one dummy mention through the encoder)."""
+    from otmel.model import FEATURE_NAMES
+
+    batch = backend.preprocessor.mentions({"mention": ["probe"], "text": [""], "image": [None]})
+    feats = backend.encode({k: getattr(batch, k) for k in MODEL_INPUTS}, FEATURE_NAMES)
+    return {k: list(v.shape[1:]) for k, v in feats.items()}

@@ -1,0 +1,323 @@
+"""The sharded entity index: FAISS stage-1 search + memory-mapped entity features for reranking.
+
+On disk (DESIGN.md "Data contracts", "Sizes")::
+
+    INDEX/manifest.json          shards, counts, dims, factory, model_version, checksums
+    INDEX/aliases.parquet        normalised KB names/aliases -> number of entities (mention detection)
+    INDEX/shard-00000/index.faiss        FAISS index over retrieval_key (inner product)
+    INDEX/shard-00000/entity_ids.parquet entity ids, FAISS row i = id i
+    INDEX/shard-00000/NAME.bin           one raw C-order array per feature: (count, *shape),
+                                         dtype from the manifest (fp16 or fp32 floats, bool masks),
+                                         read with ``np.memmap`` (no pickle, no header)
+
+An entity lives in shard ``shard_of(entity_id, S)`` (a hash): the shard of an id never moves,
+so ``--update`` rewrites only the shards whose entities changed. ``retrieval_key`` is kept in
+fp32 beside the reranking features so a shard can be rebuilt (update) without re-encoding.
+
+``index_version`` = sha256 of the manifest, which lists every file's sha256: two indexes with
+the same version hold the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from otmel.model import ENTITY_FEATURES
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+ALIASES_FILE = "aliases.parquet"
+IDS_FILE = "entity_ids.parquet"
+FAISS_FILE = "index.faiss"
+FORMAT = "otmel-index/1"
+#: what a shard stores per entity: the reranking features + the stage-1 key (to rebuild FAISS)
+STORED_FEATURES = ENTITY_FEATURES + ("retrieval_key",)
+FEATURE_DTYPES = ("fp16", "fp32")
+
+
+class IndexFormatError(ValueError):
+    """An index that cannot be used (missing files, checksum mismatch): one line."""
+
+
+class IndexMismatchError(IndexFormatError):
+    """An index built with another model (version or dims): one line."""
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+def shard_of(entity_ids, num_shards: int) -> np.ndarray:
+    """Shard of each entity id: a stable hash (blake2b), independent of row order and process."""
+    out = np.empty(len(entity_ids), dtype=np.int64)
+    for i, e in enumerate(entity_ids):
+        out[i] = int.from_bytes(hashlib.blake2b(str(e).encode(), digest_size=8).digest(), "little") % num_shards
+    return out
+
+
+def storage_dtype(name: str, feature_dtype: str) -> np.dtype:
+    """On-disk dtype of a feature: masks stay bool, retrieval_key fp32, the rest fp16|fp32."""
+    if name in ("text_mask", "vision_mask", "has_image"):
+        return np.dtype(bool)
+    if name == "retrieval_key":
+        return np.dtype(np.float32)
+    return np.dtype(np.float16 if feature_dtype == "fp16" else np.float32)
+
+
+# ---------------------------------------------------------------------------- FAISS
+def faiss_gpu_count() -> int:
+    """GPUs FAISS can use: >0 only with faiss-gpu installed and a visible device."""
+    import faiss
+
+    try:
+        return int(faiss.get_num_gpus())
+    except AttributeError:  # faiss-cpu builds without the GPU symbols
+        return 0
+
+
+def build_faiss(vectors: np.ndarray, factory: str = "Flat", train_size: int = 100_000, seed: int = 0):
+    """An inner-product FAISS index over ``vectors (N, R) float32`` from a factory string.
+
+    Factories that need training (IVF, PQ, ...) are trained on a random sample of at most
+    ``train_size`` vectors; too few vectors for the factory is a clear error.
+    """
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = vectors.shape[1]
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"FAISS factory {factory!r} is not valid for dimension {dim}: "
+                         f"{str(exc).strip().splitlines()[-1]}") from exc
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        sample = vectors if len(vectors) <= train_size else vectors[rng.choice(len(vectors), train_size, replace=False)]
+        try:
+            index.train(sample)
+        except RuntimeError as exc:
+            raise ValueError(f"FAISS factory {factory!r} cannot be trained on {len(sample)} vectors "
+                             f"(use a smaller factory or Flat for small shards): "
+                             f"{str(exc).strip().splitlines()[-1]}") from exc
+    if len(vectors):
+        index.add(vectors)
+    return index
+
+
+def to_gpu(index):
+    """The index on GPU 0 when faiss-gpu sees one (else unchanged)."""
+    if faiss_gpu_count() == 0:
+        return index
+    import faiss
+
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+
+
+# ---------------------------------------------------------------------------- writing
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ShardWriter:
+    """Streams one shard's entities to local files; :meth:`close` builds FAISS and checksums.
+
+    Features are appended to raw files as they arrive (memory stays at one batch, plus the
+    fp32 retrieval keys FAISS needs at close).
+    """
+
+    directory: Path  # where the files go (its name is the shard's dir in the manifest)
+    name: str  # shard-NNNNN: the shard's identity (its hash bucket)
+    feature_dtype: str = "fp16"
+    count: int = 0
+    ids: list[str] = field(default_factory=list)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    _files: dict = field(default_factory=dict)
+    _keys: list[np.ndarray] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.directory = Path(self.directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def append(self, entity_ids: list[str], features: dict[str, np.ndarray]) -> None:
+        if not entity_ids:
+            return
+        for name in STORED_FEATURES:
+            arr = np.ascontiguousarray(features[name], dtype=storage_dtype(name, self.feature_dtype))
+            if arr.shape[0] != len(entity_ids):
+                raise ValueError(f"feature {name} has {arr.shape[0]} rows for {len(entity_ids)} ids")
+            shape = list(arr.shape[1:])
+            if self.shapes.setdefault(name, shape) != shape:
+                raise ValueError(f"feature {name}: shape {shape} differs from earlier rows' {self.shapes[name]}")
+            if name not in self._files:
+                self._files[name] = open(self.directory / f"{name}.bin", "wb")
+            self._files[name].write(arr.tobytes())
+        self._keys.append(np.asarray(features["retrieval_key"], dtype=np.float32))
+        self.ids.extend(entity_ids)
+        self.count += len(entity_ids)
+
+    def close(self, factory: str, train_size: int = 100_000, shapes: dict[str, list[int]] | None = None) -> dict:
+        """Write the FAISS index and ids; return this shard's manifest entry.
+
+        ``shapes`` gives the feature shapes of an empty shard (no rows arrived to tell them).
+        """
+        import faiss
+
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        if shapes:
+            for name, shape in shapes.items():
+                self.shapes.setdefault(name, list(shape))
+        for name in STORED_FEATURES:  # an empty shard still has (empty) feature files
+            (self.directory / f"{name}.bin").touch()
+        R = self.shapes["retrieval_key"][0]
+        keys = np.concatenate(self._keys) if self._keys else np.zeros((0, R), np.float32)
+        self._keys.clear()
+        index = build_faiss(keys, factory if len(keys) else "Flat", train_size)
+        faiss.write_index(index, str(self.directory / FAISS_FILE))
+        pq.write_table(pa.table({"entity_id": pa.array(self.ids, pa.string())}), self.directory / IDS_FILE)
+        files = {p.name: _sha256_file(p) for p in sorted(self.directory.iterdir()) if p.is_file()}
+        return {"name": self.name, "dir": self.directory.name, "count": self.count, "files": files}
+
+
+def write_manifest(directory: Path, manifest: dict) -> str:
+    """Write manifest.json; return the index_version (sha256 of the canonical manifest)."""
+    body = json.dumps(manifest, indent=2, sort_keys=True)
+    (Path(directory) / MANIFEST_FILE).write_text(body)
+    return index_version_of(manifest)
+
+
+def index_version_of(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def new_manifest(num_shards: int, factory: str, feature_dtype: str, model_version: str, dims: dict,
+                 shards: list[dict], kb: str, skipped: dict) -> dict:
+    return {
+        "format": FORMAT,
+        "model_version": model_version,
+        "factory": factory,
+        "feature_dtype": feature_dtype,
+        "metric": "inner_product",
+        "num_shards": num_shards,
+        "count": int(sum(s["count"] for s in shards)),
+        "dims": dims,  # feature name -> per-entity shape
+        "retrieval_dim": int(dims["retrieval_key"][0]),
+        "shards": shards,
+        "kb": kb,
+        "skipped": skipped,  # KB rows not indexed, by reason
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# ---------------------------------------------------------------------------- reading
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise IndexFormatError(f"{directory}: not an otmel index (no {MANIFEST_FILE}; an interrupted build leaves none)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise IndexFormatError(f"{path}: unknown index format {manifest.get('format')!r} (expected {FORMAT})")
+    return manifest
+
+
+def check_compatible(manifest: dict, model_version: str, retrieval_dim: int | None = None, where: str = "index") -> None:
+    """Refuse an index built with another model (DESIGN.md): one clear line."""
+    if manifest["model_version"] != model_version:
+        raise IndexMismatchError(
+            f"{where} was built with model_version {manifest['model_version'][:12]}, but the model is "
+            f"{model_version[:12]}: rebuild the index with this model (otmel index)")
+    if retrieval_dim is not None and manifest["retrieval_dim"] != retrieval_dim:
+        raise IndexMismatchError(f"{where} has {manifest['retrieval_dim']}-dim retrieval vectors, the model "
+                                 f"produces {retrieval_dim}")
+
+
+class Shard:
+    """One shard opened for search: FAISS in RAM (GPU when present), features memory-mapped.
+
+    ``directory`` holds the shard's files (``entry["dir"]`` under the index, or a local copy).
+    """
+
+    def __init__(self, directory: str | Path, entry: dict, manifest: dict, verify: bool = False, use_gpu: bool = True):
+        import faiss
+
+        self.directory = Path(directory)
+        self.name = entry["name"]
+        if verify:
+            for fname, digest in entry["files"].items():
+                p = self.directory / fname
+                if not p.is_file() or _sha256_file(p) != digest:
+                    raise IndexFormatError(f"{p}: missing or checksum mismatch (corrupt or partial copy)")
+        self.count = int(entry["count"])
+        self.entity_ids = np.asarray(pq.read_table(self.directory / IDS_FILE).column("entity_id").to_pylist(), dtype=object)
+        index = faiss.read_index(str(self.directory / FAISS_FILE))
+        self.index = to_gpu(index) if use_gpu else index
+        if self.index.ntotal != self.count or len(self.entity_ids) != self.count:
+            raise IndexFormatError(f"{self.directory}: {self.index.ntotal} vectors / {len(self.entity_ids)} ids, "
+                                   f"manifest says {self.count}")
+        self.features: dict[str, np.ndarray] = {}
+        for name in STORED_FEATURES:
+            shape = (self.count, *manifest["dims"][name])
+            dtype = storage_dtype(name, manifest["feature_dtype"])
+            if self.count == 0:
+                self.features[name] = np.zeros(shape, dtype)
+            else:
+                self.features[name] = np.memmap(self.directory / f"{name}.bin", dtype=dtype, mode="r", shape=shape)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` rows by inner product: (scores (M, k) float32, rows (M, k) int64, -1 = none)."""
+        k = min(k, self.count)
+        M = len(queries)
+        if k == 0 or M == 0:
+            return np.zeros((M, 0), np.float32), np.zeros((M, 0), np.int64)
+        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return scores, rows
+
+    def gather(self, rows: np.ndarray, names: tuple[str, ...] = ENTITY_FEATURES) -> dict[str, np.ndarray]:
+        """Features of ``rows (M, K)`` -> ``{name: (M, K, ...)}``, floats as fp32 (reads only those rows)."""
+        flat = np.clip(rows.reshape(-1), 0, max(self.count - 1, 0))
+        # memmap fancy indexing reads sorted unique rows once
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        out = {}
+        for name in names:
+            block = np.asarray(self.features[name][uniq])
+            if block.dtype == np.float16:
+                block = block.astype(np.float32)
+            out[name] = block[inverse].reshape(*rows.shape, *block.shape[1:])
+        return out
+
+
+def open_shards(directory: str | Path, verify: bool = False, use_gpu: bool = True) -> tuple[dict, list[Shard]]:
+    """Open every shard of a LOCAL index directory."""
+    manifest = read_manifest(directory)
+    return manifest, [Shard(Path(directory) / s["dir"], s, manifest, verify, use_gpu) for s in manifest["shards"]]
+
+
+def shard_feature_rows(shard_dir: Path, entry: dict, manifest: dict) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Every entity of a shard with its stored features (for rebuilding a shard on update)."""
+    shard = Shard(shard_dir, entry, manifest, verify=True, use_gpu=False)
+    return list(shard.entity_ids), {n: np.array(shard.features[n]) for n in STORED_FEATURES}
+
+
+def dims_of(features: dict[str, np.ndarray]) -> dict[str, list[int]]:
+    return {name: list(np.asarray(features[name]).shape[1:]) for name in STORED_FEATURES}
+
+
+def disk_bytes(directory: str | Path) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(directory) for f in fs)

@@ -1,0 +1,235 @@
+"""Input of the link job: listing input files and turning each into mention rows.
+
+An input URI is a file, a directory (every ``*.parquet`` / ``*.jsonl`` / ``*.ndjson`` / ``*.json``
+under it; names starting with ``_`` or ``.`` are skipped) or a glob (``s3://b/dump/*.parquet``),
+local or ``s3://``. One input file is the unit of work (DESIGN.md "Scale model").
+
+:func:`read_mention_rows` reads one file into :data:`MENTION_ROW_SCHEMA`, one row per mention,
+with nothing dropped:
+
+* a **mentions** file (has ``mention``): one row per input row;
+* a **posts** file (``post_id``, ``text``): each post's ``mentions`` spans (one row each,
+  ``mention_id = post_id:start-end``, the context is a window of text around the span), or,
+  without spans, the spans found by the mention detector; a post where none is found is one
+  ``no_mention`` row; a post with empty text is an ``error`` row;
+* anything else, an unreadable file, or a JSONL line that does not parse: ``error`` rows whose
+  ids are ``<file>:<line>`` (JSONL is read line by line so one bad line is one error row).
+
+``preset`` carries what reading already decided (``""`` = to be linked, ``no_mention``,
+``error`` with the reason in ``error``).
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import json
+import logging
+from pathlib import PurePosixPath
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
+
+INPUT_SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".json")
+DEFAULT_CONTEXT_CHARS = 200
+
+MENTION_ROW_SCHEMA = pa.schema([
+    ("mention_id", pa.string()),
+    ("post_id", pa.string()),
+    ("mention", pa.string()),
+    ("start", pa.int32()),
+    ("end", pa.int32()),
+    ("text", pa.string()),  # the context given to the model
+    ("image", pa.binary()),
+    ("image_uri", pa.string()),
+    ("preset", pa.string()),  # "" | no_mention | error
+    ("error", pa.string()),
+    ("source_file", pa.string()),
+    ("source_row", pa.int64()),  # row (Parquet) or line (JSONL, 1-based) in the input file
+])
+
+
+def _is_glob(uri: str) -> bool:
+    return any(c in uri for c in "*?[")
+
+
+def list_input_files(uri: str, s3_endpoint: str | None = None) -> list[str]:
+    """Sorted input file URIs of a file, directory or glob URI; FileNotFoundError if none."""
+    from otmel.storage import StorageError, resolve
+
+    uri = str(uri)
+    prefix = "s3://" if uri.startswith(("s3://", "s3a://")) else ""
+    if _is_glob(uri):
+        cut = min(uri.index(c) for c in "*?[" if c in uri)
+        base = uri[:cut].rsplit("/", 1)[0] or "/"
+        fs, base_path = resolve(base, s3_endpoint)
+        _, pattern = resolve(uri, s3_endpoint) if not prefix else (None, uri.split("://", 1)[1])
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(base_path, recursive=True, allow_not_found=True))
+        except OSError as exc:
+            raise StorageError(f"{uri}: {exc}") from exc
+        files = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, pattern)]
+    else:
+        fs, path = resolve(uri, s3_endpoint)
+        try:
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.File:
+                files = [path]
+            elif info.type == pafs.FileType.Directory:
+                infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                files = [i.path for i in infos if i.type == pafs.FileType.File
+                         and i.path.lower().endswith(INPUT_SUFFIXES)
+                         and not any(part.startswith(("_", ".")) for part in PurePosixPath(i.path[len(path):]).parts)]
+            else:
+                files = []
+        except OSError as exc:
+            raise StorageError(f"{uri}: {exc}") from exc
+    if not files:
+        raise FileNotFoundError(f"{uri}: no input files found (expected *.parquet / *.jsonl files, a directory or a glob)")
+    return sorted(prefix + f for f in files)
+
+
+# ---------------------------------------------------------------------------- reading one file
+def _error_row(source: str, row: int, reason: str, post_id: str | None = None, mention_id: str | None = None) -> dict:
+    ident = f"{source}:{row}"
+    return {"mention_id": mention_id or ident, "post_id": post_id or ident, "mention": None, "start": None,
+            "end": None, "text": None, "image": None, "image_uri": None, "preset": "error", "error": reason,
+            "source_file": source, "source_row": row}
+
+
+def _first(value):
+    """The first of a list of images (posts may carry several), else the value."""
+    if isinstance(value, (list, tuple)):
+        return value[0] if value else None
+    return value
+
+
+def _image_bytes(value) -> tuple[bytes | None, str | None]:
+    """Image cell -> bytes; JSON carries bytes as base64 strings."""
+    value = _first(value)
+    if value is None or isinstance(value, (bytes, bytearray)):
+        return (bytes(value) if value else None), None
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True), None
+        except ValueError:
+            return None, "bad_image: the image field is neither bytes nor base64"
+    return None, f"bad_image: unexpected image value of type {type(value).__name__}"
+
+
+def _records(uri: str, s3_endpoint: str | None) -> tuple[list[tuple[int, dict | None, str | None]], list[str]]:
+    """(row number, record or None, parse error) for every row / line of a file, and its columns."""
+    from otmel.storage import read_bytes
+
+    data = read_bytes(uri, s3_endpoint)
+    if uri.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowInvalid, OSError) as exc:
+            return [(0, None, f"unreadable_file: not a readable Parquet file: {str(exc).splitlines()[0]}")], []
+        return [(i, r, None) for i, r in enumerate(table.to_pylist())], table.column_names
+    out, columns = [], set()
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            out.append((lineno, None, f"bad_json: line {lineno} does not parse: {exc}"))
+            continue
+        if not isinstance(rec, dict):
+            out.append((lineno, None, f"bad_json: line {lineno} is a JSON {type(rec).__name__}, not an object"))
+            continue
+        columns.update(rec)
+        out.append((lineno, rec, None))
+    return out, sorted(columns)
+
+
+def _span_rows(rec: dict, post_id: str, text: str, spans, source: str, row: int, context_chars: int,
+               image, image_uri, image_error) -> list[dict]:
+    from otmel.mention_detection import context_window
+
+    rows = []
+    for sp in spans:
+        if isinstance(sp, dict):
+            start, end, given = sp.get("start"), sp.get("end"), sp.get("mention")
+        else:
+            start, end, given = sp.start, sp.end, sp.mention
+        mention_id = f"{post_id}:{start}-{end}"
+        if not isinstance(start, int) or not isinstance(end, int) or not 0 <= start < end <= len(text):
+            rows.append(_error_row(source, row, f"bad_span: span {start}-{end} is not inside the post text "
+                                   f"of {len(text)} chars", post_id, mention_id))
+            continue
+        rows.append({"mention_id": mention_id, "post_id": post_id, "mention": given or text[start:end],
+                     "start": start, "end": end, "text": context_window(text, start, end, context_chars),
+                     "image": image, "image_uri": image_uri, "preset": "error" if image_error else "",
+                     "error": image_error, "source_file": source, "source_row": row})
+    return rows
+
+
+def read_mention_rows(uri: str, s3_endpoint: str | None = None, detector=None,
+                      context_chars: int = DEFAULT_CONTEXT_CHARS) -> pa.Table:
+    """One input file -> mention rows (:data:`MENTION_ROW_SCHEMA`); never raises on bad content."""
+    from otmel.storage import StorageError
+
+    try:
+        records, columns = _records(uri, s3_endpoint)
+    except (FileNotFoundError, StorageError) as exc:
+        records, columns = [(0, None, f"unreadable_file: {exc}")], []
+    is_mentions = "mention" in columns
+    is_posts = not is_mentions and "post_id" in columns and "text" in columns
+    rows: list[dict] = []
+    for row, rec, problem in records:
+        if rec is None:
+            rows.append(_error_row(uri, row, problem))
+            continue
+        image, image_error = _image_bytes(rec.get("image"))
+        image_uri = _first(rec.get("image_uri"))
+        if is_mentions:
+            mention_id = rec.get("mention_id")
+            if mention_id is None or str(mention_id) == "":
+                rows.append(_error_row(uri, row, "missing_id: the row has no mention_id", rec.get("post_id")))
+                continue
+            rows.append({"mention_id": str(mention_id), "post_id": None if rec.get("post_id") is None else str(rec["post_id"]),
+                         "mention": rec.get("mention"), "start": rec.get("start"), "end": rec.get("end"),
+                         "text": rec.get("text"), "image": image, "image_uri": image_uri,
+                         "preset": "error" if image_error else "", "error": image_error,
+                         "source_file": uri, "source_row": row})
+        elif is_posts:
+            post_id = rec.get("post_id")
+            text = rec.get("text")
+            if post_id is None or str(post_id) == "":
+                rows.append(_error_row(uri, row, "missing_id: the post has no post_id"))
+                continue
+            post_id = str(post_id)
+            if not isinstance(text, str) or not text.strip():
+                rows.append(_error_row(uri, row, "empty_text: the post text is missing or empty", post_id, post_id))
+                continue
+            spans = rec.get("mentions")
+            if spans is None:
+                if detector is None:
+                    rows.append(_error_row(uri, row, "no_spans: the post carries no mention spans and mention "
+                                           "detection is off (pass --detect-mentions alias)", post_id, post_id))
+                    continue
+                spans = detector.find(text)
+            if not spans:
+                rows.append({"mention_id": post_id, "post_id": post_id, "mention": None, "start": None, "end": None,
+                             "text": None, "image": None, "image_uri": None, "preset": "no_mention", "error": None,
+                             "source_file": uri, "source_row": row})
+                continue
+            rows.extend(_span_rows(rec, post_id, text, spans, uri, row, context_chars, image, image_uri, image_error))
+        else:
+            rows.append(_error_row(uri, row, "unknown_columns: expected a posts table (post_id, text[, mentions]) or a "
+                                   f"mentions table (mention_id, mention, text); found {', '.join(columns) or 'none'}"))
+    for r in rows:  # types a reader cannot be trusted with
+        for key in ("start", "end"):
+            if r[key] is not None and not isinstance(r[key], int):
+                r[key] = None
+        for key in ("mention", "text", "image_uri"):
+            if r[key] is not None and not isinstance(r[key], str):
+                r[key] = str(r[key])
+    return pa.Table.from_pylist(rows, schema=MENTION_ROW_SCHEMA)

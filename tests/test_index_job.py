@@ -1,0 +1,112 @@
+"""otmel index: sharded FAISS + memory-mapped features on S3, manifest checks, --update == rebuild."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from otmel.entity_index import STORED_FEATURES, index_version_of, open_shards, shard_of
+from otmel.jobs.index import IndexConfig, run
+
+
+def test_s3_index_partitions_the_kb_with_verified_checksums(s3_index, synth_dir, s3_server, onnx_model):
+    from otmel.backend import load_backend
+    from otmel.storage import local_copy
+
+    cfg, result = s3_index
+    kb_ids = pq.read_table(synth_dir / "kb.parquet").column("entity_id").to_pylist()
+    with local_copy(cfg.out, s3_server) as d:
+        manifest, shards = open_shards(d, verify=True)  # every file's sha256 checked
+        raw = json.loads((d / "manifest.json").read_text())
+        ids = [list(s.entity_ids) for s in shards]
+        # each entity in exactly one shard, the one its id hashes to
+        assert sorted(i for part in ids for i in part) == sorted(kb_ids)
+        for n, part in enumerate(ids):
+            assert set(shard_of(part, 2)) <= {n}
+        assert manifest["count"] == len(kb_ids) and [s.count for s in shards] == [len(p) for p in ids]
+        assert manifest["model_version"] == load_backend(onnx_model).model_version
+        assert result.index_version == index_version_of(raw)
+        # features memory-mapped, fp16 for reranking, fp32 keys; rows agree with FAISS
+        s = shards[0]
+        assert isinstance(s.features["text_query"], np.memmap) and s.features["text_query"].dtype == np.float16
+        assert s.features["retrieval_key"].dtype == np.float32
+        faiss_vec = s.index.reconstruct(3)
+        assert np.allclose(faiss_vec, s.features["retrieval_key"][3])
+        assert set(manifest["dims"]) == set(STORED_FEATURES)
+        aliases = pq.read_table(d / "aliases.parquet")
+        assert set(aliases.column("entity_id").to_pylist()) == set(kb_ids)
+
+
+def test_index_refuses_existing_output_bad_factories_and_bad_kb(ray_local, onnx_model, synth_dir, tmp_path):
+    from otmel.schemas import SchemaError
+
+    base = dict(model=onnx_model, kb=str(synth_dir / "kb.parquet"))
+    with pytest.raises(ValueError, match="FAISS factory 'NoSuchIndex'"):
+        run(IndexConfig(out=str(tmp_path / "a"), factory="NoSuchIndex", **base))
+    with pytest.raises(ValueError, match="cannot be trained"):
+        run(IndexConfig(out=str(tmp_path / "b"), factory="IVF4096,Flat", **base))
+    assert not (tmp_path / "b" / "manifest.json").exists()  # nothing half-written is loadable
+    kb = pq.read_table(synth_dir / "kb.parquet")
+    dup = pa.concat_tables([kb, kb.slice(0, 1)])
+    pq.write_table(dup, tmp_path / "dup.parquet")
+    with pytest.raises(SchemaError, match="duplicate entity_id"):
+        run(IndexConfig(model=onnx_model, kb=str(tmp_path / "dup.parquet"), out=str(tmp_path / "c")))
+    with pytest.raises(FileNotFoundError, match="no KB Parquet"):
+        run(IndexConfig(model=onnx_model, kb=str(tmp_path / "nothing-here"), out=str(tmp_path / "d")))
+
+
+def _by_id(directory) -> dict[str, dict]:
+    """{shard name: {entity id: features}} of a local index."""
+    _, shards = open_shards(directory, verify=True, use_gpu=False)
+    return {s.name: {e: {n: np.asarray(s.features[n][i]) for n in STORED_FEATURES}
+                     for i, e in enumerate(s.entity_ids)} for s in shards}
+
+
+def test_update_equals_a_full_rebuild_and_leaves_untouched_shards_alone(ray_local, trained_run, synth_dir, tmp_path):
+    """Apply adds, replacements and deletions to a 4-shard index built from a PyTorch checkpoint."""
+    _, train = trained_run
+    S = 4
+    kb = pq.read_table(synth_dir / "kb.parquet")
+    ids = kb.column("entity_id").to_pylist()
+    shard = shard_of(ids, S)
+    movable = [i for i, s in enumerate(shard) if s != 0]  # keep shard 0 untouched
+    added, renamed, deleted = movable[:3], movable[3:5], movable[5:7]
+    v1 = kb.filter(pa.array([i not in added for i in range(len(ids))]))
+    renamed_rows = kb.take(pa.array(renamed)).set_column(1, "name", pa.array(["Renamed Entity"] * len(renamed)))
+    changes = pa.concat_tables([kb.take(pa.array(added)), renamed_rows, kb.take(pa.array(deleted))])
+    changes = changes.append_column("deleted", pa.array([False] * (len(added) + len(renamed)) + [True] * len(deleted)))
+    final = pa.concat_tables([v1.filter(pc.invert(pc.is_in(v1.column("entity_id"), changes.column("entity_id")))),
+                              renamed_rows, kb.take(pa.array(added))])
+    for name, table in (("v1", v1), ("changes", changes), ("final", final)):
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+    common = dict(model=train.latest_checkpoint, shards=S, feature_dtype="fp32")
+    run(IndexConfig(kb=str(tmp_path / "v1.parquet"), out=str(tmp_path / "updated"), **common))
+    before = json.loads((tmp_path / "updated" / "manifest.json").read_text())
+    v1_feats = _by_id(tmp_path / "updated")
+    result = run(IndexConfig(model=train.latest_checkpoint, kb=str(tmp_path / "changes.parquet"),
+                             out=str(tmp_path / "updated"), update=True))
+    run(IndexConfig(kb=str(tmp_path / "final.parquet"), out=str(tmp_path / "rebuilt"), **common))
+
+    after = json.loads((tmp_path / "updated" / "manifest.json").read_text())
+    assert "shard-00000" not in result.shards_written
+    assert after["shards"][0] == before["shards"][0]  # same dir, same checksums
+    assert after["count"] == final.num_rows
+    updated, rebuilt = _by_id(tmp_path / "updated"), _by_id(tmp_path / "rebuilt")
+    assert {k: sorted(v) for k, v in updated.items()} == {k: sorted(v) for k, v in rebuilt.items()}
+    for name in rebuilt:
+        for eid, feats in rebuilt[name].items():
+            for f in STORED_FEATURES:
+                assert np.allclose(updated[name][eid][f], feats[f], atol=1e-5), (name, eid, f)
+    # the renamed entities were re-encoded, not kept
+    r_id, r_shard = ids[renamed[0]], f"shard-{shard[renamed[0]]:05d}"
+    assert not np.allclose(updated[r_shard][r_id]["fused"], v1_feats[r_shard][r_id]["fused"], atol=1e-3)
+    replaced_dirs = {e["dir"] for e in before["shards"]} - {e["dir"] for e in after["shards"]}
+    assert replaced_dirs and not any((tmp_path / "updated" / d).exists() for d in replaced_dirs)
+    aliases = pq.read_table(tmp_path / "updated" / "aliases.parquet")
+    assert "renamed entity" in aliases.column("alias").to_pylist()
+    assert not set(ids[i] for i in deleted) & set(aliases.column("entity_id").to_pylist())

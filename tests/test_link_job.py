@@ -1,0 +1,346 @@
+"""otmel link end to end on Ray Data: S3 in and out, accounting, re-runs, shards, bad input, NIL."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from otmel.jobs.link import LinkConfig, run
+from otmel.link_output import output_name, read_link_output
+from otmel.schemas import LINK_OUTPUT_SCHEMA
+
+from conftest import png_bytes
+
+BUCKET = "s3://otmel-test"
+
+
+def _jsonl(rows: list) -> bytes:
+    return "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows).encode() + b"\n"
+
+
+@pytest.fixture(scope="module")
+def s3_inputs(synth_dir, s3_server):
+    """Two mention Parquet files (the synth test split), a posts JSONL with bad lines and an
+    unknown-columns file, all under s3://otmel-test/in/."""
+    from otmel.storage import write_bytes
+
+    test = pq.read_table(synth_dir / "mentions" / "test.parquet")
+    half = test.num_rows // 2
+    files = {}
+    for name, part in (("a.parquet", test.slice(0, half)), ("b.parquet", test.slice(half))):
+        sink = pa.BufferOutputStream()
+        pq.write_table(part, sink)
+        files[name] = sink.getvalue().to_pybytes()
+    kb = pq.read_table(synth_dir / "kb.parquet")
+    name0 = kb.column("name")[0].as_py()
+    text = f"Yesterday {name0} was seen in town with {name0} again."
+    spans = [{"mention": name0, "start": 10, "end": 10 + len(name0)},
+             {"mention": name0, "start": text.rindex(name0), "end": text.rindex(name0) + len(name0)}]
+    posts = [
+        {"post_id": "p1", "text": text, "mentions": spans},  # 2 mentions
+        {"post_id": "p2", "text": "", "mentions": spans},  # empty text: 1 error row
+        "{this is not json",  # 1 error row, id <file>:3
+        {"post_id": "p4", "text": text, "mentions": spans[:1], "image": "bm90IGFuIGltYWdl"},  # corrupt image
+        {"post_id": "p5", "text": text, "mentions": [{"mention": name0, "start": 5, "end": 999}]},  # bad span
+        {"post_id": "p6", "text": text},  # no spans, no detection: error
+        [1, 2, 3],  # a JSON array, not an object
+        {"post_id": "p8", "text": text, "mentions": spans[:1], "image_uri": "/etc/hostname"},  # not allowed
+    ]
+    files["posts.jsonl"] = _jsonl(posts)
+    other = pa.BufferOutputStream()
+    pq.write_table(pa.table({"foo": [1, 2], "bar": ["x", "y"]}), other)
+    files["other.parquet"] = other.getvalue().to_pybytes()
+    for name, data in files.items():
+        write_bytes(f"{BUCKET}/in/{name}", data, s3_server)
+    expected = {"a.parquet": half, "b.parquet": test.num_rows - half, "posts.jsonl": 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1,
+                "other.parquet": 2}
+    return {"uri": f"{BUCKET}/in/", "test": test, "expected_rows": expected, "text": text, "spans": spans}
+
+
+@pytest.fixture(scope="module")
+def s3_link(s3_index, s3_inputs, onnx_model, s3_server):
+    idx_cfg, idx = s3_index
+    cfg = LinkConfig(model=onnx_model, index=idx_cfg.out, input=s3_inputs["uri"], output=f"{BUCKET}/out-1",
+                     top_k=3, candidates=10, s3_endpoint=s3_server)
+    return cfg, run(cfg), idx
+
+
+def test_every_input_mention_gives_exactly_one_row_in_the_contract_schema(s3_link, s3_inputs, s3_server):
+    cfg, result, idx = s3_link
+    out = read_link_output(cfg.output, s3_server)
+    assert out.schema.remove_metadata() == LINK_OUTPUT_SCHEMA
+    assert out.num_rows == sum(s3_inputs["expected_rows"].values())
+    counts = result.summary["counts"]
+    assert counts["in"] == out.num_rows == sum(counts[s] for s in ("ok", "nil", "no_mention", "error"))
+    # one output file per input file, named by the hash of its path
+    for name, rows in s3_inputs["expected_rows"].items():
+        part = pq.read_table(pa.BufferReader(_read(f"{cfg.output}/{output_name(cfg.input + name)}", s3_server)))
+        assert part.num_rows == rows, name
+    # every test mention exactly once, linked to a KB entity with top-k sorted candidates
+    ids = out.column("mention_id").to_pylist()
+    test_ids = s3_inputs["test"].column("mention_id").to_pylist()
+    assert sorted(i for i in ids if i in set(test_ids)) == sorted(test_ids)
+    rows = [r for r in out.to_pylist() if r["mention_id"] in set(test_ids)]
+    assert all(r["status"] == "ok" and r["error"] is None for r in rows)
+    assert all(len(r["candidates"]) == 3 and r["entity_id"] == r["candidates"][0]["entity_id"] for r in rows)
+    assert all(r["candidates"][0]["score"] >= r["candidates"][1]["score"] >= r["candidates"][2]["score"] for r in rows)
+    assert set(out.column("model_version").to_pylist()) == {idx.manifest["model_version"]}
+    assert set(out.column("index_version").to_pylist()) == {idx.index_version}
+    success = json.loads(_read(f"{cfg.output}/_SUCCESS.json", s3_server))
+    assert success["counts"] == counts and success["index_version"] == idx.index_version
+
+
+def test_bad_rows_become_error_rows_with_their_reason(s3_link, s3_inputs, s3_server):
+    cfg, result, _ = s3_link
+    out = {r["mention_id"]: r for r in read_link_output(cfg.output, s3_server).to_pylist()}
+    posts = cfg.input + "posts.jsonl"
+    sp = s3_inputs["spans"]
+    assert out[f"p1:{sp[0]['start']}-{sp[0]['end']}"]["status"] == "ok"
+    assert out[f"p1:{sp[1]['start']}-{sp[1]['end']}"]["start"] == sp[1]["start"]
+    assert out["p2"]["status"] == "error" and out["p2"]["error"].startswith("empty_text")
+    assert out[f"{posts}:3"]["status"] == "error" and out[f"{posts}:3"]["error"].startswith("bad_json")
+    assert out[f"{posts}:7"]["error"].startswith("bad_json")
+    assert out[f"p4:{sp[0]['start']}-{sp[0]['end']}"]["error"].startswith("bad_image")
+    assert out["p5:5-999"]["error"].startswith("bad_span")
+    assert out["p6"]["error"].startswith("no_spans")
+    p8 = out[f"p8:{sp[0]['start']}-{sp[0]['end']}"]
+    assert p8["status"] == "error" and "bad_image" in p8["error"] and "/etc/hostname" in p8["error"]
+    other = cfg.input + "other.parquet"
+    assert out[f"{other}:0"]["error"].startswith("unknown_columns") and out[f"{other}:1"]["status"] == "error"
+    assert all(r["entity_id"] is None and r["candidates"] is None for r in out.values() if r["status"] == "error")
+    assert result.summary["errors_by_reason"]["bad_json"] == 2
+
+
+def test_rerun_skips_complete_outputs_and_forced_rerun_reproduces_them(s3_link, s3_server):
+    cfg, first, _ = s3_link
+    again = run(cfg)
+    assert again.summary["files_processed"] == 0 and again.summary["files_skipped_complete"] == 4
+    assert again.summary["counts"] == first.summary["counts"]
+    forced = run(LinkConfig(**{**cfg.to_dict(), "output": f"{BUCKET}/out-2", "force": True}))
+    assert forced.summary["files_processed"] == 4
+    a, b = read_link_output(cfg.output, s3_server), read_link_output(forced.output, s3_server)
+    assert a.equals(b)  # same files (hash names), same rows in the same order, same values
+
+
+def test_sharded_index_gives_the_single_shard_results(s3_index, onnx_model, synth_dir, tmp_path, s3_server):
+    """Flat index, K >= shard size: 2 shards == 1 shard, candidates and scores."""
+    from otmel.jobs.index import IndexConfig
+    from otmel.jobs.index import run as build
+
+    build(IndexConfig(model=onnx_model, kb=str(synth_dir / "kb.parquet"), out=str(tmp_path / "one"), shards=1))
+    mentions = str(synth_dir / "mentions" / "test.parquet")
+    K = 64  # >= every shard's size (60 entities in all)
+    outs = []
+    for index in (s3_index[0].out, str(tmp_path / "one")):
+        r = run(LinkConfig(model=onnx_model, index=index, input=mentions, output=str(tmp_path / f"out{len(outs)}"),
+                           top_k=5, candidates=K, s3_endpoint=s3_server))
+        outs.append(read_link_output(r.output).to_pylist())
+    two, one = outs
+    assert [r["mention_id"] for r in two] == [r["mention_id"] for r in one]
+    for a, b in zip(two, one):
+        assert a["entity_id"] == b["entity_id"]
+        assert [c["entity_id"] for c in a["candidates"]] == [c["entity_id"] for c in b["candidates"]]
+        assert np.allclose([c["score"] for c in a["candidates"]], [c["score"] for c in b["candidates"]], atol=1e-6)
+
+
+def test_rerank_scores_equal_exhaustive_scores_and_topk_follows(onnx_model, s3_index, synth_dir, s3_server):
+    """DESIGN.md guarantees, on the stored features: reranked scores == exhaustive S_O for the
+    same pairs; top-k == exhaustive top-k when it lies in the candidates; identical when K = E."""
+    from otmel.backend import load_backend
+    from otmel.entity_index import open_shards
+    from otmel.jobs.common import MODEL_INPUTS
+    from otmel.linking import LINK_MENTION_FEATURES, ShardLinker, link_locally
+    from otmel.model import ENTITY_FEATURES
+    from otmel.storage import local_copy
+
+    backend = load_backend(onnx_model)
+    test = pq.read_table(synth_dir / "mentions" / "test.parquet")
+    batch = backend.preprocessor.mentions(test.select(["mention", "text", "image"]).to_pydict())
+    m = backend.encode({k: getattr(batch, k) for k in MODEL_INPUTS}, LINK_MENTION_FEATURES)
+    with local_copy(s3_index[0].out, s3_server) as d:
+        _, shards = open_shards(d)
+        linkers = [ShardLinker(s, backend) for s in shards]
+        E = sum(s.count for s in shards)
+        # exhaustive S_O over every stored entity
+        all_ids = np.concatenate([s.entity_ids for s in shards])
+        grid = {n: np.concatenate([s.gather(np.arange(s.count)[None], (n,))[n][0] for s in shards]) for n in ENTITY_FEATURES}
+        M = len(test)
+        exhaustive = backend.score(m, {n: np.broadcast_to(v[None], (M, *v.shape)) for n, v in grid.items()})["overall"]
+        lookup = {e: j for j, e in enumerate(all_ids)}
+        k = 3
+        ex_top = [sorted(range(E), key=lambda j: (-exhaustive[i, j], all_ids[j]))[:k] for i in range(M)]
+        full = link_locally(linkers, m, E, k)
+        small = link_locally(linkers, m, 4, k)
+    for i in range(M):
+        for e, s in zip(small.entity_ids[i], small.scores[i]):
+            assert s == pytest.approx(exhaustive[i, lookup[e]], abs=1e-5)
+        assert [lookup[e] for e in full.entity_ids[i]] == ex_top[i]
+    contained = 0
+    for i in range(M):  # FAISS indexes and ids are in memory: usable after the copy is gone
+
+        cands = set(shards_top(linkers, m, i))
+        if {all_ids[j] for j in ex_top[i]} <= cands:
+            contained += 1
+            assert [lookup[e] for e in small.entity_ids[i]] == ex_top[i]
+    assert contained > M // 2
+
+
+def shards_top(linkers, m, i):
+    """Every candidate any shard retrieved for mention i (K = 4)."""
+    out = []
+    for lk in linkers:
+        _, rows = lk.shard.search(m["retrieval_query"][i:i + 1], 4)
+        out.extend(lk.shard.entity_ids[r] for r in rows[0] if r >= 0)
+    return out
+
+
+def test_job_level_mismatches_fail_before_any_work(s3_index, onnx_model, tmp_path, s3_server):
+    from otmel.entity_index import IndexMismatchError
+    from otmel.factory import save_model
+
+    from conftest import make_model
+
+    other, pre = make_model("kd", seed=3)
+    save_model(other, pre, tmp_path / "other")
+    good = dict(index=s3_index[0].out, output=str(tmp_path / "out"), s3_endpoint=s3_server)
+    with pytest.raises(IndexMismatchError, match="rebuild the index"):
+        run(LinkConfig(model=str(tmp_path / "other"), input=str(tmp_path), **good))
+    with pytest.raises(FileNotFoundError, match="no input files"):
+        run(LinkConfig(model=onnx_model, input=f"{BUCKET}/no-such-prefix/*.parquet", **good))
+    with pytest.raises(ValueError, match="--top-k"):
+        LinkConfig(model=onnx_model, input="x", top_k=30, candidates=20, **good)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_link_reports_a_missing_input_in_one_line(s3_index, onnx_model, tmp_path, capsys, s3_server):
+    from otmel.cli import main
+
+    code = main(["link", "--model", onnx_model, "--index", s3_index[0].out, "--input", str(tmp_path / "none"),
+                 "--output", str(tmp_path / "o"), "--s3-endpoint", s3_server])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no input files" in err[0]
+
+
+def _read(uri, endpoint):
+    from otmel.storage import read_bytes
+
+    return read_bytes(uri, endpoint)
+
+
+@pytest.fixture
+def image_server(tmp_path):
+    """A local HTTP server on 127.0.0.1 serving one PNG at /img.png."""
+    import http.server
+    import threading
+
+    body = png_bytes(5)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path != "/img.png":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_detected_mentions_in_posts_with_http_and_local_images(s3_index, onnx_model, synth_dir, tmp_path,
+                                                               image_server, s3_server):
+    """Posts without spans: alias detection finds the KB names (offsets into the original text),
+    a post with none gives one no_mention row; http(s) images from an allowed private host and
+    local images under an allowed prefix are used, a local path outside it is an error row."""
+    kb = pq.read_table(synth_dir / "kb.parquet")
+    name = kb.column("name")[0].as_py()
+    allowed = tmp_path / "images"
+    allowed.mkdir()
+    (allowed / "a.png").write_bytes(png_bytes(7))
+    (tmp_path / "outside.png").write_bytes(png_bytes(8))
+    text = f"Breaking:  {name.upper()} spoke today. Later {name} left."
+    posts = [
+        {"post_id": "d1", "text": text, "image_uri": f"{image_server}/img.png"},
+        {"post_id": "d2", "text": "nothing to see in this text", "image_uri": f"{image_server}/img.png"},
+        {"post_id": "d3", "text": text, "image_uri": str(allowed / "a.png")},
+        {"post_id": "d4", "text": text, "image_uri": str(tmp_path / "outside.png")},
+    ]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "posts.jsonl").write_bytes(_jsonl(posts))
+    r = run(LinkConfig(model=onnx_model, index=s3_index[0].out, input=str(tmp_path / "in" / "*.jsonl"),
+                       output=str(tmp_path / "out"), detect_mentions="alias", allow_private_hosts=True,
+                       allow_image_prefix=[str(allowed)], s3_endpoint=s3_server))
+    rows = read_link_output(r.output).to_pylist()
+    by_post: dict[str, list] = {}
+    for row in rows:
+        by_post.setdefault(row["post_id"], []).append(row)
+    d1 = sorted(by_post["d1"], key=lambda x: x["start"])
+    assert [text[x["start"]:x["end"]] for x in d1] == [name.upper(), name]
+    assert all(x["status"] == "ok" and x["mention"] == text[x["start"]:x["end"]] for x in d1)
+    assert [x["status"] for x in by_post["d2"]] == ["no_mention"] and by_post["d2"][0]["mention_id"] == "d2"
+    assert all(x["status"] == "ok" for x in by_post["d3"])
+    assert all(x["status"] == "error" and "outside.png" in x["error"] for x in by_post["d4"])
+    assert r.summary["counts"] == {"in": 7, "ok": 4, "nil": 0, "no_mention": 1, "error": 2}
+
+
+def test_a_dying_shard_actor_is_restarted_and_the_job_completes(s3_index, onnx_model, synth_dir, tmp_path,
+                                                                monkeypatch, s3_server):
+    from otmel.jobs.link import KILL_SHARD_ONCE_ENV
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_SHARD_ONCE_ENV, str(marker))
+    test = str(synth_dir / "mentions" / "test.parquet")
+    r = run(LinkConfig(model=onnx_model, index=s3_index[0].out, input=test, output=str(tmp_path / "out"),
+                       s3_endpoint=s3_server))
+    assert marker.exists()  # an actor did die
+    n = pq.read_metadata(test).num_rows
+    assert r.summary["counts"]["in"] == n == r.summary["counts"]["ok"]
+
+
+def test_best_threshold_is_the_max_f1_cut():
+    from otmel.calibration import best_threshold
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=200)
+    correct = rng.random(200) < 1 / (1 + np.exp(-3 * scores))  # higher scores are right more often
+    gold_in_kb = 180
+    r = best_threshold(scores, correct, gold_in_kb)
+    brute = []
+    for t in scores:
+        linked = scores >= t
+        c = (linked & correct).sum()
+        p, rc = c / linked.sum(), c / gold_in_kb
+        brute.append((2 * p * rc / (p + rc) if c else 0.0, t))
+    f1, t = max(brute)
+    assert r["f1"] == pytest.approx(f1) and r["nil_threshold"] == pytest.approx(t)
+    assert r["f1"] >= r["f1_no_threshold"]
+
+
+def test_calibrate_stores_the_threshold_and_link_uses_it_by_default(s3_index, onnx_model, synth_dir, tmp_path, s3_server):
+    import shutil
+
+    from otmel.calibration import CalibrateConfig, calibrate
+    from otmel.jobs.link import preflight
+
+    model = tmp_path / "model"
+    shutil.copytree(onnx_model, model)
+    r = calibrate(CalibrateConfig(model=str(model), index=s3_index[0].out, data=str(synth_dir), split="dev",
+                                  s3_endpoint=s3_server))
+    assert r["mentions"] == pq.read_metadata(synth_dir / "mentions" / "dev.parquet").num_rows
+    assert json.loads((model / "export.json").read_text())["nil_threshold"] == r["nil_threshold"]
+    cfg = LinkConfig(model=str(model), index=s3_index[0].out, input=str(synth_dir / "mentions"),
+                     output=str(tmp_path / "o"), s3_endpoint=s3_server)
+    assert preflight(cfg)["nil_threshold"] == r["nil_threshold"]
+    assert preflight(LinkConfig(**{**cfg.to_dict(), "nil_threshold": 0.5}))["nil_threshold"] == 0.5
