@@ -29,7 +29,7 @@ log = logging.getLogger("otmel")
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "filelock", "urllib3"):
+    for noisy in ("transformers", "filelock", "urllib3", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

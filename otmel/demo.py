@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,8 +73,16 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict:
     from otmel.schemas import read_mentions
     from otmel.synth import write_synthetic_dataset
 
+    import ray
+
     out = Path(cfg.out).resolve()
     data = out / "data"
+    if not ray.is_initialized():
+        # the demo's own instance: workers' logs (Ray Train's per-worker data progress, its
+        # controller's chatter) stay in the session logs; the driver keeps the job progress bars
+        from otmel.jobs.common import worker_env
+
+        ray.init(runtime_env={"env_vars": worker_env()}, log_to_driver=False, include_dashboard=False)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -95,7 +104,9 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict:
 
     t = time.perf_counter()
     onnx_dir = out / "onnx"
-    meta = export(ExportConfig(checkpoint=trained.best_checkpoint, out=str(onnx_dir)))
+    with warnings.catch_warnings():  # the tracer's warnings about constant shapes are expected
+        warnings.simplefilter("ignore")
+        meta = export(ExportConfig(checkpoint=trained.best_checkpoint, out=str(onnx_dir)))
     step("export", t)
     progress(f"[3/6] export: {onnx_dir} (max |ONNX - PyTorch| {max(meta['parity_max_abs_diff'].values()):.1e})")
 
