@@ -36,12 +36,14 @@ def init_ray(address: str | None) -> None:
 
 
 def gpu_count() -> int:
-    try:
-        import torch
+    """GPUs of the Ray cluster (the driver may have none while the workers do)."""
+    import ray
 
-        return torch.cuda.device_count()
-    except ImportError:  # pragma: no cover
-        return 0
+    if ray.is_initialized():
+        return int(ray.cluster_resources().get("GPU", 0))
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def fetch_images(images: list, uris: list, policy) -> tuple[list, list[str | None]]:

@@ -391,7 +391,7 @@ def run(cfg: TrainConfig, ray_init_kwargs: dict | None = None) -> TrainResult:
     ctx.execution_options.preserve_order = True  # reproducible runs on CPU
     ds = ray.data.from_arrow(pairs).map_batches(
         PreprocessPairs, fn_constructor_kwargs={"preprocessor": pre}, batch_size=64,
-        concurrency=1, num_cpus=0.5)
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
     fs, storage_path = resolve(cfg.out, cfg.s3_endpoint)
     scaling = ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                       resources_per_worker=None if cfg.gpu else {"CPU": cfg.cpus_per_worker})

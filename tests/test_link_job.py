@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -344,3 +345,18 @@ def test_calibrate_stores_the_threshold_and_link_uses_it_by_default(s3_index, on
                      output=str(tmp_path / "o"), s3_endpoint=s3_server)
     assert preflight(cfg)["nil_threshold"] == r["nil_threshold"]
     assert preflight(LinkConfig(**{**cfg.to_dict(), "nil_threshold": 0.5}))["nil_threshold"] == 0.5
+
+
+def test_cli_index_and_calibrate_run_through_their_configs(s3_index, onnx_model, synth_dir, tmp_path, capsys, s3_server):
+    from otmel.cli import main
+
+    code = main(["index", "--model", onnx_model, "--kb", str(tmp_path / "no-kb"), "--out", str(tmp_path / "i"),
+                 "--shards", "2", "--factory", "Flat", "--feature-dtype", "fp32", "--workers", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no KB Parquet file" in err[0]
+    assert main(["index", "--model", onnx_model, "--kb", "x", "--update", "y", "--out", "z"]) == 2
+    code = main(["calibrate", "--model", onnx_model, "--index", s3_index[0].out, "--data", str(synth_dir),
+                 "--dry-run", "--s3-endpoint", s3_server])
+    out = capsys.readouterr().out
+    assert code == 0 and "NIL threshold" in out and "not stored" in out
+    assert json.loads((Path(onnx_model) / "export.json").read_text())["nil_threshold"] is None
