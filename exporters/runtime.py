@@ -57,7 +57,9 @@ class OnnxBackend:
 
     kind = "onnx"
 
-    def __init__(self, onnx_dir: str | Path, threads: int | None = None, prefer_gpu: bool = True, batch_size: int = 64):
+    def __init__(self, onnx_dir: str | Path, threads: int | None = None, prefer_gpu: bool = True, batch_size: int = 64,
+                 encoder: bool = True):
+        """``encoder=False`` opens the matcher only (index-shard actors score, never encode)."""
         import onnxruntime as ort
 
         from otmel.preprocessing import Preprocessor
@@ -73,9 +75,9 @@ class OnnxBackend:
         self.batch_size = batch_size
         opts = session_options(threads)
         prov = providers(prefer_gpu)
-        self.encoder = ort.InferenceSession(str(d / "encoder.onnx"), opts, providers=prov)
+        self.encoder = ort.InferenceSession(str(d / "encoder.onnx"), opts, providers=prov) if encoder else None
         self.matcher = ort.InferenceSession(str(d / "matcher.onnx"), opts, providers=prov)
-        self.encoder_outputs = [o.name for o in self.encoder.get_outputs()]
+        self.encoder_outputs = [o.name for o in self.encoder.get_outputs()] if encoder else []
         # the exporter drops graph inputs a mode does not use (e.g. has_image when images are
         # not masked), so feed only what the matcher declares
         self.matcher_inputs = {i.name for i in self.matcher.get_inputs()}
@@ -85,6 +87,8 @@ class OnnxBackend:
         log.info("ONNX backend %s on %s", d, prov[0])
 
     def encode(self, inputs: dict[str, np.ndarray], feature_names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        if self.encoder is None:
+            raise RuntimeError("this ONNX backend was opened without its encoder (encoder=False)")
         n = len(inputs["input_ids"])
         chunks: list[dict[str, np.ndarray]] = []
         for start in range(0, max(n, 1), self.batch_size):

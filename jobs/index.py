@@ -212,7 +212,8 @@ def _load_model(cfg: IndexConfig):
 
 
 def build(cfg: IndexConfig) -> IndexResult:
-    from otmel.entity_index import ALIASES_FILE, MANIFEST_FILE, STORED_FEATURES, ShardWriter, new_manifest, shard_name
+    from otmel.entity_index import (ALIASES_FILE, MANIFEST_FILE, STORED_FEATURES, ShardWriter, check_factory, new_manifest,
+                                    shard_name)
     from otmel.jobs.common import init_ray
     from otmel.storage import exists, join, upload_dir
 
@@ -221,6 +222,7 @@ def build(cfg: IndexConfig) -> IndexResult:
     backend, dims = _load_model(cfg)
     files = kb_files(cfg.kb, cfg.s3_endpoint)
     identity = read_kb_identity(files, cfg.s3_endpoint)
+    check_factory(cfg.factory, dims["retrieval_key"][0], identity.num_rows // cfg.shards)
     if exists(join(cfg.out, MANIFEST_FILE), cfg.s3_endpoint) and not cfg.overwrite:
         raise FileExistsError(f"{cfg.out} already holds an index: use --update to change it, --overwrite to replace it")
     log.info("indexing %d entities from %d file(s) into %d shard(s) (%s, %s features), model %s",

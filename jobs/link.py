@@ -128,7 +128,8 @@ class ShardServer:
         else:
             self.local_dir = Path(uri)
         shard = Shard(self.local_dir, entry, manifest, verify=True)
-        self.linker = ShardLinker(shard, load_backend(model_uri, s3_endpoint, threads=threads))
+        # the matcher only (an ONNX export's encoder is not loaded; a checkpoint loads whole)
+        self.linker = ShardLinker(shard, load_backend(model_uri, s3_endpoint, threads=threads, encoder=False))
         self.name = entry["name"]
 
     def ready(self) -> tuple[str, int]:
@@ -359,6 +360,7 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
         init_ray(cfg.address)
         use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
         actors = start_shard_actors(cfg, manifest)
+        startup = time.perf_counter() - t_work
         ds = encoded_mentions(cfg, todo, backend.preprocessor, pre["detector"], use_gpu)
         ds = ds.map_batches(LinkStage, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.2,
                             fn_constructor_kwargs={"shard_actors": actors, "candidates": cfg.candidates,
@@ -385,6 +387,8 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
         if pending:
             raise RuntimeError(f"rows of {len(pending)} input file(s) never completed: {sorted(pending)[:3]}")
     seconds = time.perf_counter() - t_work
+    if not todo:
+        startup = 0.0
     processed = sum(m["rows"] for m in written.values())
     totals = Counter()
     for meta in list(written.values()) + list(done.values()):
@@ -402,6 +406,7 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
         "rows_processed": processed,
         "seconds": round(time.perf_counter() - t0, 2),
         "link_seconds": round(seconds, 2),
+        "startup_seconds": round(startup, 2),  # until every shard actor had loaded its shard
         "mentions_per_second": round(processed / seconds, 2) if processed and seconds > 0 else None,
         "model_version": backend.model_version,
         "index_version": pre["index_version"],

@@ -115,6 +115,28 @@ def build_faiss(vectors: np.ndarray, factory: str = "Flat", train_size: int = 10
     return index
 
 
+def check_factory(factory: str, dim: int, rows_per_shard: int) -> None:
+    """Fail fast (before any encoding) on a factory string FAISS rejects, or one whose IVF
+    lists outnumber the vectors a shard will have to train them."""
+    import faiss
+
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"FAISS factory {factory!r} is not valid for dimension {dim}: "
+                         f"{str(exc).strip().splitlines()[-1]}") from exc
+    if index.is_trained:
+        return
+    try:
+        nlist = faiss.extract_index_ivf(index).nlist
+    except RuntimeError:  # not an IVF index (e.g. PQ alone): training checked at build
+        return
+    if rows_per_shard < nlist:
+        raise ValueError(f"FAISS factory {factory!r} cannot be trained: {nlist} inverted lists need at least "
+                         f"{nlist} vectors per shard, a shard will hold about {rows_per_shard} "
+                         "(use fewer lists, fewer shards, or Flat)")
+
+
 def to_gpu(index):
     """The index on GPU 0 when faiss-gpu sees one (else unchanged)."""
     if faiss_gpu_count() == 0:
