@@ -55,6 +55,7 @@ def fetch_images(images: list, uris: list, policy) -> tuple[list, list[str | Non
     from otmel.image_fetch import ImageFetchError, fetch_image
 
     out, errors = [], []
+    fetched: dict[str, tuple[bytes | None, str | None]] = {}  # a post's mentions share its image: fetch once
     for data, uri in zip(images, uris):
         if isinstance(data, (list, tuple, np.ndarray)) and not isinstance(data, (bytes, bytearray)):
             data = data[0] if len(data) else None
@@ -64,12 +65,14 @@ def fetch_images(images: list, uris: list, policy) -> tuple[list, list[str | Non
             out.append(bytes(data))
             errors.append(None)
         elif uri:
-            try:
-                out.append(fetch_image(str(uri), policy))
-                errors.append(None)
-            except ImageFetchError as exc:
-                out.append(None)
-                errors.append(f"bad_image: {uri}: {exc}")
+            uri = str(uri)
+            if uri not in fetched:
+                try:
+                    fetched[uri] = (fetch_image(uri, policy), None)
+                except ImageFetchError as exc:
+                    fetched[uri] = (None, f"bad_image: {uri}: {exc}")
+            out.append(fetched[uri][0])
+            errors.append(fetched[uri][1])
         else:
             out.append(None)
             errors.append(None)

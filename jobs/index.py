@@ -28,6 +28,7 @@ import json
 import logging
 import tempfile
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ class IndexConfig:
     cpus_per_actor: float = 0.5  # fractional: leaves room for Ray Data's read tasks on small machines
     gpu: bool | None = None  # None = use a GPU per encode actor when the cluster has one
     train_size: int = 100_000  # vectors sampled to train IVF/PQ factories
+    nprobe: int = 32  # IVF lists scanned per query (stored in the manifest; ignored by Flat/HNSW)
     address: str | None = None
     s3_endpoint: str | None = None
     allow_image_prefix: list[str] = field(default_factory=list)  # local image_uri roots allowed
@@ -212,8 +214,7 @@ def _load_model(cfg: IndexConfig):
 
 
 def build(cfg: IndexConfig) -> IndexResult:
-    from otmel.entity_index import (ALIASES_FILE, MANIFEST_FILE, STORED_FEATURES, ShardWriter, check_factory, new_manifest,
-                                    shard_name)
+    from otmel.entity_index import MANIFEST_FILE, STORED_FEATURES, ShardWriter, check_factory, new_manifest, shard_name
     from otmel.jobs.common import init_ray
     from otmel.storage import exists, join, upload_dir
 
@@ -223,14 +224,21 @@ def build(cfg: IndexConfig) -> IndexResult:
     files = kb_files(cfg.kb, cfg.s3_endpoint)
     identity = read_kb_identity(files, cfg.s3_endpoint)
     check_factory(cfg.factory, dims["retrieval_key"][0], identity.num_rows // cfg.shards)
-    if exists(join(cfg.out, MANIFEST_FILE), cfg.s3_endpoint) and not cfg.overwrite:
-        raise FileExistsError(f"{cfg.out} already holds an index: use --update to change it, --overwrite to replace it")
+    previous = None
+    if exists(join(cfg.out, MANIFEST_FILE), cfg.s3_endpoint):
+        if not cfg.overwrite:
+            raise FileExistsError(f"{cfg.out} already holds an index: use --update to change it, --overwrite to replace it")
+        previous = _remote_manifest(cfg.out, cfg.s3_endpoint)
+    # over an existing index, new files get new names: the old manifest stays valid (and its
+    # files untouched) until the new one replaces it
+    suffix = f"-b{uuid.uuid4().hex[:8]}" if previous else ""
     log.info("indexing %d entities from %d file(s) into %d shard(s) (%s, %s features), model %s",
              identity.num_rows, len(files), cfg.shards, cfg.factory, cfg.feature_dtype, backend.model_version[:12])
     init_ray(cfg.address)
     with tempfile.TemporaryDirectory(prefix="otmel-index-") as tmp:
         tmp = Path(tmp)
-        writers = {s: ShardWriter(tmp / shard_name(s), shard_name(s), cfg.feature_dtype) for s in range(cfg.shards)}
+        writers = {s: ShardWriter(tmp / f"{shard_name(s)}{suffix}", shard_name(s), cfg.feature_dtype)
+                   for s in range(cfg.shards)}
         skipped: Counter = Counter()
         seen = stream_into_shards(encoded_entities(cfg, files, backend.preprocessor), writers, cfg.shards, skipped)
         if seen != identity.num_rows:
@@ -242,17 +250,20 @@ def build(cfg: IndexConfig) -> IndexResult:
 
         aliases = alias_pairs(identity)
         aliases = aliases.filter(pa.array([e in indexed for e in aliases.column("entity_id").to_pylist()]))
-        pq.write_table(aliases, tmp / ALIASES_FILE)
+        aliases_name = f"aliases{suffix}.parquet"
+        pq.write_table(aliases, tmp / aliases_name)
         manifest = new_manifest(cfg.shards, cfg.factory, cfg.feature_dtype, backend.model_version, shard_dims,
-                                entries, cfg.kb, dict(skipped))
-        for s in range(cfg.shards):
-            upload_dir(tmp / shard_name(s), join(cfg.out, shard_name(s)), cfg.s3_endpoint)
-        _upload_file(tmp / ALIASES_FILE, join(cfg.out, ALIASES_FILE), cfg.s3_endpoint)
+                                entries, cfg.kb, dict(skipped), aliases_name, cfg.nprobe)
+        for w in writers.values():
+            upload_dir(w.directory, join(cfg.out, w.directory.name), cfg.s3_endpoint)
+        _upload_file(tmp / aliases_name, join(cfg.out, aliases_name), cfg.s3_endpoint)
         version = _commit_manifest(tmp, manifest, cfg.out, cfg.s3_endpoint)
+        if previous:
+            _delete_unreferenced(previous, manifest, cfg.out, cfg.s3_endpoint)
     if skipped:
         log.warning("KB rows not indexed: %s", dict(skipped))
     log.info("index %s written to %s: %d entities in %d shard(s)", version[:12], cfg.out, manifest["count"], cfg.shards)
-    return IndexResult(cfg.out, version, manifest, [shard_name(s) for s in range(cfg.shards)],
+    return IndexResult(cfg.out, version, manifest, [e["dir"] for e in manifest["shards"]],
                        round(time.perf_counter() - t0, 2))
 
 
@@ -286,6 +297,8 @@ def update(cfg: IndexConfig) -> IndexResult:
         if not touched:
             return IndexResult(cfg.out, _version(manifest), manifest, [], round(time.perf_counter() - t0, 2))
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        suffix = f"-u{uuid.uuid4().hex[:8]}"  # unique: never the name of a directory in use
+        previous = json.loads(json.dumps(manifest))
         entries = {e["name"]: e for e in manifest["shards"]}
         writers = {}
         changed = set(change_ids)
@@ -294,7 +307,7 @@ def update(cfg: IndexConfig) -> IndexResult:
             entry = entries[name]
             with local_copy(join(cfg.out, entry["dir"]), cfg.s3_endpoint) as old_dir:
                 ids, feats = shard_feature_rows(Path(old_dir), entry, manifest)
-            writer = ShardWriter(tmp / f"{name}-u{stamp}", name, manifest["feature_dtype"])
+            writer = ShardWriter(tmp / f"{name}{suffix}", name, manifest["feature_dtype"])
             keep = np.array([e not in changed for e in ids], dtype=bool)
             writer.append([e for e, k in zip(ids, keep) if k], {k: v[keep] for k, v in feats.items()})
             writers[s] = writer
@@ -308,22 +321,23 @@ def update(cfg: IndexConfig) -> IndexResult:
             new_entries[writer.name] = writer.close(manifest["factory"], cfg.train_size, manifest["dims"])
             upload_dir(writer.directory, join(cfg.out, writer.directory.name), cfg.s3_endpoint)
         # aliases: drop the changed entities' rows, add the upserted ones that were indexed
-        old_aliases = pq.read_table(pa.BufferReader(read_bytes(join(cfg.out, ALIASES_FILE), cfg.s3_endpoint)))
+        old_aliases_name = manifest.get("aliases", ALIASES_FILE)
+        old_aliases = pq.read_table(pa.BufferReader(read_bytes(join(cfg.out, old_aliases_name), cfg.s3_endpoint)))
         indexed_now = {e for w in writers.values() for e in w.ids}
         kept_aliases = old_aliases.filter(pa.array([e not in changed for e in old_aliases.column("entity_id").to_pylist()]))
         new_aliases = alias_pairs(changes)
         new_aliases = new_aliases.filter(pa.array([e in indexed_now for e in new_aliases.column("entity_id").to_pylist()]))
-        pq.write_table(pa.concat_tables([kept_aliases, new_aliases]), tmp / ALIASES_FILE)
-        _upload_file(tmp / ALIASES_FILE, join(cfg.out, ALIASES_FILE), cfg.s3_endpoint)
-        replaced = [entries[n]["dir"] for n in new_entries]
+        aliases_name = f"aliases{suffix}.parquet"
+        pq.write_table(pa.concat_tables([kept_aliases, new_aliases]), tmp / aliases_name)
+        _upload_file(tmp / aliases_name, join(cfg.out, aliases_name), cfg.s3_endpoint)
+        manifest["aliases"] = aliases_name
         manifest["shards"] = [new_entries.get(e["name"], e) for e in manifest["shards"]]
         manifest["count"] = int(sum(e["count"] for e in manifest["shards"]))
         manifest["skipped"] = dict(Counter(manifest.get("skipped", {})) + skipped)
         manifest.setdefault("updates", []).append({"kb": cfg.kb, "at": stamp, "changed": len(change_ids),
                                                    "deleted": len(deleted), "shards": [f"shard-{s:05d}" for s in touched]})
         version = _commit_manifest(tmp, manifest, cfg.out, cfg.s3_endpoint)
-        for d in replaced:  # after the commit: a reader of the old manifest may still be using them
-            _delete_dir(join(cfg.out, d), cfg.s3_endpoint)
+        _delete_unreferenced(previous, manifest, cfg.out, cfg.s3_endpoint)
     log.info("index %s updated to %s: %d entities, rebuilt %s", cfg.out, version[:12], manifest["count"],
              ", ".join(new_entries))
     return IndexResult(cfg.out, version, manifest, sorted(new_entries), round(time.perf_counter() - t0, 2))
@@ -349,6 +363,29 @@ def _commit_manifest(tmp: Path, manifest: dict, out: str, s3_endpoint: str | Non
     version = write_manifest(tmp, manifest)
     _upload_file(tmp / MANIFEST_FILE, join(out, MANIFEST_FILE), s3_endpoint)
     return version
+
+
+def _remote_manifest(out: str, s3_endpoint: str | None) -> dict:
+    from otmel.entity_index import MANIFEST_FILE
+    from otmel.storage import join, read_bytes
+
+    return json.loads(read_bytes(join(out, MANIFEST_FILE), s3_endpoint))
+
+
+def _delete_unreferenced(previous: dict, current: dict, out: str, s3_endpoint: str | None) -> None:
+    """After a commit, delete what only the previous manifest referenced (shard dirs, aliases)."""
+    from otmel.entity_index import ALIASES_FILE
+    from otmel.storage import join
+
+    keep = {e["dir"] for e in current["shards"]}
+    for entry in previous.get("shards", []):
+        if entry["dir"] not in keep:
+            _delete_dir(join(out, entry["dir"]), s3_endpoint)
+    old_aliases = previous.get("aliases", ALIASES_FILE)
+    if old_aliases != current.get("aliases", ALIASES_FILE):
+        from otmel.link_output import delete
+
+        delete(join(out, old_aliases), s3_endpoint)
 
 
 def _delete_dir(uri: str, s3_endpoint: str | None) -> None:

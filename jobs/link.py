@@ -90,7 +90,7 @@ class LinkConfig:
     def result_settings(self) -> dict:
         """The settings that change output rows (a re-run with other values recomputes)."""
         keys = ("top_k", "candidates", "detect_mentions", "context_chars", "min_alias_length", "max_alias_entities",
-                "bad_image")
+                "bad_image", "allow_image_prefix", "allow_private_hosts", "image_timeout_s", "max_image_bytes")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -108,8 +108,6 @@ class ShardServer:
 
     def __init__(self, index_uri: str, entry: dict, manifest: dict, model_uri: str, s3_endpoint: str | None = None,
                  threads: int = 1):
-        import shutil
-        import tempfile
         from pathlib import Path
 
         import torch
@@ -117,14 +115,12 @@ class ShardServer:
         from otmel.backend import load_backend
         from otmel.entity_index import Shard
         from otmel.linking import ShardLinker
-        from otmel.storage import is_remote, join, local_copy
+        from otmel.storage import download_dir, is_remote, join, scratch_dir
 
         torch.set_num_threads(threads)
         uri = join(index_uri, entry["dir"])
-        if is_remote(uri):
-            self.local_dir = Path(tempfile.mkdtemp(prefix=f"otmel-{entry['name']}-"))
-            with local_copy(uri, s3_endpoint) as d:
-                shutil.copytree(d, self.local_dir, dirs_exist_ok=True)
+        if is_remote(uri):  # to local disk once (features are memory-mapped), removed at exit
+            self.local_dir = download_dir(uri, scratch_dir(f"otmel-{entry['name']}-"), s3_endpoint)
         else:
             self.local_dir = Path(uri)
         shard = Shard(self.local_dir, entry, manifest, verify=True)
@@ -143,14 +139,18 @@ class ShardServer:
         return self.linker.link(mentions, candidates, top_k)
 
 
-def start_shard_actors(cfg: LinkConfig, manifest: dict) -> list:
-    """One actor per shard (restarted on death, calls retried); waits until all are loaded."""
+def start_shard_actors(cfg: LinkConfig, manifest: dict, use_gpu: bool = False) -> list:
+    """One actor per shard (restarted on death, calls retried); waits until all are loaded.
+
+    With GPUs in the cluster each shard actor takes a share of one (its FAISS index goes to
+    the GPU when faiss-gpu is installed); without a GPU share Ray hides the devices from it.
+    """
     import ray
 
     from otmel.jobs.common import worker_env
 
-    remote = ray.remote(ShardServer).options(num_cpus=0.25, max_restarts=-1, max_task_retries=3,
-                                             runtime_env={"env_vars": worker_env()})
+    remote = ray.remote(ShardServer).options(num_cpus=0.25, num_gpus=0.25 if use_gpu else 0, max_restarts=-1,
+                                             max_task_retries=3, runtime_env={"env_vars": worker_env()})
     actors = [remote.remote(cfg.index, entry, manifest, cfg.model, cfg.s3_endpoint) for entry in manifest["shards"]]
     loaded = ray.get([a.ready.remote() for a in actors])
     log.info("index shards loaded: %s", ", ".join(f"{n} ({c} entities)" for n, c in loaded))
@@ -256,7 +256,7 @@ class LinkStage:
 
 
 # ---------------------------------------------------------------------------- driver
-def load_detector(cfg: LinkConfig, index_dir_uri: str):
+def load_detector(cfg: LinkConfig, index_dir_uri: str, manifest: dict):
     """The alias matcher over the index's aliases.parquet (None without --detect-mentions)."""
     if cfg.detect_mentions is None:
         return None
@@ -264,7 +264,7 @@ def load_detector(cfg: LinkConfig, index_dir_uri: str):
     from otmel.mention_detection import AliasFilter, AliasMatcher
     from otmel.storage import join, read_parquet
 
-    pairs = read_parquet(join(index_dir_uri, ALIASES_FILE), cfg.s3_endpoint)
+    pairs = read_parquet(join(index_dir_uri, manifest.get("aliases", ALIASES_FILE)), cfg.s3_endpoint)
     counts = pairs.group_by("alias").aggregate([("entity_id", "count_distinct")])
     alias_counts = dict(zip(counts.column("alias").to_pylist(), counts.column("entity_id_count_distinct").to_pylist()))
     matcher = AliasMatcher(alias_counts, AliasFilter(min_length=cfg.min_alias_length,
@@ -300,7 +300,7 @@ def preflight(cfg: LinkConfig) -> dict:
         log.warning("no NIL threshold (none given, none calibrated in the model): every mention with a candidate "
                     "is linked; run `otmel calibrate` to calibrate one")
     return {"files": files, "backend": backend, "manifest": manifest, "index_version": index_version_of(manifest),
-            "nil_threshold": threshold, "detector": load_detector(cfg, cfg.index)}
+            "nil_threshold": threshold, "detector": load_detector(cfg, cfg.index, manifest)}
 
 
 def _settings_hash(cfg: LinkConfig, nil_threshold: float | None) -> str:
@@ -336,17 +336,22 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
     import ray.data
 
     from otmel.jobs.common import gpu_count, init_ray
-    from otmel.link_output import is_complete, output_name, write_output_file, write_success
+    from otmel.link_input import input_stamps
+    from otmel.link_output import SUCCESS_FILE, delete, error_reasons, is_complete, output_name, write_output_file, write_success
+    from otmel.schemas import LINK_OUTPUT_SCHEMA
     from otmel.storage import join
 
     t0 = time.perf_counter()
     pre = preflight(cfg)
     backend, manifest = pre["backend"], pre["manifest"]
+    # an output is complete for THIS input (same path, size and mtime), model, index and settings
+    stamps = input_stamps(pre["files"], cfg.s3_endpoint)
     expected = {"model_version": backend.model_version, "index_version": pre["index_version"],
                 "settings": _settings_hash(cfg, pre["nil_threshold"])}
+    file_meta = {f: dict(expected, input=f, input_stamp=stamps[f]) for f in pre["files"]}
     todo, done = [], {}
     for f in pre["files"]:
-        meta = None if cfg.force else is_complete(join(cfg.output, output_name(f)), dict(expected, input=f), cfg.s3_endpoint)
+        meta = None if cfg.force else is_complete(join(cfg.output, output_name(f)), file_meta[f], cfg.s3_endpoint)
         if meta is None:
             todo.append(f)
         else:
@@ -354,12 +359,13 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
     log.info("linking %d input file(s) (%d already complete, skipped) against index %s (%d entities, %d shard(s)) "
              "-> %s", len(todo), len(done), pre["index_version"][:12], manifest["count"], manifest["num_shards"], cfg.output)
     written: dict[str, dict] = {}
-    reasons: Counter = Counter()
     t_work = time.perf_counter()
+    startup = 0.0
     if todo:
+        delete(join(cfg.output, SUCCESS_FILE), cfg.s3_endpoint)  # a stale one must not vouch for this run
         init_ray(cfg.address)
         use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
-        actors = start_shard_actors(cfg, manifest)
+        actors = start_shard_actors(cfg, manifest, use_gpu)
         startup = time.perf_counter() - t_work
         ds = encoded_mentions(cfg, todo, backend.preprocessor, pre["detector"], use_gpu)
         ds = ds.map_batches(LinkStage, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.2,
@@ -377,22 +383,23 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
                 expected_rows = part.column("file_rows")[0].as_py()
                 if have[f] == expected_rows:
                     table = pa.concat_tables(pending.pop(f))
-                    for e in table.column("error").to_pylist():
-                        if e:
-                            reasons[e.split(":")[0]] += 1
                     out_uri = join(cfg.output, output_name(f))
-                    written[f] = write_output_file(table, out_uri, dict(expected, input=f), cfg.s3_endpoint)
+                    meta = dict(file_meta[f], errors_by_reason=error_reasons(table))
+                    written[f] = write_output_file(table, out_uri, meta, cfg.s3_endpoint)
                     if progress:
                         progress(f"wrote {out_uri} ({table.num_rows} rows from {f})")
         if pending:
             raise RuntimeError(f"rows of {len(pending)} input file(s) never completed: {sorted(pending)[:3]}")
+        for f in todo:  # an empty input (e.g. an empty part file) still gets its (empty) output
+            if f not in written:
+                written[f] = write_output_file(LINK_OUTPUT_SCHEMA.empty_table(), join(cfg.output, output_name(f)),
+                                               dict(file_meta[f], errors_by_reason={}), cfg.s3_endpoint)
     seconds = time.perf_counter() - t_work
-    if not todo:
-        startup = 0.0
     processed = sum(m["rows"] for m in written.values())
-    totals = Counter()
+    totals, reasons = Counter(), Counter()
     for meta in list(written.values()) + list(done.values()):
         totals.update(meta["counts"])
+        reasons.update(meta.get("errors_by_reason", {}))
     counts = {"in": int(sum(m["rows"] for m in written.values()) + sum(m["rows"] for m in done.values())),
               **{s: int(totals.get(s, 0)) for s in ("ok", "nil", "no_mention", "error")}}
     summary = {
@@ -407,7 +414,8 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
         "seconds": round(time.perf_counter() - t0, 2),
         "link_seconds": round(seconds, 2),
         "startup_seconds": round(startup, 2),  # until every shard actor had loaded its shard
-        "mentions_per_second": round(processed / seconds, 2) if processed and seconds > 0 else None,
+        # throughput of the linking itself (after the shard actors have loaded)
+        "mentions_per_second": round(processed / (seconds - startup), 2) if processed and seconds > startup else None,
         "model_version": backend.model_version,
         "index_version": pre["index_version"],
         "nil_threshold": pre["nil_threshold"],

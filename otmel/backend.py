@@ -83,16 +83,12 @@ def load_backend(uri: str, s3_endpoint: str | None = None, **kwargs) -> Backend:
     Remote (s3://) directories are copied to a local temp dir first.
     """
     from otmel.model import CheckpointError
-    from otmel.storage import is_remote, local_copy
+    from otmel.storage import is_remote
 
     if is_remote(uri):
-        import shutil
-        import tempfile
+        from otmel.storage import download_dir, scratch_dir
 
-        with local_copy(uri, s3_endpoint) as d:
-            keep = Path(tempfile.mkdtemp(prefix="otmel-model-"))
-            shutil.copytree(d, keep, dirs_exist_ok=True)
-        return load_backend(str(keep), **kwargs)
+        return load_backend(str(download_dir(uri, scratch_dir("otmel-model-"), s3_endpoint)), **kwargs)
     d = Path(uri)
     if (d / "export.json").is_file():
         from otmel.exporters.runtime import OnnxBackend

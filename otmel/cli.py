@@ -124,7 +124,7 @@ def cmd_index(args) -> int:
         raise ValueError("--out INDEX_URI is required (or --update INDEX_URI to change an existing index)")
     cfg = IndexConfig(model=args.model, kb=args.kb, out=args.update or args.out, shards=args.shards,
                       factory=args.factory, feature_dtype=args.feature_dtype, update=bool(args.update),
-                      overwrite=args.overwrite, workers=args.workers, batch_size=args.batch_size,
+                      overwrite=args.overwrite, workers=args.workers, nprobe=args.nprobe, batch_size=args.batch_size,
                       address=args.address, s3_endpoint=args.s3_endpoint,
                       allow_image_prefix=args.allow_image_prefix or [], allow_private_hosts=args.allow_private_hosts)
     _print(summary_line(run(cfg)))
@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shards", type=int, default=1)
     s.add_argument("--factory", default="Flat", help="FAISS index factory string, e.g. Flat, HNSW32, IVF4096,PQ32")
     s.add_argument("--feature-dtype", choices=["fp16", "fp32"], default="fp16", help="stored reranking features")
+    s.add_argument("--nprobe", type=int, default=32, help="IVF lists scanned per query (IVF factories only)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     _data_job_options(s)
     s.set_defaults(func=cmd_index)

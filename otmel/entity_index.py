@@ -230,7 +230,7 @@ def index_version_of(manifest: dict) -> str:
 
 
 def new_manifest(num_shards: int, factory: str, feature_dtype: str, model_version: str, dims: dict,
-                 shards: list[dict], kb: str, skipped: dict) -> dict:
+                 shards: list[dict], kb: str, skipped: dict, aliases: str = ALIASES_FILE, nprobe: int = 32) -> dict:
     return {
         "format": FORMAT,
         "model_version": model_version,
@@ -244,6 +244,8 @@ def new_manifest(num_shards: int, factory: str, feature_dtype: str, model_versio
         "shards": shards,
         "kb": kb,
         "skipped": skipped,  # KB rows not indexed, by reason
+        "aliases": aliases,  # the alias table's file (mention detection)
+        "search": {"nprobe": int(nprobe)},  # FAISS search parameters (IVF lists scanned per query)
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -289,6 +291,12 @@ class Shard:
         self.count = int(entry["count"])
         self.entity_ids = np.asarray(pq.read_table(self.directory / IDS_FILE).column("entity_id").to_pylist(), dtype=object)
         index = faiss.read_index(str(self.directory / FAISS_FILE))
+        nprobe = manifest.get("search", {}).get("nprobe")
+        if nprobe:
+            try:  # IVF indexes scan nprobe lists per query (FAISS's default of 1 ruins recall)
+                faiss.extract_index_ivf(index).nprobe = int(nprobe)
+            except RuntimeError:  # Flat, HNSW, PQ: no inverted lists
+                pass
         self.index = to_gpu(index) if use_gpu else index
         if self.index.ntotal != self.count or len(self.entity_ids) != self.count:
             raise IndexFormatError(f"{self.directory}: {self.index.ntotal} vectors / {len(self.entity_ids)} ids, "

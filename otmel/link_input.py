@@ -22,9 +22,9 @@ with nothing dropped:
 from __future__ import annotations
 
 import base64
-import fnmatch
 import json
 import logging
+import re
 from pathlib import PurePosixPath
 
 import pyarrow as pa
@@ -55,6 +55,38 @@ def _is_glob(uri: str) -> bool:
     return any(c in uri for c in "*?[")
 
 
+def _glob_regex(pattern: str) -> "re.Pattern[str]":
+    """A glob as a regex over paths relative to its base: ``*`` and ``?`` stay inside one path
+    segment, ``**`` crosses segments, ``[...]`` is a character class."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            j = pattern.find("]", i + 1)
+            if j < 0:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1:j].replace("\\", "\\\\")
+                out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+                i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out))
+
+
 def list_input_files(uri: str, s3_endpoint: str | None = None) -> list[str]:
     """Sorted input file URIs of a file, directory or glob URI; FileNotFoundError if none."""
     from otmel.storage import StorageError, resolve
@@ -63,14 +95,22 @@ def list_input_files(uri: str, s3_endpoint: str | None = None) -> list[str]:
     prefix = "s3://" if uri.startswith(("s3://", "s3a://")) else ""
     if _is_glob(uri):
         cut = min(uri.index(c) for c in "*?[" if c in uri)
-        base = uri[:cut].rsplit("/", 1)[0] or "/"
-        fs, base_path = resolve(base, s3_endpoint)
-        _, pattern = resolve(uri, s3_endpoint) if not prefix else (None, uri.split("://", 1)[1])
+        head = uri[:cut]
+        base = head.rsplit("/", 1)[0] if "/" in head else "."  # "*.jsonl": the current directory
+        fs, base_path = resolve(base or "/", s3_endpoint)
+        rest = uri[len(base):].lstrip("/")
+        pattern = _glob_regex(rest)
         try:
-            infos = fs.get_file_info(pafs.FileSelector(base_path, recursive=True, allow_not_found=True))
+            infos = fs.get_file_info(pafs.FileSelector(base_path, recursive="**" in rest or "/" in rest,
+                                                       allow_not_found=True))
         except OSError as exc:
             raise StorageError(f"{uri}: {exc}") from exc
-        files = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, pattern)]
+        files = []
+        for i in infos:
+            rel = i.path[len(base_path):].lstrip("/")
+            if (i.type == pafs.FileType.File and pattern.fullmatch(rel)
+                    and not any(part.startswith(("_", ".")) for part in PurePosixPath(rel).parts)):
+                files.append(i.path)
     else:
         fs, path = resolve(uri, s3_endpoint)
         try:
@@ -91,10 +131,25 @@ def list_input_files(uri: str, s3_endpoint: str | None = None) -> list[str]:
     return sorted(prefix + f for f in files)
 
 
+def input_stamps(files: list[str], s3_endpoint: str | None = None) -> dict[str, str]:
+    """``size:mtime`` of each input file: a rewritten input is not "already linked"."""
+    from otmel.storage import StorageError, resolve
+
+    if not files:
+        return {}
+    fs, _ = resolve(files[0], s3_endpoint)
+    try:
+        infos = fs.get_file_info([resolve(f, s3_endpoint)[1] for f in files])
+    except OSError as exc:
+        raise StorageError(f"{files[0]}: {exc}") from exc
+    return {f: f"{i.size}:{i.mtime_ns}" for f, i in zip(files, infos)}
+
+
 # ---------------------------------------------------------------------------- reading one file
-def _error_row(source: str, row: int, reason: str, post_id: str | None = None, mention_id: str | None = None) -> dict:
+def _error_row(source: str, row: int, reason: str, post_id=None, mention_id=None) -> dict:
     ident = f"{source}:{row}"
-    return {"mention_id": mention_id or ident, "post_id": post_id or ident, "mention": None, "start": None,
+    return {"mention_id": str(mention_id) if mention_id not in (None, "") else ident,
+            "post_id": str(post_id) if post_id not in (None, "") else ident, "mention": None, "start": None,
             "end": None, "text": None, "image": None, "image_uri": None, "preset": "error", "error": reason,
             "source_file": source, "source_row": row}
 
@@ -133,6 +188,18 @@ def _records(uri: str, s3_endpoint: str | None) -> tuple[list[tuple[int, dict | 
             return [(0, None, f"unreadable_file: not a readable Parquet file: {str(exc).splitlines()[0]}")], []
         return [(i, r, None) for i, r in enumerate(table.to_pylist())], table.column_names
     out, columns = [], set()
+    if uri.lower().endswith(".json") and data.lstrip()[:1] == b"[":  # a JSON array, not JSON lines
+        try:
+            items = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return [(0, None, f"bad_json: the JSON array does not parse: {exc}")], []
+        for n, rec in enumerate(items, start=1):
+            if isinstance(rec, dict):
+                columns.update(rec)
+                out.append((n, rec, None))
+            else:
+                out.append((n, None, f"bad_json: element {n} is a JSON {type(rec).__name__}, not an object"))
+        return out, sorted(columns)
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
@@ -154,13 +221,21 @@ def _span_rows(rec: dict, post_id: str, text: str, spans, source: str, row: int,
     from otmel.mention_detection import context_window
 
     rows = []
+    if not isinstance(spans, (list, tuple)):
+        return [_error_row(source, row, f"bad_span: mentions must be a list of {{mention, start, end}}, got "
+                           f"{type(spans).__name__}", post_id, post_id)]
     for sp in spans:
         if isinstance(sp, dict):
             start, end, given = sp.get("start"), sp.get("end"), sp.get("mention")
+        elif hasattr(sp, "start") and hasattr(sp, "end"):
+            start, end, given = sp.start, sp.end, getattr(sp, "mention", None)
         else:
-            start, end, given = sp.start, sp.end, sp.mention
+            rows.append(_error_row(source, row, f"bad_span: a span must be {{mention, start, end}}, got {sp!r:.60}",
+                                   post_id, f"{post_id}:{len(rows)}"))
+            continue
         mention_id = f"{post_id}:{start}-{end}"
-        if not isinstance(start, int) or not isinstance(end, int) or not 0 <= start < end <= len(text):
+        if (not isinstance(start, int) or not isinstance(end, int) or isinstance(start, bool)
+                or not 0 <= start < end <= len(text)):
             rows.append(_error_row(source, row, f"bad_span: span {start}-{end} is not inside the post text "
                                    f"of {len(text)} chars", post_id, mention_id))
             continue
@@ -174,12 +249,12 @@ def _span_rows(rec: dict, post_id: str, text: str, spans, source: str, row: int,
 def read_mention_rows(uri: str, s3_endpoint: str | None = None, detector=None,
                       context_chars: int = DEFAULT_CONTEXT_CHARS) -> pa.Table:
     """One input file -> mention rows (:data:`MENTION_ROW_SCHEMA`); never raises on bad content."""
-    from otmel.storage import StorageError
-
     try:
         records, columns = _records(uri, s3_endpoint)
-    except (FileNotFoundError, StorageError) as exc:
+    except FileNotFoundError as exc:  # listed, then gone: the file itself is the bad input
         records, columns = [(0, None, f"unreadable_file: {exc}")], []
+    # any other StorageError (throttling, a reset connection) propagates: Ray retries the read
+    # task, and a failed job leaves no output claiming the file was handled
     is_mentions = "mention" in columns
     is_posts = not is_mentions and "post_id" in columns and "text" in columns
     rows: list[dict] = []
@@ -227,9 +302,10 @@ def read_mention_rows(uri: str, s3_endpoint: str | None = None, detector=None,
                                    f"mentions table (mention_id, mention, text); found {', '.join(columns) or 'none'}"))
     for r in rows:  # types a reader cannot be trusted with
         for key in ("start", "end"):
-            if r[key] is not None and not isinstance(r[key], int):
+            v = r[key]
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not -2**31 <= v < 2**31):
                 r[key] = None
-        for key in ("mention", "text", "image_uri"):
+        for key in ("mention_id", "post_id", "mention", "text", "image_uri"):
             if r[key] is not None and not isinstance(r[key], str):
                 r[key] = str(r[key])
     return pa.Table.from_pylist(rows, schema=MENTION_ROW_SCHEMA)

@@ -142,6 +142,33 @@ def upload_dir(local_dir: str | Path, uri: str, s3_endpoint: str | None = None) 
         raise _wrap(uri, exc) from exc
 
 
+def download_dir(uri: str, dest: str | Path, s3_endpoint: str | None = None) -> Path:
+    """Copy a remote (or local) directory tree into ``dest`` (one copy, no staging)."""
+    fs, path = resolve(uri, s3_endpoint)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        info = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        if not info:
+            raise FileNotFoundError(f"{uri}: no such directory (or it is empty)")
+        pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _wrap(uri, exc) from exc
+    return dest
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A local temp directory removed when the process exits (model and shard copies of
+    long-lived Ray actors: a restarted actor must not leave its old copy behind)."""
+    import atexit
+
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    return d
+
+
 @contextmanager
 def local_copy(uri: str, s3_endpoint: str | None = None) -> Iterator[Path]:
     """A local directory holding ``uri``'s tree: the directory itself if local, else a temp copy."""

@@ -107,6 +107,7 @@ def test_update_equals_a_full_rebuild_and_leaves_untouched_shards_alone(ray_loca
     assert not np.allclose(updated[r_shard][r_id]["fused"], v1_feats[r_shard][r_id]["fused"], atol=1e-3)
     replaced_dirs = {e["dir"] for e in before["shards"]} - {e["dir"] for e in after["shards"]}
     assert replaced_dirs and not any((tmp_path / "updated" / d).exists() for d in replaced_dirs)
-    aliases = pq.read_table(tmp_path / "updated" / "aliases.parquet")
+    assert after["aliases"] != before["aliases"] and not (tmp_path / "updated" / before["aliases"]).exists()
+    aliases = pq.read_table(tmp_path / "updated" / after["aliases"])
     assert "renamed entity" in aliases.column("alias").to_pylist()
     assert not set(ids[i] for i in deleted) & set(aliases.column("entity_id").to_pylist())

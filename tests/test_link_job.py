@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,15 +51,18 @@ def s3_inputs(synth_dir, s3_server):
         {"post_id": "p6", "text": text},  # no spans, no detection: error
         [1, 2, 3],  # a JSON array, not an object
         {"post_id": "p8", "text": text, "mentions": spans[:1], "image_uri": "/etc/hostname"},  # not allowed
+        {"post_id": 9, "text": text, "mentions": "not a list"},  # an int id, spans of the wrong type
     ]
     files["posts.jsonl"] = _jsonl(posts)
+    files["empty.jsonl"] = b""  # an empty part file still gets its (empty) output
+    files["array.json"] = json.dumps([{"post_id": "j1", "text": text, "mentions": spans[:1]}]).encode()
     other = pa.BufferOutputStream()
     pq.write_table(pa.table({"foo": [1, 2], "bar": ["x", "y"]}), other)
     files["other.parquet"] = other.getvalue().to_pybytes()
     for name, data in files.items():
         write_bytes(f"{BUCKET}/in/{name}", data, s3_server)
-    expected = {"a.parquet": half, "b.parquet": test.num_rows - half, "posts.jsonl": 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1,
-                "other.parquet": 2}
+    expected = {"a.parquet": half, "b.parquet": test.num_rows - half, "posts.jsonl": 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1,
+                "other.parquet": 2, "empty.jsonl": 0, "array.json": 1}
     return {"uri": f"{BUCKET}/in/", "test": test, "expected_rows": expected, "text": text, "spans": spans}
 
 
@@ -112,6 +116,8 @@ def test_bad_rows_become_error_rows_with_their_reason(s3_link, s3_inputs, s3_ser
     assert p8["status"] == "error" and "bad_image" in p8["error"] and "/etc/hostname" in p8["error"]
     other = cfg.input + "other.parquet"
     assert out[f"{other}:0"]["error"].startswith("unknown_columns") and out[f"{other}:1"]["status"] == "error"
+    assert out["9"]["error"].startswith("bad_span") and out["9"]["post_id"] == "9"
+    assert out[f"j1:{sp[0]['start']}-{sp[0]['end']}"]["status"] == "ok"  # a JSON array file
     assert all(r["entity_id"] is None and r["candidates"] is None for r in out.values() if r["status"] == "error")
     assert result.summary["errors_by_reason"]["bad_json"] == 2
 
@@ -119,10 +125,15 @@ def test_bad_rows_become_error_rows_with_their_reason(s3_link, s3_inputs, s3_ser
 def test_rerun_skips_complete_outputs_and_forced_rerun_reproduces_them(s3_link, s3_server):
     cfg, first, _ = s3_link
     again = run(cfg)
-    assert again.summary["files_processed"] == 0 and again.summary["files_skipped_complete"] == 4
+    assert again.summary["files_processed"] == 0 and again.summary["files_skipped_complete"] == 6
     assert again.summary["counts"] == first.summary["counts"]
+    # a rewritten input is linked again, and only that one
+    time.sleep(1.1)  # a new mtime
+    _write(cfg.input + "a.parquet", _read(cfg.input + "a.parquet", s3_server), s3_server)
+    changed = run(cfg)
+    assert changed.summary["files_processed"] == 1 and changed.summary["counts"] == first.summary["counts"]
     forced = run(LinkConfig(**{**cfg.to_dict(), "output": f"{BUCKET}/out-2", "force": True}))
-    assert forced.summary["files_processed"] == 4
+    assert forced.summary["files_processed"] == 6
     a, b = read_link_output(cfg.output, s3_server), read_link_output(forced.output, s3_server)
     assert a.equals(b)  # same files (hash names), same rows in the same order, same values
 
@@ -224,6 +235,12 @@ def test_cli_link_reports_a_missing_input_in_one_line(s3_index, onnx_model, tmp_
                  "--output", str(tmp_path / "o"), "--s3-endpoint", s3_server])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no input files" in err[0]
+
+
+def _write(uri, data, endpoint):
+    from otmel.storage import write_bytes
+
+    write_bytes(uri, data, endpoint)
 
 
 def _read(uri, endpoint):
