@@ -6,8 +6,10 @@
 
 Pipeline (DESIGN.md "Data flow"):
 
-1. read: one task per input file (``otmel.link_input``): posts are exploded into one row per
-   mention (given spans, or alias detection), bad rows become ``error`` rows, nothing dropped;
+1. read: one task per input file (``otmel.link_input``), streamed in chunks of
+   ``read_chunk_rows`` (Parquet by row-group batches, JSONL line by line): posts are exploded
+   into one row per mention (given spans, or alias detection), bad rows become ``error`` rows,
+   nothing dropped;
 2. preprocess (CPU tasks): tokenise, fetch (``image_uri``) and decode/resize images;
 3. encode (actor pool, a GPU per actor when present): mention features + stage-1 queries;
 4. link (a small actor pool): the batch's features are put in the object store once and sent to
@@ -59,6 +61,7 @@ class LinkConfig:
     nil_threshold: float | None = None  # None = the calibrated value in export.json / the checkpoint
     workers: int = 1  # encode actors
     batch_size: int = 64
+    read_chunk_rows: int = 1024  # input rows read at a time (a file is streamed, never held whole)
     detect_mentions: str | None = None  # None | "alias": find mentions in posts without spans
     context_chars: int = 200  # context window around a span (posts)
     min_alias_length: int = 3  # mention detection filters
@@ -158,15 +161,26 @@ def start_shard_actors(cfg: LinkConfig, manifest: dict, use_gpu: bool = False) -
 
 
 # ---------------------------------------------------------------------------- pipeline steps
-def read_inputs(batch: dict[str, np.ndarray], s3_endpoint: str | None, detector, context_chars: int) -> pa.Table:
-    """Input file paths -> mention rows (+ ``file_rows``: how many rows the file gives)."""
-    from otmel.link_input import read_mention_rows
+def read_inputs(batch: dict[str, np.ndarray], s3_endpoint: str | None, detector, context_chars: int,
+                chunk_rows: int = 1024):
+    """Input file paths -> mention rows, streamed in chunks (a file is never held whole).
 
-    tables = []
+    ``file_rows`` is -1 on every chunk but a file's last, which carries the file's total: the
+    driver writes the file's output once it holds that many rows, in whatever order they came.
+    """
+    from otmel.link_input import iter_mention_rows
+
     for path in batch["path"]:
-        t = read_mention_rows(str(path), s3_endpoint, detector, context_chars)
-        tables.append(t.append_column("file_rows", pa.array([t.num_rows] * t.num_rows, pa.int64())))
-    return pa.concat_tables(tables)
+        total, previous = 0, None
+        for table in iter_mention_rows(str(path), s3_endpoint, detector, context_chars, chunk_rows):
+            if table.num_rows == 0:
+                continue
+            if previous is not None:
+                yield previous.append_column("file_rows", pa.array([-1] * previous.num_rows, pa.int64()))
+            total += table.num_rows
+            previous = table
+        if previous is not None:
+            yield previous.append_column("file_rows", pa.array([total] * previous.num_rows, pa.int64()))
 
 
 def preprocess_mentions(batch: dict, preprocessor, image_policy, bad_image: str) -> dict:
@@ -321,7 +335,7 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
     ds = ds.map_batches(read_inputs, batch_size=1, num_cpus=0.25,
                         fn_kwargs={"s3_endpoint": cfg.s3_endpoint, "detector": detector,
-                                   "context_chars": cfg.context_chars})
+                                   "context_chars": cfg.context_chars, "chunk_rows": cfg.read_chunk_rows})
     # preprocessing stays on CPU tasks (its own resources keep Ray Data from fusing it into the actors)
     ds = ds.map_batches(preprocess_mentions, batch_size=cfg.batch_size, num_cpus=PREPROCESS_CPUS,
                         fn_kwargs={"preprocessor": preprocessor, "image_policy": policy, "bad_image": cfg.bad_image})
@@ -375,13 +389,16 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
                                                    "index_version": pre["index_version"]})
         pending: dict[str, list[pa.Table]] = {}
         have: Counter = Counter()
+        total_rows: dict[str, int] = {}  # known once the file's last chunk has arrived
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for f in set(block.column("source_file").to_pylist()):
                 part = block.filter(pc.equal(block.column("source_file"), f))
                 pending.setdefault(f, []).append(part)
                 have[f] += part.num_rows
-                expected_rows = part.column("file_rows")[0].as_py()
-                if have[f] == expected_rows:
+                last = pc.max(part.column("file_rows")).as_py()
+                if last is not None and last >= 0:
+                    total_rows[f] = last
+                if have[f] == total_rows.get(f):
                     table = pa.concat_tables(pending.pop(f))
                     out_uri = join(cfg.output, output_name(f))
                     meta = dict(file_meta[f], errors_by_reason=error_reasons(table))

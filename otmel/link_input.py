@@ -4,8 +4,9 @@ An input URI is a file, a directory (every ``*.parquet`` / ``*.jsonl`` / ``*.ndj
 under it; names starting with ``_`` or ``.`` are skipped) or a glob (``s3://b/dump/*.parquet``),
 local or ``s3://``. One input file is the unit of work (DESIGN.md "Scale model").
 
-:func:`read_mention_rows` reads one file into :data:`MENTION_ROW_SCHEMA`, one row per mention,
-with nothing dropped:
+:func:`iter_mention_rows` streams one file (Parquet by row-group batches, JSONL line by line;
+memory stays at a chunk) into :data:`MENTION_ROW_SCHEMA`, one row per mention, with nothing
+dropped:
 
 * a **mentions** file (has ``mention``): one row per input row;
 * a **posts** file (``post_id``, ``text``): each post's ``mentions`` spans (one row each,
@@ -26,6 +27,7 @@ import json
 import logging
 import re
 from pathlib import PurePosixPath
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -174,46 +176,88 @@ def _image_bytes(value) -> tuple[bytes | None, str | None]:
     return None, f"bad_image: unexpected image value of type {type(value).__name__}"
 
 
-def _records(uri: str, s3_endpoint: str | None) -> tuple[list[tuple[int, dict | None, str | None]], list[str]]:
-    """(row number, record or None, parse error) for every row / line of a file, and its columns."""
-    from otmel.storage import read_bytes
+Record = tuple[int, "dict | None", "str | None"]  # (row or line number, record, parse problem)
 
-    data = read_bytes(uri, s3_endpoint)
-    if uri.lower().endswith(".parquet"):
-        import pyarrow.parquet as pq
 
-        try:
-            table = pq.read_table(pa.BufferReader(data))
-        except (pa.ArrowInvalid, OSError) as exc:
-            return [(0, None, f"unreadable_file: not a readable Parquet file: {str(exc).splitlines()[0]}")], []
-        return [(i, r, None) for i, r in enumerate(table.to_pylist())], table.column_names
-    out, columns = [], set()
-    if uri.lower().endswith(".json") and data.lstrip()[:1] == b"[":  # a JSON array, not JSON lines
-        try:
-            items = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return [(0, None, f"bad_json: the JSON array does not parse: {exc}")], []
-        for n, rec in enumerate(items, start=1):
-            if isinstance(rec, dict):
-                columns.update(rec)
-                out.append((n, rec, None))
+def _json_record(n: int, raw: bytes | str | object, what: str) -> Record:
+    try:
+        rec = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
+    except (ValueError, UnicodeDecodeError) as exc:
+        return n, None, f"bad_json: {what} {n} does not parse: {exc}"
+    if not isinstance(rec, dict):
+        return n, None, f"bad_json: {what} {n} is a JSON {type(rec).__name__}, not an object"
+    return n, rec, None
+
+
+def _iter_records(uri: str, s3_endpoint: str | None, chunk_rows: int) -> Iterator[list[Record]]:
+    """The rows (Parquet, by batches of row groups) or lines (JSONL, streamed) of one file, in
+    chunks of about ``chunk_rows``: memory stays bounded by a chunk, not by the file.
+
+    Raises FileNotFoundError for a missing file and StorageError for a storage failure (the
+    caller's task is retried); content problems are returned as records with a problem.
+    """
+    import pyarrow.parquet as pq
+
+    from otmel.storage import StorageError, resolve
+
+    fs, path = resolve(uri, s3_endpoint)
+    lower = uri.lower()
+    try:
+        if lower.endswith(".parquet"):
+            with fs.open_input_file(path) as f:
+                try:
+                    pf = pq.ParquetFile(f)
+                except (pa.ArrowInvalid, OSError) as exc:
+                    yield [(0, None, f"unreadable_file: not a readable Parquet file: {str(exc).splitlines()[0]}")]
+                    return
+                row = 0
+                try:
+                    for batch in pf.iter_batches(batch_size=chunk_rows):
+                        recs = batch.to_pylist()
+                        yield [(row + i, r, None) for i, r in enumerate(recs)]
+                        row += len(recs)
+                except pa.ArrowInvalid as exc:  # corrupt data after a readable footer
+                    yield [(row, None, f"unreadable_file: corrupt Parquet data after row {row}: "
+                                       f"{str(exc).splitlines()[0]}")]
+            return
+        with fs.open_input_stream(path) as f:
+            if lower.endswith(".json"):  # a JSON array (read whole) or JSON lines
+                data = f.read()
+                if data.lstrip()[:1] == b"[":
+                    try:
+                        items = json.loads(data)
+                    except (ValueError, UnicodeDecodeError) as exc:
+                        yield [(0, None, f"bad_json: the JSON array does not parse: {exc}")]
+                        return
+                    for start in range(0, len(items), chunk_rows):
+                        yield [_json_record(n, rec, "element") for n, rec in
+                               enumerate(items[start:start + chunk_rows], start=start + 1)]
+                    return
+                chunks: Iterator[bytes] = iter([data])
             else:
-                out.append((n, None, f"bad_json: element {n} is a JSON {type(rec).__name__}, not an object"))
-        return out, sorted(columns)
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            out.append((lineno, None, f"bad_json: line {lineno} does not parse: {exc}"))
-            continue
-        if not isinstance(rec, dict):
-            out.append((lineno, None, f"bad_json: line {lineno} is a JSON {type(rec).__name__}, not an object"))
-            continue
-        columns.update(rec)
-        out.append((lineno, rec, None))
-    return out, sorted(columns)
+                chunks = iter(lambda: f.read(1 << 20), b"")
+            out: list[Record] = []
+            tail, lineno = b"", 0
+            for chunk in chunks:
+                lines = (tail + chunk).split(b"\n")
+                tail = lines.pop()
+                for raw in lines:
+                    lineno += 1
+                    if raw.strip():
+                        out.append(_json_record(lineno, raw, "line"))
+                    if len(out) >= chunk_rows:
+                        yield out
+                        out = []
+            if tail.strip():
+                out.append(_json_record(lineno + 1, tail, "line"))
+            if out:
+                yield out
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if "not found" in str(exc).lower() or "does not exist" in str(exc).lower():
+            raise FileNotFoundError(f"{uri}: no such file") from exc
+        raise StorageError(f"{uri}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
 def _span_rows(rec: dict, post_id: str, text: str, spans, source: str, row: int, context_chars: int,
@@ -248,20 +292,33 @@ def _span_rows(rec: dict, post_id: str, text: str, spans, source: str, row: int,
 
 def read_mention_rows(uri: str, s3_endpoint: str | None = None, detector=None,
                       context_chars: int = DEFAULT_CONTEXT_CHARS) -> pa.Table:
-    """One input file -> mention rows (:data:`MENTION_ROW_SCHEMA`); never raises on bad content."""
+    """One input file -> all its mention rows (:data:`MENTION_ROW_SCHEMA`)."""
+    tables = list(iter_mention_rows(uri, s3_endpoint, detector, context_chars))
+    return pa.concat_tables(tables) if tables else MENTION_ROW_SCHEMA.empty_table()
+
+
+def iter_mention_rows(uri: str, s3_endpoint: str | None = None, detector=None,
+                      context_chars: int = DEFAULT_CONTEXT_CHARS, chunk_rows: int = 1024) -> Iterator[pa.Table]:
+    """One input file -> its mention rows (:data:`MENTION_ROW_SCHEMA`), chunk by chunk; never
+    raises on bad content (bad rows are error rows). Each record is read by its own columns: a
+    ``mention`` column makes it a mentions row, ``post_id`` + ``text`` a post."""
     try:
-        records, columns = _records(uri, s3_endpoint)
+        for records in _iter_records(uri, s3_endpoint, chunk_rows):
+            yield _mention_rows(uri, records, detector, context_chars)
     except FileNotFoundError as exc:  # listed, then gone: the file itself is the bad input
-        records, columns = [(0, None, f"unreadable_file: {exc}")], []
+        yield _mention_rows(uri, [(0, None, f"unreadable_file: {exc}")], detector, context_chars)
     # any other StorageError (throttling, a reset connection) propagates: Ray retries the read
     # task, and a failed job leaves no output claiming the file was handled
-    is_mentions = "mention" in columns
-    is_posts = not is_mentions and "post_id" in columns and "text" in columns
+
+
+def _mention_rows(uri: str, records: list[Record], detector, context_chars: int) -> pa.Table:
     rows: list[dict] = []
     for row, rec, problem in records:
         if rec is None:
             rows.append(_error_row(uri, row, problem))
             continue
+        is_mentions = "mention" in rec
+        is_posts = not is_mentions and "post_id" in rec and "text" in rec
         image, image_error = _image_bytes(rec.get("image"))
         image_uri = _first(rec.get("image_uri"))
         if is_mentions:
@@ -298,8 +355,8 @@ def read_mention_rows(uri: str, s3_endpoint: str | None = None, detector=None,
                 continue
             rows.extend(_span_rows(rec, post_id, text, spans, uri, row, context_chars, image, image_uri, image_error))
         else:
-            rows.append(_error_row(uri, row, "unknown_columns: expected a posts table (post_id, text[, mentions]) or a "
-                                   f"mentions table (mention_id, mention, text); found {', '.join(columns) or 'none'}"))
+            rows.append(_error_row(uri, row, "unknown_columns: expected a posts row (post_id, text[, mentions]) or a "
+                                   f"mentions row (mention_id, mention, text); found {', '.join(sorted(rec)) or 'none'}"))
     for r in rows:  # types a reader cannot be trusted with
         for key in ("start", "end"):
             v = r[key]

@@ -321,10 +321,12 @@ def test_a_dying_shard_actor_is_restarted_and_the_job_completes(s3_index, onnx_m
     monkeypatch.setenv(KILL_SHARD_ONCE_ENV, str(marker))
     test = str(synth_dir / "mentions" / "test.parquet")
     r = run(LinkConfig(model=onnx_model, index=s3_index[0].out, input=test, output=str(tmp_path / "out"),
-                       s3_endpoint=s3_server))
+                       read_chunk_rows=7, s3_endpoint=s3_server))  # the file streamed in 9 chunks
     assert marker.exists()  # an actor did die
     n = pq.read_metadata(test).num_rows
     assert r.summary["counts"]["in"] == n == r.summary["counts"]["ok"]
+    out = read_link_output(r.output)
+    assert out.column("mention_id").to_pylist() == pq.read_table(test).column("mention_id").to_pylist()
 
 
 def test_best_threshold_is_the_max_f1_cut():
@@ -377,3 +379,20 @@ def test_cli_index_and_calibrate_run_through_their_configs(s3_index, onnx_model,
     out = capsys.readouterr().out
     assert code == 0 and "NIL threshold" in out and "not stored" in out
     assert json.loads((Path(onnx_model) / "export.json").read_text())["nil_threshold"] is None
+
+
+def test_input_files_are_streamed_in_chunks_with_their_line_and_row_numbers(tmp_path):
+    from otmel.link_input import iter_mention_rows
+
+    post = {"post_id": "p", "text": "hello Paris", "mentions": [{"mention": "Paris", "start": 6, "end": 11}]}
+    lines = [json.dumps(dict(post, post_id=f"p{i}")) for i in range(2500)] + ["", "{bad"]
+    (tmp_path / "x.jsonl").write_text("\n".join(lines))
+    chunks = list(iter_mention_rows(str(tmp_path / "x.jsonl"), chunk_rows=1000))
+    assert [c.num_rows for c in chunks] == [1000, 1000, 501]
+    last = chunks[-1].to_pylist()[-1]
+    assert last["mention_id"] == f"{tmp_path / 'x.jsonl'}:2502" and last["error"].startswith("bad_json: line 2502")
+    pq.write_table(pa.table({"mention_id": [str(i) for i in range(3000)], "mention": ["a"] * 3000}),
+                   tmp_path / "y.parquet", row_group_size=700)
+    chunks = list(iter_mention_rows(str(tmp_path / "y.parquet"), chunk_rows=1000))
+    assert [c.num_rows for c in chunks] == [1000, 1000, 1000]
+    assert chunks[2].column("source_row").to_pylist() == list(range(2000, 3000))
