@@ -24,12 +24,16 @@ def worker_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k.startswith("OTMEL_")}
 
 
-def init_ray(address: str | None) -> None:
-    """Join ``address`` (a cluster) or start a local instance, unless Ray is already up."""
+def init_ray(address: str | None, log_to_driver: bool = True) -> None:
+    """Join ``address`` (a cluster) or start a local instance, unless Ray is already up.
+
+    ``log_to_driver=False`` keeps workers' logs in the session logs (the demo: Ray Train's
+    per-worker chatter); the driver's progress bars stay.
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=log_to_driver)
     ctx = __import__("ray.data", fromlist=["DataContext"]).DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic output order (files are re-sorted anyway)
     ctx.enable_progress_bars = True
@@ -49,18 +53,14 @@ def gpu_count() -> int:
 def fetch_images(images: list, uris: list, policy) -> tuple[list, list[str | None]]:
     """Image bytes per row: the ``image`` cell, else ``image_uri`` fetched under ``policy``.
 
-    Returns (bytes or None per row, fetch error or None per row). A list of images (posts may
-    carry several) uses the first.
+    Returns (bytes or None per row, fetch error or None per row). Rows carry one image (the
+    link job's read step has already taken a post's first).
     """
     from otmel.image_fetch import ImageFetchError, fetch_image
 
     out, errors = [], []
     fetched: dict[str, tuple[bytes | None, str | None]] = {}  # a post's mentions share its image: fetch once
     for data, uri in zip(images, uris):
-        if isinstance(data, (list, tuple, np.ndarray)) and not isinstance(data, (bytes, bytearray)):
-            data = data[0] if len(data) else None
-        if isinstance(uri, (list, tuple, np.ndarray)):
-            uri = uri[0] if len(uri) else None
         if data is not None and len(data):
             out.append(bytes(data))
             errors.append(None)

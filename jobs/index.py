@@ -23,6 +23,7 @@ that cannot be fetched or decoded indexes the entity on its text (counted).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -214,7 +215,8 @@ def _load_model(cfg: IndexConfig):
 
 
 def build(cfg: IndexConfig) -> IndexResult:
-    from otmel.entity_index import MANIFEST_FILE, STORED_FEATURES, ShardWriter, check_factory, new_manifest, shard_name
+    from otmel.entity_index import (MANIFEST_FILE, STORED_FEATURES, ShardWriter, check_factory, load_manifest, new_manifest,
+                                    shard_name)
     from otmel.jobs.common import init_ray
     from otmel.storage import exists, join, upload_dir
 
@@ -228,7 +230,7 @@ def build(cfg: IndexConfig) -> IndexResult:
     if exists(join(cfg.out, MANIFEST_FILE), cfg.s3_endpoint):
         if not cfg.overwrite:
             raise FileExistsError(f"{cfg.out} already holds an index: use --update to change it, --overwrite to replace it")
-        previous = _remote_manifest(cfg.out, cfg.s3_endpoint)
+        previous = load_manifest(cfg.out, cfg.s3_endpoint)
     # over an existing index, new files get new names: the old manifest stays valid (and its
     # files untouched) until the new one replaces it
     suffix = f"-b{uuid.uuid4().hex[:8]}" if previous else ""
@@ -271,20 +273,16 @@ def update(cfg: IndexConfig) -> IndexResult:
     """Apply a KB change set to an existing index, rebuilding only the shards it touches."""
     import pyarrow.parquet as pq
 
-    from otmel.entity_index import (ALIASES_FILE, MANIFEST_FILE, ShardWriter, check_compatible, read_manifest,
-                                    shard_feature_rows, shard_of)
+    from otmel.entity_index import (ALIASES_FILE, ShardWriter, check_compatible, index_version_of, iter_shard_rows,
+                                    load_manifest, shard_of)
     from otmel.jobs.common import init_ray
     from otmel.storage import join, local_copy, read_bytes, upload_dir
 
     t0 = time.perf_counter()
     backend, dims = _load_model(cfg)
+    manifest = load_manifest(cfg.out, cfg.s3_endpoint)
     with tempfile.TemporaryDirectory(prefix="otmel-index-") as tmp:
         tmp = Path(tmp)
-        try:
-            (tmp / MANIFEST_FILE).write_bytes(read_bytes(join(cfg.out, MANIFEST_FILE), cfg.s3_endpoint))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{cfg.out}: no index to update (no {MANIFEST_FILE})") from None
-        manifest = read_manifest(tmp)
         check_compatible(manifest, backend.model_version, dims["retrieval_key"][0], where=f"index {cfg.out}")
         files = kb_files(cfg.kb, cfg.s3_endpoint)
         changes = read_kb_identity(files, cfg.s3_endpoint, update=True)
@@ -295,21 +293,21 @@ def update(cfg: IndexConfig) -> IndexResult:
         log.info("update of %s: %d changed entities (%d deletions) touch %d of %d shard(s)", cfg.out,
                  len(change_ids), len(deleted), len(touched), num_shards)
         if not touched:
-            return IndexResult(cfg.out, _version(manifest), manifest, [], round(time.perf_counter() - t0, 2))
+            return IndexResult(cfg.out, index_version_of(manifest), manifest, [], round(time.perf_counter() - t0, 2))
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         suffix = f"-u{uuid.uuid4().hex[:8]}"  # unique: never the name of a directory in use
-        previous = json.loads(json.dumps(manifest))
+        previous = copy.deepcopy(manifest)  # for deleting what only it referenced, after the commit
         entries = {e["name"]: e for e in manifest["shards"]}
         writers = {}
         changed = set(change_ids)
         for s in touched:
             name = f"shard-{s:05d}"
             entry = entries[name]
-            with local_copy(join(cfg.out, entry["dir"]), cfg.s3_endpoint) as old_dir:
-                ids, feats = shard_feature_rows(Path(old_dir), entry, manifest)
             writer = ShardWriter(tmp / f"{name}{suffix}", name, manifest["feature_dtype"])
-            keep = np.array([e not in changed for e in ids], dtype=bool)
-            writer.append([e for e, k in zip(ids, keep) if k], {k: v[keep] for k, v in feats.items()})
+            with local_copy(join(cfg.out, entry["dir"]), cfg.s3_endpoint) as old_dir:
+                for ids, feats in iter_shard_rows(Path(old_dir), entry, manifest):  # kept rows, chunk by chunk
+                    keep = np.array([e not in changed for e in ids], dtype=bool)
+                    writer.append([e for e, k in zip(ids, keep) if k], {k: v[keep] for k, v in feats.items()})
             writers[s] = writer
         skipped: Counter = Counter()
         if len(deleted) < len(change_ids):
@@ -343,12 +341,6 @@ def update(cfg: IndexConfig) -> IndexResult:
     return IndexResult(cfg.out, version, manifest, sorted(new_entries), round(time.perf_counter() - t0, 2))
 
 
-def _version(manifest: dict) -> str:
-    from otmel.entity_index import index_version_of
-
-    return index_version_of(manifest)
-
-
 def _upload_file(local: Path, uri: str, s3_endpoint: str | None) -> None:
     from otmel.storage import write_bytes
 
@@ -365,37 +357,24 @@ def _commit_manifest(tmp: Path, manifest: dict, out: str, s3_endpoint: str | Non
     return version
 
 
-def _remote_manifest(out: str, s3_endpoint: str | None) -> dict:
-    from otmel.entity_index import MANIFEST_FILE
-    from otmel.storage import join, read_bytes
-
-    return json.loads(read_bytes(join(out, MANIFEST_FILE), s3_endpoint))
-
-
 def _delete_unreferenced(previous: dict, current: dict, out: str, s3_endpoint: str | None) -> None:
     """After a commit, delete what only the previous manifest referenced (shard dirs, aliases)."""
     from otmel.entity_index import ALIASES_FILE
-    from otmel.storage import join
+    from otmel.storage import StorageError, delete_dir, delete_file, join
 
     keep = {e["dir"] for e in current["shards"]}
-    for entry in previous.get("shards", []):
-        if entry["dir"] not in keep:
-            _delete_dir(join(out, entry["dir"]), s3_endpoint)
+    stale = [join(out, e["dir"]) for e in previous.get("shards", []) if e["dir"] not in keep]
     old_aliases = previous.get("aliases", ALIASES_FILE)
+    for uri in stale:
+        try:
+            delete_dir(uri, s3_endpoint)
+        except StorageError as exc:  # garbage left behind is harmless: log it
+            log.warning("could not delete replaced shard %s: %s", uri, exc)
     if old_aliases != current.get("aliases", ALIASES_FILE):
-        from otmel.link_output import delete
-
-        delete(join(out, old_aliases), s3_endpoint)
-
-
-def _delete_dir(uri: str, s3_endpoint: str | None) -> None:
-    from otmel.storage import resolve
-
-    fs, path = resolve(uri, s3_endpoint)
-    try:
-        fs.delete_dir(path)
-    except (OSError, FileNotFoundError) as exc:  # garbage left behind is harmless: log it
-        log.warning("could not delete replaced shard %s: %s", uri, exc)
+        try:
+            delete_file(join(out, old_aliases), s3_endpoint)
+        except StorageError as exc:
+            log.warning("could not delete the replaced alias table %s: %s", old_aliases, exc)
 
 
 def summary_line(result: IndexResult) -> str:

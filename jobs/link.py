@@ -289,25 +289,15 @@ def load_detector(cfg: LinkConfig, index_dir_uri: str, manifest: dict):
 
 def preflight(cfg: LinkConfig) -> dict:
     """Everything that can fail the whole job, checked before any work."""
-    import tempfile
-    from pathlib import Path
-
     from otmel.backend import load_backend
-    from otmel.entity_index import MANIFEST_FILE, check_compatible, index_version_of, read_manifest
+    from otmel.entity_index import check_compatible, index_version_of, load_manifest
     from otmel.jobs.common import probe_model
     from otmel.link_input import list_input_files
-    from otmel.storage import join, read_bytes
 
     files = list_input_files(cfg.input, cfg.s3_endpoint)
+    manifest = load_manifest(cfg.index, cfg.s3_endpoint)
     backend = load_backend(cfg.model, cfg.s3_endpoint)
     dims = probe_model(backend)
-    try:
-        raw = read_bytes(join(cfg.index, MANIFEST_FILE), cfg.s3_endpoint)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{cfg.index}: not an otmel index (no {MANIFEST_FILE})") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / MANIFEST_FILE).write_bytes(raw)
-        manifest = read_manifest(tmp)
     check_compatible(manifest, backend.model_version, dims["retrieval_query"][0], where=f"index {cfg.index}")
     threshold = cfg.nil_threshold if cfg.nil_threshold is not None else backend.nil_threshold
     if threshold is None:
@@ -351,9 +341,9 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
 
     from otmel.jobs.common import gpu_count, init_ray
     from otmel.link_input import input_stamps
-    from otmel.link_output import SUCCESS_FILE, delete, error_reasons, is_complete, output_name, write_output_file, write_success
+    from otmel.link_output import SUCCESS_FILE, error_reasons, is_complete, output_name, write_output_file, write_success
     from otmel.schemas import LINK_OUTPUT_SCHEMA
-    from otmel.storage import join
+    from otmel.storage import delete_file, join
 
     t0 = time.perf_counter()
     pre = preflight(cfg)
@@ -376,7 +366,7 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
     t_work = time.perf_counter()
     startup = 0.0
     if todo:
-        delete(join(cfg.output, SUCCESS_FILE), cfg.s3_endpoint)  # a stale one must not vouch for this run
+        delete_file(join(cfg.output, SUCCESS_FILE), cfg.s3_endpoint)  # a stale one must not vouch for this run
         init_ray(cfg.address)
         use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
         actors = start_shard_actors(cfg, manifest, use_gpu)

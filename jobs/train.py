@@ -361,6 +361,7 @@ def run(cfg: TrainConfig, ray_init_kwargs: dict | None = None) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     from otmel.factory import create_model
+    from otmel.jobs.common import worker_env
     from otmel.storage import resolve
 
     checks = preflight(cfg)
@@ -383,7 +384,7 @@ def run(cfg: TrainConfig, ray_init_kwargs: dict | None = None) -> TrainResult:
         # the job's actors (Ray Train's controller included) persist to RUN_URI themselves:
         # give them the driver's AWS credential-chain variables
         kwargs = dict(ray_init_kwargs or {})
-        kwargs.setdefault("runtime_env", {"env_vars": _worker_env()})
+        kwargs.setdefault("runtime_env", {"env_vars": worker_env()})
         ray.init(address=cfg.address, **kwargs)
     import ray.data
 
@@ -402,7 +403,7 @@ def run(cfg: TrainConfig, ray_init_kwargs: dict | None = None) -> TrainResult:
                                                       checkpoint_score_order="max")
                            if cfg.eval_every else ray.train.CheckpointConfig(num_to_keep=2)),
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-        worker_runtime_env={"env_vars": _worker_env()},
+        worker_runtime_env={"env_vars": worker_env()},
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -420,13 +421,6 @@ def run(cfg: TrainConfig, ray_init_kwargs: dict | None = None) -> TrainResult:
             best = _uri_of(cfg, max(scored, key=lambda t: t[0])[1])
     latest = find_latest_checkpoint(cfg.run_uri, cfg.s3_endpoint)
     return TrainResult(cfg.run_uri, latest, best or latest, dict(result.metrics or {}), skipped)
-
-
-def _worker_env() -> dict[str, str]:
-    """Environment the workers need from the driver: the AWS credential chain's variables
-    (workers persist checkpoints to S3 themselves) and otmel's knobs/test hooks."""
-    keep = (FAIL_ONCE_ENV, FAIL_STEP_ENV, "OTMEL_TORCH_THREADS")
-    return {k: v for k, v in os.environ.items() if k in keep or k.startswith("AWS_")}
 
 
 def _uri_of(cfg: TrainConfig, checkpoint) -> str:

@@ -73,16 +73,11 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict:
     from otmel.schemas import read_mentions
     from otmel.synth import write_synthetic_dataset
 
-    import ray
+    from otmel.jobs.common import init_ray
 
     out = Path(cfg.out).resolve()
     data = out / "data"
-    if not ray.is_initialized():
-        # the demo's own instance: workers' logs (Ray Train's per-worker data progress, its
-        # controller's chatter) stay in the session logs; the driver keeps the job progress bars
-        from otmel.jobs.common import worker_env
-
-        ray.init(runtime_env={"env_vars": worker_env()}, log_to_driver=False, include_dashboard=False)
+    init_ray(None, log_to_driver=False)  # a quiet local instance: workers' logs go to the session logs
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,21 +85,25 @@ def faiss_gpu_count() -> int:
         return 0
 
 
+def _index_from_factory(factory: str, dim: int):
+    """An empty inner-product index from a factory string (a clear error if FAISS rejects it)."""
+    import faiss
+
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"FAISS factory {factory!r} is not valid for dimension {dim}: "
+                         f"{str(exc).strip().splitlines()[-1]}") from exc
+
+
 def build_faiss(vectors: np.ndarray, factory: str = "Flat", train_size: int = 100_000, seed: int = 0):
     """An inner-product FAISS index over ``vectors (N, R) float32`` from a factory string.
 
     Factories that need training (IVF, PQ, ...) are trained on a random sample of at most
     ``train_size`` vectors; too few vectors for the factory is a clear error.
     """
-    import faiss
-
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    dim = vectors.shape[1]
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise ValueError(f"FAISS factory {factory!r} is not valid for dimension {dim}: "
-                         f"{str(exc).strip().splitlines()[-1]}") from exc
+    index = _index_from_factory(factory, vectors.shape[1])
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         sample = vectors if len(vectors) <= train_size else vectors[rng.choice(len(vectors), train_size, replace=False)]
@@ -120,11 +123,7 @@ def check_factory(factory: str, dim: int, rows_per_shard: int) -> None:
     lists outnumber the vectors a shard will have to train them."""
     import faiss
 
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise ValueError(f"FAISS factory {factory!r} is not valid for dimension {dim}: "
-                         f"{str(exc).strip().splitlines()[-1]}") from exc
+    index = _index_from_factory(factory, dim)
     if index.is_trained:
         return
     try:
@@ -251,14 +250,32 @@ def new_manifest(num_shards: int, factory: str, feature_dtype: str, model_versio
 
 
 # ---------------------------------------------------------------------------- reading
+def _parse_manifest(raw: bytes | str, where: str) -> dict:
+    manifest = json.loads(raw)
+    if manifest.get("format") != FORMAT:
+        raise IndexFormatError(f"{where}: unknown index format {manifest.get('format')!r} (expected {FORMAT})")
+    return manifest
+
+
 def read_manifest(directory: str | Path) -> dict:
+    """The manifest of a LOCAL index directory."""
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         raise IndexFormatError(f"{directory}: not an otmel index (no {MANIFEST_FILE}; an interrupted build leaves none)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise IndexFormatError(f"{path}: unknown index format {manifest.get('format')!r} (expected {FORMAT})")
-    return manifest
+    return _parse_manifest(path.read_text(), str(path))
+
+
+def load_manifest(index_uri: str, s3_endpoint: str | None = None) -> dict:
+    """The manifest of an index anywhere (local or s3://), read without copying the index."""
+    from otmel.storage import join, read_bytes
+
+    uri = join(index_uri, MANIFEST_FILE)
+    try:
+        raw = read_bytes(uri, s3_endpoint)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{index_uri}: not an otmel index (no {MANIFEST_FILE}; an interrupted build "
+                                "leaves none)") from None
+    return _parse_manifest(raw, uri)
 
 
 def check_compatible(manifest: dict, model_version: str, retrieval_dim: int | None = None, where: str = "index") -> None:
@@ -339,15 +356,10 @@ def open_shards(directory: str | Path, verify: bool = False, use_gpu: bool = Tru
     return manifest, [Shard(Path(directory) / s["dir"], s, manifest, verify, use_gpu) for s in manifest["shards"]]
 
 
-def shard_feature_rows(shard_dir: Path, entry: dict, manifest: dict) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Every entity of a shard with its stored features (for rebuilding a shard on update)."""
+def iter_shard_rows(shard_dir: Path, entry: dict, manifest: dict, chunk: int = 8192):
+    """A shard's entities with their stored features, ``chunk`` rows at a time (rebuilding a
+    shard on update reads the memory-mapped files piecewise, never the whole shard)."""
     shard = Shard(shard_dir, entry, manifest, verify=True, use_gpu=False)
-    return list(shard.entity_ids), {n: np.array(shard.features[n]) for n in STORED_FEATURES}
-
-
-def dims_of(features: dict[str, np.ndarray]) -> dict[str, list[int]]:
-    return {name: list(np.asarray(features[name]).shape[1:]) for name in STORED_FEATURES}
-
-
-def disk_bytes(directory: str | Path) -> int:
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(directory) for f in fs)
+    for start in range(0, shard.count, chunk):
+        stop = min(shard.count, start + chunk)
+        yield list(shard.entity_ids[start:stop]), {n: np.asarray(shard.features[n][start:stop]) for n in STORED_FEATURES}

@@ -290,13 +290,6 @@ def _span_rows(rec: dict, post_id: str, text: str, spans, source: str, row: int,
     return rows
 
 
-def read_mention_rows(uri: str, s3_endpoint: str | None = None, detector=None,
-                      context_chars: int = DEFAULT_CONTEXT_CHARS) -> pa.Table:
-    """One input file -> all its mention rows (:data:`MENTION_ROW_SCHEMA`)."""
-    tables = list(iter_mention_rows(uri, s3_endpoint, detector, context_chars))
-    return pa.concat_tables(tables) if tables else MENTION_ROW_SCHEMA.empty_table()
-
-
 def iter_mention_rows(uri: str, s3_endpoint: str | None = None, detector=None,
                       context_chars: int = DEFAULT_CONTEXT_CHARS, chunk_rows: int = 1024) -> Iterator[pa.Table]:
     """One input file -> its mention rows (:data:`MENTION_ROW_SCHEMA`), chunk by chunk; never

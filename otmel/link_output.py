@@ -89,20 +89,6 @@ def error_reasons(table: pa.Table) -> dict[str, int]:
     return dict(Counter(e.split(":")[0] for e in table.column("error").to_pylist() if e))
 
 
-def delete(uri: str, s3_endpoint: str | None = None) -> None:
-    """Remove one file if it exists."""
-    from otmel.storage import StorageError, resolve
-
-    fs, path = resolve(uri, s3_endpoint)
-    try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        if "not found" not in str(exc).lower() and "does not exist" not in str(exc).lower():
-            raise StorageError(f"{uri}: cannot delete: {exc}") from exc
-
-
 def write_success(out_uri: str, summary: dict, s3_endpoint: str | None = None) -> str:
     from otmel.storage import join, write_bytes
 

@@ -142,6 +142,29 @@ def upload_dir(local_dir: str | Path, uri: str, s3_endpoint: str | None = None) 
         raise _wrap(uri, exc) from exc
 
 
+def delete_file(uri: str, s3_endpoint: str | None = None) -> None:
+    """Remove one file; absent is fine."""
+    fs, path = resolve(uri, s3_endpoint)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass  # nothing to delete
+    except OSError as exc:
+        if "not found" not in str(exc).lower() and "does not exist" not in str(exc).lower():
+            raise _wrap(uri, exc) from exc
+
+
+def delete_dir(uri: str, s3_endpoint: str | None = None) -> None:
+    """Remove a directory tree (an S3 prefix); absent is fine."""
+    fs, path = resolve(uri, s3_endpoint)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass  # nothing to delete
+    except OSError as exc:
+        raise _wrap(uri, exc) from exc
+
+
 def download_dir(uri: str, dest: str | Path, s3_endpoint: str | None = None) -> Path:
     """Copy a remote (or local) directory tree into ``dest`` (one copy, no staging)."""
     fs, path = resolve(uri, s3_endpoint)

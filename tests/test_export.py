@@ -131,7 +131,7 @@ def test_trained_kd_model_ranks_identically_through_onnx(trained_run, tmp_path):
         keys = ("input_ids", "attention_mask", "pixel_values", "has_image")
         ef = be.encode({k: getattr(eb, k) for k in keys})
         mf = be.encode({k: getattr(mb, k) for k in keys})
-        E, M = len(eb), len(mb)
+        M = len(mb)
         grid = {n: np.broadcast_to(v[None], (M, *v.shape)) for n, v in ef.items()}
         scores = be.score(mf, grid)["overall"]  # (M, E)
         rankings.append(np.argsort(-scores, axis=1, kind="stable")[:, :5])

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import math
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from otmel.jobs.train import TrainConfig, find_latest_checkpoint, preflight, run
+from otmel.jobs.train import TrainConfig, preflight, run
 
 
 def _state(ckpt_uri: str, s3_endpoint=None) -> dict:
