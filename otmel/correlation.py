@@ -51,16 +51,37 @@ class Assignment:
     key_mask: torch.Tensor
 
 
+def _full_precision(x: torch.Tensor) -> torch.dtype:
+    """fp32 for half/bfloat16 (and fp32) inputs, fp64 kept."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def cosine_cost(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """eq. 10: ``C_ij = (1 - cos(Q_i, K_j)) / 2``; query (..., n, d), key (..., m, d) -> (..., n, m)."""
-    q = query * torch.rsqrt((query * query).sum(-1, keepdim=True) + 1e-12)
-    k = key * torch.rsqrt((key * key).sum(-1, keepdim=True) + 1e-12)
-    return (1.0 - q @ k.transpose(-1, -2)) * 0.5
+    """eq. 10: ``C_ij = (1 - cos(Q_i, K_j)) / 2``; query (..., n, d), key (..., m, d) -> (..., n, m).
+
+    Always computed in fp32 (fp64 for fp64 inputs), with autocast disabled: the Sinkhorn
+    divides C by epsilon = 0.05, so a bf16 matmul here (spacing 2^-8 near 1) would move the
+    plan's entries by ~1% median, up to 6%, before the fp32 iterations even start.
+    """
+    dtype = torch.promote_types(_full_precision(query), key.dtype)
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        q, k = query.to(dtype), key.to(dtype)
+        q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-12)
+        k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-12)
+        return (1.0 - q @ k.transpose(-1, -2)) * 0.5
 
 
-def attention_logits(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """eq. 7: ``S = Q K^T / sqrt(d)``; query (..., n, d), key (..., m, d) -> (..., n, m)."""
-    return (query @ key.transpose(-1, -2)) / math.sqrt(query.shape[-1])
+def attention_logits(query: torch.Tensor, key: torch.Tensor, full_precision: bool = False) -> torch.Tensor:
+    """eq. 7: ``S = Q K^T / sqrt(d)``; query (..., n, d), key (..., m, d) -> (..., n, m).
+
+    ``full_precision``: fp32 (fp64 kept) with autocast disabled, for the logits that KD
+    trains towards the fp32 OT plan (eq. 28); attention used as attention follows autocast.
+    """
+    if not full_precision:
+        return (query @ key.transpose(-1, -2)) / math.sqrt(query.shape[-1])
+    dtype = torch.promote_types(_full_precision(query), key.dtype)
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        return (query.to(dtype) @ key.to(dtype).transpose(-1, -2)) / math.sqrt(query.shape[-1])
 
 
 def masked_attention(logits: torch.Tensor, query_mask: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
@@ -95,7 +116,8 @@ def assign(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    logits = attention_logits(query, key) if (with_logits or method == "att") else None
+    # the logits a KD student is trained on (with_logits) are fp32, like its OT teacher
+    logits = attention_logits(query, key, full_precision=with_logits) if (with_logits or method == "att") else None
     if method == "att":
         weights = masked_attention(logits, query_mask, key_mask)  # (..., n, m)
         transported = weights @ value  # (..., n, d)

@@ -208,6 +208,9 @@ class CLIPFeatureEncoder(nn.Module):
 def _unit(x: torch.Tensor) -> torch.Tensor:
     # written as x * rsqrt(sum x^2 + eps) rather than F.normalize so the ONNX export is a
     # plain ReduceSum/Sqrt chain and a zero vector (masked image) stays exactly zero.
+    # In fp32 at least: under fp16 autocast eps = 1e-12 rounds to 0 and a zero vector
+    # would become 0 * inf = NaN (a no-op for fp32 inputs, so nothing changes in the export).
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-12)
 
 

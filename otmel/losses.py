@@ -103,8 +103,17 @@ def distillation_kl(assignment: Assignment, target: str = "plan") -> torch.Tenso
     """
     if assignment.logits is None:
         raise ValueError("distillation needs the attention logits (assign(..., with_logits=True))")
-    plan = assignment.weights.detach()  # the teacher: no gradient into the OT path
-    S = assignment.logits
+    with torch.autocast(device_type=assignment.logits.device.type, enabled=False):
+        return _distillation_kl_fp32(assignment, target)
+
+
+def _distillation_kl_fp32(assignment: Assignment, target: str) -> torch.Tensor:
+    """The body of :func:`distillation_kl` in fp32 (fp64 kept): plans sum to ~1e-3 per
+    entry and the row normaliser is clamped at 1e-30, which is 0 in fp16 (0/0 = NaN on
+    padded rows), so the KL is never computed in a reduced precision."""
+    dtype = torch.promote_types(assignment.logits.dtype, torch.float32)
+    plan = assignment.weights.detach().to(dtype)  # the teacher: no gradient into the OT path
+    S = assignment.logits.to(dtype)
     qm = assignment.query_mask.unsqueeze(-1)  # (..., n, 1)
     km = assignment.key_mask.unsqueeze(-2)  # (..., 1, m)
     plan, S = torch.broadcast_tensors(plan, S)
