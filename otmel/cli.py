@@ -106,7 +106,13 @@ def cmd_evaluate(args) -> int:
         model, pre = load_model(ckpt_dir)
     kb, mentions = load_split(args.data, args.split, args.s3_endpoint)
     metrics = evaluate(model, pre, mentions, kb, batch_size=args.batch_size, retrieve=args.retrieve)
-    _print(f"{args.split} ({metrics['count']} mentions, {metrics['entities']} entities): {format_metrics(metrics)}")
+    skipped = metrics["skipped_unknown_gold"] + metrics["skipped_unusable"]
+    _print(f"{args.split}: N = {metrics['count']} mentions ({skipped} skipped and counted as misses: "
+           f"{metrics['skipped_unknown_gold']} gold not in the KB, {metrics['skipped_unusable']} unusable), "
+           f"{metrics['entities']} entities; ranks count ties against the model")
+    _print(f"  {format_metrics(metrics)}")
+    _print(f"  {metrics['tied_golds']} gold(s) tied with another entity; H@1 with ties broken at random: "
+           f"{100 * metrics['H@1_random_ties']:.2f}")
     out = args.out or join(args.checkpoint, f"eval-{args.split}.json")
     if not is_remote(out):
         out = str(Path(out))

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from otmel.metrics import ranking_metrics
+from otmel.metrics import gold_rank_counts, ranking_metrics
 from otmel.model import ENTITY_FEATURES, MENTION_FEATURES, OTMEL
 from otmel.preprocessing import IssueCounter, Preprocessor
 
@@ -69,11 +69,12 @@ class EvalResult:
 
 @torch.inference_mode()
 def rank_exhaustive(model: OTMEL, mention_feats, entity_feats, gold: torch.Tensor,
-                    mention_chunk: int = 64, entity_chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Gold ranks and top-1 KB rows under the full S_O against every entity."""
+                    mention_chunk: int = 64, entity_chunk: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gold ranks under the full S_O against every entity (``otmel.metrics``: ties against,
+    a non-finite gold is a miss), the competitors tied with each gold, and top-1 KB rows."""
     M = gold.shape[0]
     E = entity_feats["fused"].shape[0]
-    ranks, top1 = np.empty(M), np.empty(M, dtype=np.int64)
+    ranks, tied, top1 = np.empty(M), np.empty(M, dtype=np.int64), np.empty(M, dtype=np.int64)
     for ms in range(0, M, mention_chunk):
         m = _take(mention_feats, torch.arange(ms, min(M, ms + mention_chunk)))
         block = torch.cat([
@@ -81,40 +82,45 @@ def rank_exhaustive(model: OTMEL, mention_feats, entity_feats, gold: torch.Tenso
             for es in range(0, E, entity_chunk)
         ], dim=1)  # (m, E)
         g = gold[ms:ms + mention_chunk]
-        gold_score = block[torch.arange(block.shape[0]), g].unsqueeze(1)
-        ranks[ms:ms + len(g)] = (block >= gold_score).sum(1).numpy()
-        top1[ms:ms + len(g)] = block.argmax(1).numpy()
-    return ranks, top1
+        rows = torch.arange(block.shape[0])
+        is_gold = torch.zeros_like(block, dtype=torch.bool)
+        is_gold[rows, g] = True
+        beaten, t = gold_rank_counts(block, block[rows, g], is_gold)
+        ranks[ms:ms + len(g)] = 1.0 + beaten + t
+        tied[ms:ms + len(g)] = t
+        top1[ms:ms + len(g)] = block.nan_to_num(nan=-float("inf")).argmax(1).numpy()
+    return ranks, tied, top1
 
 
 @torch.inference_mode()
 def rank_retrieve_rerank(model: OTMEL, mention_feats, entity_feats, entity_keys: torch.Tensor,
                          mention_queries: torch.Tensor, gold: torch.Tensor, k: int,
-                         mention_chunk: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         mention_chunk: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Stage 1 top-k by q.k, stage 2 full S_O on the candidates.
 
-    Returns (gold ranks among the reranked candidates (inf if not retrieved), top-1 KB rows,
-    candidate KB rows (M, k)).
+    Returns (gold ranks among the reranked candidates (inf if not retrieved or not finite),
+    competitors tied with the gold, top-1 KB rows, candidate KB rows (M, k)).
     """
     M = gold.shape[0]
     k = min(k, entity_keys.shape[0])
-    ranks, top1 = np.empty(M), np.empty(M, dtype=np.int64)
+    ranks, tied, top1 = np.empty(M), np.empty(M, dtype=np.int64), np.empty(M, dtype=np.int64)
     cands = np.empty((M, k), dtype=np.int64)
     for ms in range(0, M, mention_chunk):
         idx = torch.arange(ms, min(M, ms + mention_chunk))
         stage1 = mention_queries[idx] @ entity_keys.T  # (m, E)
         cand = stage1.topk(k, dim=1).indices  # (m, k)
         scores = model.score(_take(mention_feats, idx), _take(entity_feats, cand)).overall  # (m, k)
-        g = gold[idx]
-        is_gold = cand == g.unsqueeze(1)  # (m, k)
+        is_gold = cand == gold[idx].unsqueeze(1)  # (m, k)
         found = is_gold.any(1)
-        gold_score = torch.where(is_gold, scores, torch.full_like(scores, float("inf"))).min(1).values
-        r = (scores >= gold_score.unsqueeze(1)).sum(1).double()
-        r[~found] = float("inf")
-        ranks[idx.numpy()] = r.numpy()
-        top1[idx.numpy()] = cand[torch.arange(len(idx)), scores.argmax(1)].numpy()
+        gold_score = torch.where(is_gold, scores, torch.zeros_like(scores)).sum(1)  # one gold column per row
+        gold_score[~found] = float("nan")  # not retrieved: a miss
+        beaten, t = gold_rank_counts(scores, gold_score, is_gold)
+        ranks[idx.numpy()] = 1.0 + beaten + t
+        tied[idx.numpy()] = t
+        best = scores.nan_to_num(nan=-float("inf")).argmax(1)
+        top1[idx.numpy()] = cand[torch.arange(len(idx)), best].numpy()
         cands[idx.numpy()] = cand.numpy()
-    return ranks, top1, cands
+    return ranks, tied, top1, cands
 
 
 def evaluate(
@@ -127,14 +133,18 @@ def evaluate(
     entity_chunk: int = 512,
     retrieve: int | None = None,
     compare_exhaustive: bool = True,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """H@1/3/5 and MRR of ``mentions`` against all entities of ``kb``.
+    """H@1/3/5 and MRR of ``mentions`` against all entities of ``kb`` (``otmel.metrics``).
 
     Mentions whose gold entity is unknown to the KB, or that cannot be encoded (empty
-    mention), are excluded and counted in ``skipped_*`` keys of the result.
+    mention), are not scored: they stay in the count N as misses (rank inf) and are
+    counted in ``skipped_*`` keys, so skipping can never raise H@k. Also reported:
+    ``tied_golds`` and ``H@1_random_ties`` (ties broken at random with ``seed``).
     With ``retrieve=K``: metrics of retrieve-then-rerank, plus ``recall@K`` (gold among the
-    candidates) and, if ``compare_exhaustive``, ``recall@K_top1`` (the exhaustive top-1 among
-    the candidates) and the exhaustive metrics under ``exhaustive_*``.
+    candidates, over the scored mentions) and, if ``compare_exhaustive``, ``recall@K_top1``
+    (the exhaustive top-1 among the candidates) and the exhaustive metrics under
+    ``exhaustive_*``.
     """
     t0 = time.perf_counter()
     issues = IssueCounter()
@@ -154,23 +164,30 @@ def evaluate(
     if gold.numel() == 0:
         raise ValueError("no mention to evaluate (all gold ids unknown or rows unusable)")
     t_enc = time.perf_counter() - t0
+    skipped = skipped_unknown + skipped_bad
+
+    def metrics_of(ranks: np.ndarray, tied: np.ndarray) -> dict[str, float]:
+        """Over every input mention: the skipped ones appended as misses."""
+        return ranking_metrics(np.r_[ranks, np.full(skipped, np.inf)], tied=np.r_[tied, np.zeros(skipped, np.int64)],
+                               seed=seed)
 
     result: dict[str, float] = {}
     if retrieve is None or compare_exhaustive:
-        ranks_x, top1_x = rank_exhaustive(model, mention_feats, entity_feats, gold, mention_chunk, entity_chunk)
-        exhaustive = ranking_metrics(ranks_x)
+        ranks_x, tied_x, top1_x = rank_exhaustive(model, mention_feats, entity_feats, gold, mention_chunk, entity_chunk)
+        exhaustive = metrics_of(ranks_x, tied_x)
     if retrieve is None:
         result.update(exhaustive)
     else:
-        ranks_r, _, cands = rank_retrieve_rerank(
+        ranks_r, tied_r, _, cands = rank_retrieve_rerank(
             model, mention_feats, entity_feats, entity_feats["retrieval_key"],
             mention_feats["retrieval_query"], gold, retrieve, mention_chunk)
-        result.update(ranking_metrics(ranks_r))
+        result.update(metrics_of(ranks_r, tied_r))
         result[f"recall@{retrieve}"] = float(np.mean((cands == gold.numpy()[:, None]).any(1)))
         if compare_exhaustive:
             result[f"recall@{retrieve}_top1"] = float(np.mean((cands == top1_x[:, None]).any(1)))
             result.update({f"exhaustive_{k}": v for k, v in exhaustive.items() if k != "count"})
     result["entities"] = int(kb.num_rows)
+    result["scored"] = int(gold.numel())
     result["skipped_unknown_gold"] = int(skipped_unknown)
     result["skipped_unusable"] = skipped_bad
     result["encode_seconds"] = round(t_enc, 3)

@@ -24,6 +24,23 @@ def test_ranks_count_ties_against_the_model():
     assert ranks_from_scores(torch.zeros(2, 5), torch.tensor([0, 3])).tolist() == [5, 5]
 
 
+def test_non_finite_scores_cannot_flatter_the_model():
+    nan, inf = float("nan"), float("inf")
+    scores = torch.tensor([
+        [nan, 0.1, 0.2],   # NaN gold: a miss, not rank 1
+        [inf, 0.1, 0.2],   # +inf gold: a miss
+        [0.5, nan, 0.1],   # a NaN competitor counts against the gold
+        [0.5, -inf, inf],  # so do infinite ones, whatever their sign
+        [0.5, 0.1, 0.2],   # a clean row for reference
+    ])
+    gold = torch.zeros(5, dtype=torch.long)
+    ranks = ranks_from_scores(scores, gold).tolist()
+    assert ranks == [inf, inf, 2, 3, 1]
+    m = ranking_metrics(ranks)
+    assert m["H@1"] == pytest.approx(0.2) and np.isfinite(m["MRR"]) and m["MRR"] <= 1
+    assert m["misses"] == 2
+
+
 def test_hits_and_mrr():
     m = ranking_metrics([1, 2, 3, 6, float("inf")])
     assert m["H@1"] == pytest.approx(0.2)
@@ -32,6 +49,28 @@ def test_hits_and_mrr():
     assert m["MRR"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 6 + 0) / 5)
     with pytest.raises(ValueError):
         ranking_metrics([])
+
+
+def test_ties_are_reported_and_broken_at_random_reproducibly():
+    from otmel.metrics import gold_rank_counts
+
+    # 2000 mentions whose gold ties with exactly one competitor at the top: ties-against
+    # H@1 is 0, random tie-breaking gives ~0.5 (the argsort protocol would give 1 or 0)
+    M = 2000
+    scores = torch.zeros(M, 3)
+    scores[:, :2] = 1.0
+    is_gold = torch.zeros(M, 3, dtype=torch.bool)
+    is_gold[:, 0] = True
+    beaten, tied = gold_rank_counts(scores, scores[:, 0], is_gold)
+    assert (beaten == 0).all() and (tied == 1).all()
+    ranks = 1 + beaten + tied
+    m = ranking_metrics(ranks, tied=tied, seed=7)
+    assert m["H@1"] == 0.0 and m["tied_golds"] == M
+    assert 0.45 < m["H@1_random_ties"] < 0.55
+    assert ranking_metrics(ranks, tied=tied, seed=7)["H@1_random_ties"] == m["H@1_random_ties"]
+    # without ties the random figure is the headline
+    clean = ranking_metrics([1, 2, 1, np.inf], tied=[0, 0, 0, 3])
+    assert clean["H@1_random_ties"] == clean["H@1"] == 0.5 and clean["tied_golds"] == 0
 
 
 # ---------------------------------------------------------------------------- rank functions
@@ -51,7 +90,7 @@ def test_chunked_ranks_equal_unchunked(encoded):
     full = model.score(m, e).overall
     expected = ranks_from_scores(full, gold).numpy()
     for mc, ec in [(9, 13), (4, 5), (1, 1), (2, 7)]:
-        ranks, top1 = rank_exhaustive(model, m, e, gold, mention_chunk=mc, entity_chunk=ec)
+        ranks, _, top1 = rank_exhaustive(model, m, e, gold, mention_chunk=mc, entity_chunk=ec)
         np.testing.assert_array_equal(ranks, expected)
         np.testing.assert_array_equal(top1, full.argmax(1).numpy())
 
@@ -68,9 +107,10 @@ def test_rerank_scores_equal_exhaustive_for_the_same_pairs(encoded):
 def test_retrieve_all_entities_equals_exhaustive(encoded):
     model, m, e, gold = encoded
     E = e["fused"].shape[0]
-    ranks_x, top1_x = rank_exhaustive(model, m, e, gold)
-    ranks_r, top1_r, cands = rank_retrieve_rerank(model, m, e, e["retrieval_key"], m["retrieval_query"], gold, k=E)
+    ranks_x, tied_x, top1_x = rank_exhaustive(model, m, e, gold)
+    ranks_r, tied_r, top1_r, cands = rank_retrieve_rerank(model, m, e, e["retrieval_key"], m["retrieval_query"], gold, k=E)
     np.testing.assert_array_equal(ranks_r, ranks_x)
+    np.testing.assert_array_equal(tied_r, tied_x)
     np.testing.assert_array_equal(top1_r, top1_x)
     assert cands.shape == (9, E)
 
@@ -82,7 +122,7 @@ def test_topk_identical_when_exhaustive_topk_is_inside_the_candidates(encoded):
     exhaustive_topk = full.topk(k_top, dim=1).indices
     checked = 0
     for K in (5, 8, 11, 13):
-        _, _, cands = rank_retrieve_rerank(model, m, e, e["retrieval_key"], m["retrieval_query"], gold, k=K)
+        _, _, _, cands = rank_retrieve_rerank(model, m, e, e["retrieval_key"], m["retrieval_query"], gold, k=K)
         cands = torch.from_numpy(cands)
         inside = torch.stack([torch.isin(exhaustive_topk[i], cands[i]).all() for i in range(len(cands))])
         reranked = model.score(m, {k: v[cands] for k, v in e.items()}).overall
@@ -143,7 +183,12 @@ def test_evaluate_counts_unknown_gold_and_unusable_rows():
     r = evaluate(model, pre, mentions, kb)
     assert r["skipped_unknown_gold"] == 1
     assert r["skipped_unusable"] == 1
-    assert r["count"] == mentions.num_rows - 2
+    # skipped mentions stay in N as misses: dropping them would raise H@k
+    assert r["count"] == mentions.num_rows and r["scored"] == mentions.num_rows - 2
+    assert r["misses"] >= 2
+    full = evaluate(model, pre, mentions.slice(2), kb)  # the same scored mentions, none skipped
+    assert r["H@1"] == pytest.approx(full["H@1"] * full["count"] / r["count"])
+    assert r["MRR"] == pytest.approx(full["MRR"] * full["count"] / r["count"])
 
 
 # ---------------------------------------------------------------------------- preprocessing
