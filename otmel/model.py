@@ -54,8 +54,8 @@ FEATURE_SHAPES = {
     "text_summary_proj": "(B, d) t projected to d (paired with the pooled g_m in eq. 24)",
     "vision_summary_proj": "(B, d)",
     "fused": "(B, 2d) g^t (+) g^v, eq. 18",
-    "retrieval_query": "(B, R) [g, t/2, v/2] / 3",
-    "retrieval_key": "(B, R) [g, t, v]",
+    "retrieval_query": "(B, R) stage-1 query, see OTMEL.retrieval_vectors",
+    "retrieval_key": "(B, R) stage-1 key; R = 2(d + P) (zeros) or 3(d + P) (mask)",
 }
 FEATURE_NAMES = tuple(FEATURE_SHAPES)
 #: what an entity needs at score time (stored beside each index shard)
@@ -210,6 +210,7 @@ class OTMEL(nn.Module):
         tq, tk, tv = self.text_unimodal(T)  # (B, Lt, d) x3
         vq, vk, vv = self.vision_unimodal(V)  # (B, Lv, d) x3
         t, v = tf.text_summary, tf.vision_summary  # (B, P)
+        query, key = self.retrieval_vectors(g_t, g_v, t, v, has_image)
         features = {
             "text_mask": tmask,
             "vision_mask": vmask,
@@ -225,13 +226,48 @@ class OTMEL(nn.Module):
             "text_summary_proj": self.text_summary_to_dim(t),
             "vision_summary_proj": self.vision_summary_to_dim(v),
             "fused": fused,
-            # stage 1 (DESIGN.md): q.k = (S_F + <t_m,t_e>/2 + <v_m,v_e>/2) / 3, the part of
-            # S_O that each side computes alone
-            "retrieval_query": torch.cat([fused, t * 0.5, v * 0.5], dim=-1) / 3.0,
-            "retrieval_key": torch.cat([fused, t, v], dim=-1),
+            "retrieval_query": query,
+            "retrieval_key": key,
         }
         kd_assignments = [a_vt, a_tv] if distill else []
         return features, kd_assignments
+
+    def retrieval_vectors(self, g_t, g_v, t, v, has_image) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage-1 vectors (DESIGN.md "Retrieval then rerank"): ``q_m . k_e`` is exactly the
+        part of S_O each side computes alone, for every pair,
+
+            (S_F + <t_m,t_e>/2 + valid <v_m,v_e>/2) / (2 + valid),
+
+        where ``valid`` says whether S_V counts for the pair (always under ``missing_image =
+        zeros``; both sides have an image under ``mask``, where S_O renormalises to
+        (S_F + S_T)/2 otherwise).
+
+        zeros: ``q = [g, t/2, v/2] / 3``, ``k = [g, t, v]`` (R = 2d + 2P).
+
+        mask: the text part's factor depends on BOTH sides (1/3 when both have an image,
+        1/2 otherwise), a rank-2 table, so the key carries the text block twice, once per
+        kind of entity, and the query scales each copy for that kind (R = 3(d + P)):
+
+            q = [a_m T_m, T_m / 2, V_m / 3],   k = [i_e T_e, (1 - i_e) T_e, V_e]
+            T_m = [g^t_m, t_m/2], V_m = [g^v_m, v_m/2], T_e = [g^t_e, t_e], V_e = [g^v_e, v_e]
+
+        with ``i = has_image`` and ``a_m = 1/3`` if the mention has an image, else 1/2. The
+        visual block is zero whenever a side has no image (masked tokens pool to zero, the
+        summary is zeroed), so it never contributes to a pair without S_V. One index serves
+        every pair exactly; the price is 1.5x wider stage-1 vectors under ``mask``.
+
+        g_t, g_v : (B, d)   t, v : (B, P)   has_image : (B,)   ->   (query, key), each (B, R)
+        """
+        if self.config.missing_image == "zeros":
+            g = torch.cat([g_t, g_v], dim=-1)  # (B, 2d)
+            return torch.cat([g, t * 0.5, v * 0.5], dim=-1) / 3.0, torch.cat([g, t, v], dim=-1)
+        image = has_image.bool().to(g_t.dtype)[:, None]  # (B, 1)
+        text_m, vision_m = torch.cat([g_t, t * 0.5], dim=-1), torch.cat([g_v, v * 0.5], dim=-1)  # (B, d + P)
+        text_e, vision_e = torch.cat([g_t, t], dim=-1), torch.cat([g_v, v], dim=-1)
+        a_m = 0.5 - image / 6.0  # 1/3 with an image, 1/2 without
+        query = torch.cat([a_m * text_m, 0.5 * text_m, vision_m / 3.0], dim=-1)  # (B, 3(d + P))
+        key = torch.cat([image * text_e, (1.0 - image) * text_e, vision_e], dim=-1)  # (B, 3(d + P))
+        return query, key
 
     # ------------------------------------------------------------------ score
     def score(self, mention: dict[str, torch.Tensor], entity: dict[str, torch.Tensor]) -> MatchScores:
@@ -265,12 +301,17 @@ class OTMEL(nn.Module):
         return MatchScores(S_O, S_F, S_T, S_V, valid), ([a_t, a_v] if distill else [])
 
     def separable_score(self, mention: dict[str, torch.Tensor], entity: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The stage-1 part of S_O: (S_F + <t_m,t_e>/2 + <v_m,v_e>/2) / 3 (grid or candidates)."""
-        return (
-            fused_score(mention["fused"], entity["fused"])
-            + 0.5 * summary_score(mention["text_summary"], entity["text_summary"])
-            + 0.5 * summary_score(mention["vision_summary"], entity["vision_summary"])
-        ) / 3.0
+        """The stage-1 part of S_O (grid or candidates):
+        (S_F + <t_m,t_e>/2 + valid <v_m,v_e>/2) / (2 + valid), ``valid`` as in :meth:`score`."""
+        S_F = fused_score(mention["fused"], entity["fused"])
+        if self.config.missing_image == "mask":
+            e_img = entity["has_image"].bool()
+            valid = mention["has_image"].bool()[:, None] & (e_img[None, :] if e_img.dim() == 1 else e_img)
+        else:
+            valid = torch.ones_like(S_F, dtype=torch.bool)
+        v = valid.to(S_F.dtype)
+        return (S_F + 0.5 * summary_score(mention["text_summary"], entity["text_summary"])
+                + v * 0.5 * summary_score(mention["vision_summary"], entity["vision_summary"])) / (2.0 + v)
 
     # ------------------------------------------------------------------ train
     def forward(self, mention_inputs: dict, entity_inputs: dict, mention_entity_ids: list[str],

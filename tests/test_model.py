@@ -82,7 +82,8 @@ def test_encode_shapes_and_padding_invariance(missing_image):
     assert f["text_query"].shape == (5, TEXT_LENGTH, d)
     assert f["vision_key"].shape == (5, Lv, d)
     assert f["fused"].shape == (5, 2 * d)
-    assert f["retrieval_query"].shape == f["retrieval_key"].shape == (5, 2 * d + 2 * P)
+    R = 2 * (d + P) if missing_image == "zeros" else 3 * (d + P)  # mask: the text block twice
+    assert f["retrieval_query"].shape == f["retrieval_key"].shape == (5, R)
     # changing padded token ids (and, under mask, the pixels of image-less rows) changes nothing
     x2 = dict(x)
     x2["input_ids"] = torch.where(x["attention_mask"].bool(), x["input_ids"], torch.randint(2, 400, x["input_ids"].shape))
@@ -146,23 +147,32 @@ def test_missing_image_mask_drops_visual_score_and_renormalises():
 
 
 @pytest.mark.parametrize("missing_image", ["zeros", "mask"])
-def test_stage1_inner_product_is_the_separable_part_of_S_O(missing_image):
+def test_stage1_inner_product_is_the_separable_part_of_S_O_for_every_pair(missing_image):
+    """q.k == S_O minus its pair-dependent OT halves, for pairs with and without images on
+    either side (half of the mentions and half of the entities have none)."""
     model, _ = make_model("ot", missing_image=missing_image)
     model.eval()
     with torch.no_grad():
-        m = model.encode(**random_inputs(4, seed=4))
-        e = model.encode(**random_inputs(5, seed=5))
+        m = model.encode(**random_inputs(8, seed=4, image_rate=0.5))
+        e = model.encode(**random_inputs(10, seed=5, image_rate=0.5))
         s = model.score(m, e)
         qk = m["retrieval_query"] @ e["retrieval_key"].T
-        t_term = 0.5 * m["text_summary"] @ e["text_summary"].T
+        t_term = 0.5 * m["text_summary"] @ e["text_summary"].T  # the summary half of S_T (eq. 24)
         v_term = 0.5 * m["vision_summary"] @ e["vision_summary"].T
+    valid = s.visual_valid.to(qk.dtype)
+    if missing_image == "mask":  # the data has every kind of pair
+        kinds = {(bool(a), bool(b)) for a in m["has_image"] for b in e["has_image"]}
+        assert kinds == {(True, True), (True, False), (False, True), (False, False)}
+        assert 0 < valid.mean() < 1
+    # S_O = (S_F + S_T + valid S_V) / (2 + valid); stage 1 drops the OT halves of S_T and S_V
+    ot_halves = (s.text - t_term) + valid * (s.visual - v_term)
+    separable = s.overall - ot_halves / (2 + valid)
+    torch.testing.assert_close(qk, separable, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(qk, model.separable_score(m, e), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(qk, (s.fused + t_term + v_term) / 3, atol=1e-5, rtol=1e-5)
-    # what stage 1 leaves out is exactly the pair-dependent OT halves of S_T and S_V
-    valid = s.visual_valid
-    ot_halves = (s.text - t_term) + (s.visual - v_term)
-    full = (s.fused + s.text + s.visual) / 3
-    torch.testing.assert_close(full[valid] - qk[valid], ot_halves[valid] / 3, atol=1e-5, rtol=1e-5)
+    # candidates layout: the same numbers for the same pairs
+    idx = torch.tensor([[0, 3, 9], [1, 1, 2], [5, 4, 0], [8, 7, 6], [2, 2, 2], [9, 0, 1], [3, 6, 8], [4, 5, 7]])
+    cand = model.separable_score(m, {k: v[idx] for k, v in e.items()})
+    torch.testing.assert_close(cand, torch.gather(separable, 1, idx), atol=1e-5, rtol=1e-5)
 
 
 def test_kd_model_uses_ot_in_training_and_attention_at_inference():
