@@ -89,10 +89,10 @@ def main() -> None:
         torch.manual_seed(0)
         model, pre = create_model(ModelConfig(mode="kd", text_length=24, **TINY), tiny=True, words=SYNTH_VOCABULARY)
         pairs = PairDataset(train, kb, pre)
-        opt, sched = make_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=10,
+        opt, sched = make_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=10, schedule="cosine",
                                                        total_steps=args.epochs * (len(pairs) // 32)))
         for epoch in range(args.epochs):
-            train_epoch(model, pairs, opt, 32, sched, seed=epoch)
+            train_epoch(model, pairs, opt, 32, sched, epoch=epoch, grad_clip=1.0)
         ckpt = save_model(model, pre, tmp / "ckpt")
         variants = [
             ("PyTorch, kd (attention)", lambda: TorchBackend.from_checkpoint(ckpt)),

@@ -51,9 +51,9 @@ def train_model(tmp: Path, entities: int, epochs: int) -> Path:
     torch.manual_seed(0)
     model, pre = create_model(ModelConfig(mode="kd", text_length=24, **TINY), tiny=True, words=SYNTH_VOCABULARY)
     pairs = PairDataset(train, kb, pre)
-    opt, sched = make_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=10, total_steps=epochs * (len(pairs) // 32)))
+    opt, sched = make_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=10, schedule="cosine", total_steps=epochs * (len(pairs) // 32)))
     for epoch in range(epochs):
-        stats = train_epoch(model, pairs, opt, 32, sched, seed=epoch)
+        stats = train_epoch(model, pairs, opt, 32, sched, epoch=epoch, grad_clip=1.0)
         print(f"train epoch {epoch}: loss {stats['loss']:.3f}", flush=True)
     ckpt = save_model(model, pre, tmp / "ckpt")
     export(ExportConfig(checkpoint=str(ckpt), out=str(tmp / "onnx"), parity_batches=(4,)))

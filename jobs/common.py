@@ -24,8 +24,17 @@ def worker_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k.startswith("OTMEL_")}
 
 
+def ray_address(address: str | None) -> str:
+    """Where a job runs: ``--address`` if given; else the cluster of the Ray job this process
+    is (``RAY_ADDRESS``, set by Ray's job supervisor: ``otmel submit``); else a NEW local
+    instance. Never ``None``: ``ray.init()`` would silently join whatever cluster a
+    ``ray start`` left running on this machine."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
 def init_ray(address: str | None, log_to_driver: bool = True) -> None:
-    """Join ``address`` (a cluster) or start a local instance, unless Ray is already up.
+    """Join ``address`` (a cluster) or start a local instance, unless Ray is already up
+    (see :func:`ray_address`).
 
     ``log_to_driver=False`` keeps workers' logs in the session logs (the demo: Ray Train's
     per-worker chatter); the driver's progress bars stay.
@@ -33,7 +42,7 @@ def init_ray(address: str | None, log_to_driver: bool = True) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=log_to_driver)
+        ray.init(address=ray_address(address), runtime_env={"env_vars": worker_env()}, log_to_driver=log_to_driver)
     ctx = __import__("ray.data", fromlist=["DataContext"]).DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic output order (files are re-sorted anyway)
     ctx.enable_progress_bars = True

@@ -1,22 +1,33 @@
 """Distributed OT-MEL training on Ray Train (``otmel train``).
 
     otmel train --data DATA_URI --out RUN_URI --mode ot|att|kd --workers N [--gpu]
-                [--epochs E] [--batch-size B] [--lr LR] [--clip NAME_OR_DIR | --tiny-clip]
-                [--resume] [--address ADDR]
+                [--epochs E] [--batch-size B] [--lr LR] [--lr-schedule constant|cosine]
+                [--grad-clip NORM] [--clip NAME_OR_DIR | --tiny-clip] [--resume] [--address ADDR]
 
 * ``TorchTrainer`` with DDP (``prepare_model``); one worker per GPU on a cluster, CPU workers
   with gloo here (fractional CPUs so Ray Data's tasks can run beside them).
-* Data flows through Ray Data: the driver joins mentions with their gold KB rows (skipped
-  rows counted), Ray Data preprocesses them on CPU tasks (tokenise, decode + CLIP-process
-  images), each worker iterates its shard (``get_dataset_shard``) in batches of B/N.
+* Data: the driver joins mentions with their gold KB rows (skipped rows counted) and puts
+  the raw pairs in the object store once. Every epoch the whole training set is reshuffled
+  from (seed, epoch) (``otmel.training.global_batches``) and each worker streams ITS share of
+  every global batch through its own Ray Data pipeline (CPU tasks: tokenise, decode +
+  CLIP-process images), in order: N workers step on exactly the batches one process would,
+  and every pair is seen once per epoch. The rows received are checked against the schedule
+  at every step; each epoch's metrics record how many pairs were seen and a digest of
+  their order.
 * Global in-batch negatives (``otmel.distributed``): every loss term sees all B entities.
-* Checkpoints (config.json + model.safetensors + tokenizer/processor files + optimizer,
-  scheduler and step state) are reported to ``RunConfig(storage_path=RUN_URI)``; the best by
-  dev MRR and the latest are kept. A worker failure restores from the latest checkpoint
-  (``FailureConfig``); ``--resume`` continues a stopped run at the next epoch boundary.
+* Checkpoints (config.json + model.safetensors + tokenizer/processor files + optimizer and
+  scheduler state + train_state.json + checksums.json, written last) are reported to
+  ``RunConfig(storage_path=RUN_URI)``; the best by dev MRR and the latest are kept. A worker
+  failure restores from the latest checkpoint (``FailureConfig``); ``--resume`` continues a
+  stopped run at the next epoch boundary. On restore every rank copies the checkpoint into a
+  directory of its own (Ray's shared download directory lets one worker rewrite files another
+  is reading, ray-project/ray#48726), verifies sizes and checksums, and records digests of
+  the model and optimizer state it restored in ``train_state.json``.
+* Defaults follow the authors' release where the paper is silent: a constant learning rate,
+  no gradient clipping, 20 epochs (``--lr-schedule cosine``, ``--grad-clip`` exist).
 * ``metrics.jsonl`` and ``training_curves.png`` are written into the run directory.
 
-This module is thin: the model, losses, data and evaluation are ``otmel`` library code.
+This module is thin: the model, losses, data order and evaluation are ``otmel`` library code.
 """
 
 from __future__ import annotations
@@ -36,11 +47,6 @@ import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
-#: test hook: if set to a path that does not exist yet, the worker of rank 0 creates it and
-#: raises once at the configured step (``OTMEL_TEST_FAIL_AT_STEP``), to exercise FailureConfig.
-FAIL_ONCE_ENV = "OTMEL_TEST_FAIL_ONCE_FILE"
-FAIL_STEP_ENV = "OTMEL_TEST_FAIL_AT_STEP"
-
 TRAIN_STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -54,10 +60,12 @@ class TrainConfig:
     mode: str = "kd"  # ot | att | kd
     workers: int = 2  # Ray Train workers (one per GPU on a cluster)
     gpu: bool = False  # one GPU per worker, bf16 autocast
-    epochs: int = 3
-    batch_size: int = 256  # GLOBAL batch: each worker gets batch_size / workers
+    epochs: int = 20  # the release's (the paper does not say)
+    batch_size: int = 256  # GLOBAL batch (paper): each worker gets batch_size / workers
     lr: float = 2e-5  # CLIP towers (paper)
     head_lr: float | None = None  # OT-MEL heads (None = lr)
+    lr_schedule: str = "constant"  # constant (the release) | cosine (decays to 0 at the last epoch)
+    grad_clip: float | None = None  # max global gradient norm; None = no clipping (the release)
     warmup_steps: int = 0
     clip: str | None = None  # hub name / local dir of the pretrained CLIP
     tiny_clip: bool = False  # tiny random CLIP (tests, CPU demo)
@@ -130,8 +138,16 @@ def preflight(cfg: TrainConfig) -> dict:
     from otmel.data import load_split
     from otmel.storage import exists, read_bytes
 
+    from otmel.training import SCHEDULES
+
     if cfg.mode not in ("ot", "att", "kd"):
         raise ValueError(f"--mode must be ot, att or kd, got {cfg.mode!r}")
+    if cfg.lr_schedule not in SCHEDULES:
+        raise ValueError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {cfg.lr_schedule!r}")
+    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
+        raise ValueError(f"--grad-clip must be > 0 (omit it for no clipping), got {cfg.grad_clip}")
+    if cfg.epochs < 1:
+        raise ValueError("--epochs must be >= 1")
     if cfg.workers < 1:
         raise ValueError("--workers must be >= 1")
     if cfg.batch_size % cfg.workers:
@@ -177,25 +193,52 @@ def pairs_table(kb: pa.Table, mentions: pa.Table) -> tuple[pa.Table, dict]:
     return pa.table(cols), dict(skipped)
 
 
-class PreprocessPairs:
-    """Ray Data map_batches callable: rows of ``pairs_table`` -> model input arrays."""
+def preprocess_pair_rows(batch: dict[str, np.ndarray], pairs: list, preprocessor) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function: ``pair_row`` numbers -> model input arrays of those rows
+    of ``pairs_table`` (``pairs = [ObjectRef of the table]``, read zero-copy on each node)."""
+    import ray
 
-    def __init__(self, preprocessor):
-        self.pre = preprocessor
+    table = ray.get(pairs[0])
+    rows = np.asarray(batch["pair_row"], dtype=np.int64)
+    sub = table.take(pa.array(rows)).to_pydict()
+    mb = preprocessor.mentions({"mention": sub["mention"], "text": sub["text"], "image": sub["image"]})
+    eb = preprocessor.entities({"name": sub["entity_name"], "attributes": sub["entity_attributes"],
+                                "image": sub["entity_image"]})
+    out = {"pair_row": rows, "entity_code": np.asarray(sub["entity_code"], dtype=np.int64)}
+    for prefix, b in (("m_", mb), ("e_", eb)):
+        out[prefix + "input_ids"] = b.input_ids
+        out[prefix + "attention_mask"] = b.attention_mask
+        out[prefix + "pixel_values"] = b.pixel_values
+        out[prefix + "has_image"] = b.has_image
+    return out
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        mb = self.pre.mentions({"mention": list(batch["mention"]), "text": list(batch["text"]),
-                                "image": list(batch["image"])})
-        eb = self.pre.entities({"name": list(batch["entity_name"]), "attributes": list(batch["entity_attributes"]),
-                                "image": list(batch["entity_image"])})
-        out = {}
-        for prefix, b in (("m_", mb), ("e_", eb)):
-            out[prefix + "input_ids"] = b.input_ids
-            out[prefix + "attention_mask"] = b.attention_mask
-            out[prefix + "pixel_values"] = b.pixel_values
-            out[prefix + "has_image"] = b.has_image
-        out["entity_code"] = np.asarray(batch["entity_code"], dtype=np.int64)
-        return out
+
+def epoch_batches(pairs: list, rows: np.ndarray, step_sizes: list[int], preprocessor, device):
+    """This worker's batches of one epoch, in schedule order: its ``rows`` (one Ray Data
+    block per step) preprocessed on CPU tasks and yielded as torch batches on ``device``;
+    each batch is checked against the schedule (a data-order bug fails loudly)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the schedule's order, whatever task finishes first
+    ctx.enable_progress_bars = False  # one pipeline per worker per epoch: keep the logs quiet
+    bounds = np.cumsum([0, *step_sizes])
+    blocks = [pa.table({"pair_row": rows[a:b]}) for a, b in zip(bounds[:-1], bounds[1:])]
+    ds = ray.data.from_arrow(blocks).map_batches(
+        preprocess_pair_rows, batch_size=None, num_cpus=PREPROCESS_CPUS,
+        fn_kwargs={"pairs": pairs, "preprocessor": preprocessor})
+    it = ds.iter_torch_batches(batch_size=max(step_sizes), device=device, drop_last=False)
+    for step, batch in enumerate(it):
+        want = rows[bounds[step]:bounds[step + 1]]
+        got = batch["pair_row"].cpu().numpy()
+        if not np.array_equal(got, want):
+            raise RuntimeError(f"data order broken at step {step} of the epoch: got pair rows {got[:5]}..., "
+                               f"the schedule says {want[:5]}...")
+        yield batch
+
+
+#: CPUs of a preprocessing task (fractional: Ray Train workers and these tasks share small machines)
+PREPROCESS_CPUS = 0.25
 
 
 def _inputs(batch: dict, prefix: str) -> dict:
@@ -210,59 +253,52 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train.torch import prepare_model
 
     from otmel.distributed import make_entity_gather
-    from otmel.factory import save_model
     from otmel.model import OTMEL, ModelConfig
-    from otmel.training import OptimConfig, make_optimizer
+    from otmel.training import OptimConfig, clip_gradients, global_batches, make_optimizer, state_digest, worker_rows
 
     cfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, int(os.environ.get("OTMEL_TORCH_THREADS", "1"))))
-    model_cfg = ModelConfig.from_dict(config["model"])
-    model = OTMEL(model_cfg)
+    model = OTMEL(ModelConfig.from_dict(config["model"]))
     preprocessor = config["preprocessor"]
-
-    start_epoch, step, history, best, resumes = 0, 0, [], None, []
-    checkpoint = ray.train.get_checkpoint()
-    opt_state = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            from safetensors.torch import load_file
-
-            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
-            state = json.loads(Path(d, TRAIN_STATE_FILE).read_text())
-            opt_state = torch.load(os.path.join(d, OPTIMIZER_FILE), weights_only=True)
-        start_epoch, step, history, best = state["epoch"] + 1, state["step"], state["history"], state.get("best_dev_MRR")
-        resumes = state.get("resumed_at_steps", []) + [step]  # an audit trail of restores
-        log.info("rank %d resumed at epoch %d, step %d", rank, start_epoch, step)
+    n_pairs = config["n_pairs"]
+    steps_per_epoch = len(global_batches(n_pairs, cfg.batch_size, cfg.seed, 0, world))
 
     device = ray.train.torch.get_device()
     model = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) if world > 1 else model.to(device)
     core = getattr(model, "module", model)
-    per_worker = cfg.batch_size // world
-    shard = ray.train.get_dataset_shard("train")
-    n_pairs = config["n_pairs"]
-    steps_per_epoch = n_pairs // cfg.batch_size
-    opt, sched = make_optimizer(core, OptimConfig(lr=cfg.lr, head_lr=cfg.head_lr, warmup_steps=cfg.warmup_steps,
-                                                  total_steps=steps_per_epoch * cfg.epochs))
-    if opt_state is not None:
-        opt.load_state_dict(opt_state["optimizer"])
-        sched.load_state_dict(opt_state["scheduler"])
+    opt, sched = make_optimizer(core, OptimConfig(lr=cfg.lr, head_lr=cfg.head_lr, schedule=cfg.lr_schedule,
+                                                  warmup_steps=cfg.warmup_steps,
+                                                  total_steps=steps_per_epoch * cfg.epochs, grad_clip=cfg.grad_clip))
+
+    start_epoch, step, history, best, resumes = 0, 0, [], None, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        restored = restore_checkpoint(checkpoint, rank)
+        core.load_state_dict(restored["model"])
+        opt.load_state_dict(restored["optimizer"]["optimizer"])
+        sched.load_state_dict(restored["optimizer"]["scheduler"])
+        state = restored["train_state"]
+        start_epoch, step, history, best = state["epoch"] + 1, state["step"], state["history"], state.get("best_dev_MRR")
+        # an audit trail of restores: digests of the state actually in memory now, which
+        # must equal the digests of the checkpoint's files
+        resumes = state.get("resumes", []) + [{
+            "step": step, "epoch": start_epoch, "checkpoint": restored["where"],
+            "model_sha256": state_digest(core.state_dict()), "optimizer_sha256": state_digest(opt.state_dict())}]
+        log.info("rank %d resumed at epoch %d, step %d from %s", rank, start_epoch, step, restored["where"])
+
     gather = make_entity_gather()
-    fail_file, fail_step = os.environ.get(FAIL_ONCE_ENV), int(os.environ.get(FAIL_STEP_ENV, "-1"))
     use_bf16 = cfg.gpu and torch.cuda.is_available()
     dev_data = None  # (kb, dev mentions), loaded on first use
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0, sums, n = time.perf_counter(), {}, 0
-        for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device,
-                                              local_shuffle_buffer_size=4 * per_worker,
-                                              local_shuffle_seed=cfg.seed + epoch * 1000 + rank):
-            if fail_file and step == fail_step and rank == 0 and not os.path.exists(fail_file):
-                Path(fail_file).write_text(f"failed once at step {step}")
-                raise RuntimeError(f"test hook: simulated worker failure at step {step}")
+        batches = global_batches(n_pairs, cfg.batch_size, cfg.seed, epoch, world)
+        rows, step_sizes = worker_rows(batches, rank, world)
+        for batch in epoch_batches(config["pairs"], rows, step_sizes, preprocessor, device):
             ids = [str(x) for x in batch["entity_code"].tolist()]
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 losses = model(_inputs(batch, "m_"), _inputs(batch, "e_"), ids, gather=gather)
@@ -270,24 +306,28 @@ def train_loop_per_worker(config: dict) -> None:
                 raise FloatingPointError(f"non-finite loss at step {step}")
             opt.zero_grad(set_to_none=True)
             (losses["loss"] * world).backward()  # DDP averages; see otmel.distributed
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            clip_gradients(model, cfg.grad_clip)
             opt.step()
             sched.step()
             step += 1
             n += 1
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * world
-        if n == 0:
-            raise ValueError(f"no full batch of {per_worker} pairs on worker {rank}")
+        if n != len(step_sizes):
+            raise RuntimeError(f"worker {rank} trained {n} steps of epoch {epoch}, the schedule has {len(step_sizes)}")
         # the epoch's mean loss over all workers (each reports its share of the global loss)
         loss_t = torch.tensor([sums.get("loss", 0.0) / n], dtype=torch.float64)
+        seen = [rows]
         if world > 1:
             import torch.distributed as dist
 
             dist.all_reduce(loss_t)
             loss_t /= world
+            seen = [None] * world
+            dist.all_gather_object(seen, rows)
         metrics = {"epoch": epoch, "step": step, "train_loss": float(loss_t), "epoch_seconds": time.perf_counter() - t0}
         metrics.update({f"train_{k}": v / n for k, v in sums.items() if k != "loss"})
+        metrics.update(order_summary(seen, step_sizes, n_pairs))
         dev_metrics = {}
         if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and rank == 0:
             if dev_data is None:  # read once, on the rank that evaluates
@@ -311,17 +351,77 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_model(core, preprocessor, tmp)
-                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, os.path.join(tmp, OPTIMIZER_FILE))
-                Path(tmp, TRAIN_STATE_FILE).write_text(json.dumps(
-                    {"epoch": epoch, "step": step, "history": history, "best_dev_MRR": best,
-                     "resumed_at_steps": resumes}, indent=2))
+                save_training_checkpoint(tmp, core, preprocessor, opt, sched,
+                                         {"epoch": epoch, "step": step, "history": history, "best_dev_MRR": best,
+                                          "resumes": resumes})
                 _write_run_files(cfg, history)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             # finite numbers only: Ray's checkpoint-manager snapshot stores NaN as null, which
             # breaks its best-checkpoint ordering when a run is resumed
             report = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
             ray.train.report(report, checkpoint=ckpt)
+
+
+def order_summary(seen: list[np.ndarray], step_sizes: list[int], n_pairs: int) -> dict:
+    """What the workers trained on this epoch (``seen[r]`` = rank r's pair rows in order):
+    pairs seen, distinct pairs, and a digest of the global order (global batch b = every
+    rank's b-th piece, in rank order)."""
+    import hashlib
+
+    bounds = np.cumsum([0, *step_sizes])
+    order = np.concatenate([rows[a:b] for a, b in zip(bounds[:-1], bounds[1:]) for rows in seen]) if step_sizes else \
+        np.zeros(0, np.int64)
+    return {"pairs_total": int(n_pairs), "pairs_seen": int(len(order)), "distinct_pairs_seen": int(len(np.unique(order))),
+            "order_sha256": hashlib.sha256(order.astype(np.int64).tobytes()).hexdigest()[:16]}
+
+
+def save_training_checkpoint(directory: str, model, preprocessor, optimizer, scheduler, train_state: dict) -> None:
+    """Model checkpoint + optimizer/scheduler + train state, then checksums.json (last)."""
+    import torch
+
+    from otmel.factory import save_model
+    from otmel.training import write_checksums
+
+    save_model(model, preprocessor, directory)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               os.path.join(directory, OPTIMIZER_FILE))
+    Path(directory, TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=2))
+    write_checksums(directory)
+
+
+def restore_checkpoint(checkpoint, rank: int) -> dict:
+    """Load a reported checkpoint on one worker: model weights, optimizer/scheduler state,
+    train state (and where it came from).
+
+    A remote checkpoint is copied into a directory of this rank's own, never Ray's shared
+    temp directory: with ``as_directory()`` / ``to_directory()`` a worker that arrives after
+    another's download has finished downloads again INTO THE SAME directory, rewriting
+    files the first is reading (EOFError in torch.load; ray-project/ray#48726). Every
+    file's size and sha256 are checked against ``checksums.json`` before anything is read.
+    """
+    import shutil
+
+    import pyarrow.fs as pafs
+    import torch
+    from safetensors.torch import load_file
+
+    from otmel.training import verify_checksums
+
+    where = checkpoint.path
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        local, cleanup = checkpoint.path, None
+    else:
+        cleanup = tempfile.mkdtemp(prefix=f"otmel-restore-rank{rank}-")
+        local = checkpoint.to_directory(cleanup)
+    try:
+        verify_checksums(local)
+        return {"model": load_file(os.path.join(local, "model.safetensors")),
+                "optimizer": torch.load(os.path.join(local, OPTIMIZER_FILE), weights_only=True),
+                "train_state": json.loads(Path(local, TRAIN_STATE_FILE).read_text()),
+                "where": where}
+    finally:
+        if cleanup:
+            shutil.rmtree(cleanup, ignore_errors=True)
 
 
 def _dev_eval(model, preprocessor, cfg: TrainConfig, kb: pa.Table, dev: pa.Table) -> dict:
@@ -361,7 +461,7 @@ def run(cfg: TrainConfig, ray_init_kwargs: dict | None = None) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     from otmel.factory import create_model
-    from otmel.jobs.common import worker_env
+    from otmel.jobs.common import ray_address, worker_env
     from otmel.storage import resolve
 
     checks = preflight(cfg)
@@ -385,14 +485,9 @@ def run(cfg: TrainConfig, ray_init_kwargs: dict | None = None) -> TrainResult:
         # give them the driver's AWS credential-chain variables
         kwargs = dict(ray_init_kwargs or {})
         kwargs.setdefault("runtime_env", {"env_vars": worker_env()})
-        ray.init(address=cfg.address, **kwargs)
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # reproducible runs on CPU
-    ds = ray.data.from_arrow(pairs).map_batches(
-        PreprocessPairs, fn_constructor_kwargs={"preprocessor": pre}, batch_size=64,
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+        ray.init(address=ray_address(cfg.address), **kwargs)
+    # the raw pairs, once, in the object store: each worker's per-epoch pipeline reads its rows
+    pairs_ref = ray.put(pairs)
     fs, storage_path = resolve(cfg.out, cfg.s3_endpoint)
     scaling = ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                       resources_per_worker=None if cfg.gpu else {"CPU": cfg.cpus_per_worker})
@@ -407,8 +502,10 @@ def run(cfg: TrainConfig, ray_init_kwargs: dict | None = None) -> TrainResult:
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict(), "model": model_cfg_dict, "preprocessor": pre, "n_pairs": pairs.num_rows},
-        scaling_config=scaling, run_config=run_config, datasets={"train": ds},
+        # [ref]: a nested ObjectRef reaches the workers as a reference (they read it), not a copy
+        train_loop_config={"train": cfg.to_dict(), "model": model_cfg_dict, "preprocessor": pre,
+                           "n_pairs": pairs.num_rows, "pairs": [pairs_ref]},
+        scaling_config=scaling, run_config=run_config,
     )
     result = trainer.fit()
     if result.error:

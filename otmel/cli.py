@@ -3,7 +3,8 @@
     otmel synth --entities N --mentions M --out DIR
     otmel import-mimic --root DIR --dataset wikimel|richpediamel|wikidiverse --out DIR2
     otmel train --data DATA_URI --out RUN_URI --mode ot|att|kd --workers N [--gpu] [--epochs E]
-                [--batch-size B] [--lr LR] [--clip NAME_OR_DIR | --tiny-clip] [--resume] [--address ADDR]
+                [--batch-size B] [--lr LR] [--lr-schedule constant|cosine] [--grad-clip NORM]
+                [--clip NAME_OR_DIR | --tiny-clip] [--resume] [--address ADDR]
     otmel evaluate --checkpoint CKPT_URI --data DATA_URI --split test [--retrieve K] [--out metrics.json]
     otmel index --model MODEL_URI --kb KB_URI --out INDEX_URI --shards S [--factory FAISS_FACTORY]
     otmel index --update INDEX_URI --kb CHANGED_KB_URI --model MODEL_URI
@@ -64,6 +65,7 @@ def cmd_train(args) -> int:
         model_overrides["text_length"] = args.text_length
     cfg = TrainConfig(data=args.data, out=args.out, mode=args.mode, workers=args.workers, gpu=args.gpu,
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
+                      lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
                       clip=args.clip, tiny_clip=args.tiny_clip, resume=args.resume, address=args.address,
                       name=args.name, eval_every=args.eval_every, eval_retrieve=args.eval_retrieve,
                       max_failures=args.max_failures, seed=args.seed, s3_endpoint=args.s3_endpoint,
@@ -225,10 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", default="kd", choices=["ot", "att", "kd"])
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
-    s.add_argument("--epochs", type=int, default=3)
+    s.add_argument("--epochs", type=int, default=20, help="training epochs (default 20, the authors' release)")
     s.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch (each worker gets B / workers)")
     s.add_argument("--lr", type=float, default=2e-5)
     s.add_argument("--head-lr", type=float, default=None, help="learning rate of the OT-MEL heads (default: --lr)")
+    s.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="constant (default, the release) or cosine decay to 0 at the last epoch")
+    s.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
+    s.add_argument("--grad-clip", type=float, default=None, metavar="NORM",
+                   help="clip the global gradient norm (default: no clipping, the release)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--clip", default=None, help="pretrained CLIP: hub name or local directory")
     g.add_argument("--tiny-clip", action="store_true", help="tiny random CLIP (tests, CPU demo)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from pathlib import Path
 
@@ -103,9 +102,3 @@ class PairDataset:
         mb = self.preprocessor.mentions(m_rows.select(["mention", "text", "image"]).to_pydict())
         eb = self.preprocessor.entities(e_rows.select(["name", "attributes", "image"]).to_pydict())
         return PairBatch(mb.model_inputs(), eb.model_inputs(), e_rows.column("entity_id").to_pylist())
-
-    def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = True) -> Iterator[PairBatch]:
-        order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
-        stop = (len(order) // batch_size) * batch_size if drop_last and len(order) >= batch_size else len(order)
-        for start in range(0, stop, batch_size):
-            yield self.batch(order[start:start + batch_size])

@@ -20,14 +20,16 @@ def _state(ckpt_uri: str, s3_endpoint=None) -> dict:
 def test_two_worker_run_writes_checkpoints_metrics_and_plot(trained_run):
     from pathlib import Path
 
+    from otmel.training import verify_checksums
+
     cfg, result = trained_run
     run_dir = Path(result.run_uri)
     state = _state(result.latest_checkpoint)
     assert state["epoch"] == 1
-    # global batch 16 over 2 workers: steps = epochs * (pairs // 16)
     assert state["step"] == result.metrics["step"] > 0
-    for f in ("config.json", "model.safetensors", "optimizer.pt", "train_state.json", "tokenizer.json"):
+    for f in ("config.json", "model.safetensors", "optimizer.pt", "train_state.json", "tokenizer.json", "checksums.json"):
         assert (Path(result.latest_checkpoint) / f).is_file(), f
+    verify_checksums(result.latest_checkpoint)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [0, 1]
     assert all(math.isfinite(json.loads(x)["train_loss"]) for x in lines)
@@ -35,57 +37,178 @@ def test_two_worker_run_writes_checkpoints_metrics_and_plot(trained_run):
     assert (run_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_checkpoint_reloads_with_identical_dev_metrics(trained_run):
-    from otmel.data import load_split
-    from otmel.evaluation import evaluate
-    from otmel.factory import load_model
+def test_every_pair_is_trained_once_per_epoch_in_a_new_order(trained_run):
+    """What the 2 workers actually trained on (gathered from them): each epoch every pair
+    exactly once, in the (seed, epoch) order of the schedule, a different order each epoch."""
+    import hashlib
+    from pathlib import Path
+
+    import numpy as np
+
+    from otmel.data import load_split, usable_pairs
+    from otmel.training import global_batches
 
     cfg, result = trained_run
-    last = _state(result.latest_checkpoint)["history"][-1]
-    model, pre = load_model(result.latest_checkpoint)
-    kb, dev = load_split(cfg.data, "dev")
-    m = evaluate(model, pre, dev, kb)
-    assert m["MRR"] == pytest.approx(last["dev_MRR"], abs=1e-9)
-    assert m["H@1"] == pytest.approx(last["dev_H@1"], abs=1e-9)
+    kb, train = load_split(cfg.data, "train")
+    n = len(usable_pairs(train, kb)[0])
+    assert n % cfg.workers == 0  # so "every pair" is exact (see global_batches)
+    epochs = [json.loads(x) for x in (Path(result.run_uri) / "metrics.jsonl").read_text().splitlines()]
+    for m in epochs:
+        assert m["pairs_total"] == m["pairs_seen"] == m["distinct_pairs_seen"] == n, m
+        order = np.concatenate(global_batches(n, cfg.batch_size, cfg.seed, m["epoch"], cfg.workers)).astype(np.int64)
+        assert m["order_sha256"] == hashlib.sha256(order.tobytes()).hexdigest()[:16]
+    assert epochs[0]["order_sha256"] != epochs[1]["order_sha256"]
 
 
-def test_s3_run_then_resume_continues_from_the_saved_step(ray_local, synth_dir, s3_server):
-    base = dict(data=str(synth_dir), out="s3://otmel-test/runs", mode="att", workers=2, batch_size=16, lr=1e-3,
+@pytest.mark.parametrize("n", [280, 283, 31, 16])
+def test_global_batches_cover_the_epoch_and_split_exactly_across_workers(n):
+    import numpy as np
+
+    from otmel.training import global_batches, worker_rows
+
+    B = 16
+    for world in (1, 2, 4):
+        batches = global_batches(n, B, seed=3, epoch=0, world=world)
+        flat = np.concatenate(batches)
+        assert len(np.unique(flat)) == len(flat)  # never twice in an epoch
+        missing = n - len(flat)
+        tail = n % B
+        assert missing == (tail % world if tail - tail % world >= 2 * world else tail)
+        assert all(len(b) % world == 0 and len(b) // world >= 2 for b in batches)
+        # rank r's rows, step by step, rebuild the global batches in rank order
+        parts = [worker_rows(batches, r, world) for r in range(world)]
+        for step, b in enumerate(batches):
+            pieces = []
+            for rows, sizes in parts:
+                start = sum(sizes[:step])
+                pieces.append(rows[start:start + sizes[step]])
+            assert np.array_equal(np.concatenate(pieces), b)
+    a, b = (np.concatenate(global_batches(n, B, 3, e)) for e in (0, 1))
+    assert not np.array_equal(a, b) and np.array_equal(a, np.concatenate(global_batches(n, B, 3, 0)))
+
+
+def _weights(ckpt_uri: str, s3_endpoint=None) -> dict:
+    from safetensors.torch import load
+
+    from otmel.storage import read_bytes
+
+    return load(read_bytes(f"{ckpt_uri}/model.safetensors", s3_endpoint))
+
+
+#: parameters whose gradient is exactly 0 in exact arithmetic (a key bias shifts every logit of
+#: an attention row equally, and softmax ignores the shift): Adam turns their rounding-noise
+#: gradients into +-lr steps, so two runs agree on them only up to lr per step
+ZERO_GRADIENT_PARAMETERS = "self_attn.k_proj.bias"
+
+
+def _assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    import torch
+
+    assert set(a) == set(b)
+    off = {k: float((a[k] - b[k]).abs().max()) for k in a if not torch.allclose(a[k], b[k], atol=atol, rtol=0)}
+    assert all(ZERO_GRADIENT_PARAMETERS in k for k in off), off
+
+
+def test_two_workers_train_like_one_process_through_the_job(trained_run, tmp_path):
+    """The Ray Train job with 1 worker and with 2 workers (global negatives gathered) takes
+    the same steps: same losses, same weights after 2 epochs."""
+    cfg, two = trained_run
+    one = run(TrainConfig(**{**cfg.to_dict(), "workers": 1, "out": str(tmp_path), "eval_every": 0}))
+    _assert_same_weights(_weights(one.latest_checkpoint), _weights(two.latest_checkpoint), atol=1e-5)
+    losses = [[json.loads(x)["train_loss"] for x in open(f"{r.run_uri}/metrics.jsonl")] for r in (one, two)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def _restored_digests_match(ckpt_uri: str, entry: dict, s3_endpoint=None) -> None:
+    """The model/optimizer state a worker had in memory right after its restore == the files."""
+    import io
+
+    import torch
+
+    from otmel.storage import read_bytes
+    from otmel.training import state_digest
+
+    assert state_digest(_weights(ckpt_uri, s3_endpoint)) == entry["model_sha256"]
+    optimizer = torch.load(io.BytesIO(read_bytes(f"{ckpt_uri}/optimizer.pt", s3_endpoint)), weights_only=True)
+    assert state_digest(optimizer["optimizer"]) == entry["optimizer_sha256"]
+
+
+def test_s3_run_resumed_five_times_restores_model_and_optimizer_each_time(ray_local, tmp_path, s3_server):
+    """2 workers resuming from the S3 endpoint (each rank copies the checkpoint into its own
+    directory, verified by checksum): 5 resumes in a row, each restoring the saved state."""
+    from otmel.synth import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path, n_entities=30, n_mentions=120, seed=1)  # a few steps an epoch
+    base = dict(data=str(tmp_path), out="s3://otmel-test/runs", mode="att", workers=2, batch_size=16, lr=1e-3,
                 tiny_clip=True, name="s3run", s3_endpoint=s3_server, eval_every=0, model={"text_length": 24},
                 max_failures=0)
     first = run(TrainConfig(epochs=1, **base))
-    step1 = _state(first.latest_checkpoint, s3_server)["step"]
+    steps = _state(first.latest_checkpoint, s3_server)["step"]
     assert first.latest_checkpoint.startswith("s3://otmel-test/runs/s3run/checkpoint_")
     with pytest.raises(ValueError, match="--resume"):
         preflight(TrainConfig(epochs=2, **base))  # an existing run is never silently overwritten
-    second = run(TrainConfig(epochs=2, resume=True, **base))
-    state = _state(second.latest_checkpoint, s3_server)
-    assert state["epoch"] == 1
-    assert state["step"] == 2 * step1  # one more epoch from the saved step, not from 0
-    assert [h["epoch"] for h in state["history"]] == [0, 1]
-    assert state["resumed_at_steps"] == [step1]
+    previous = first.latest_checkpoint
+    for epochs in range(2, 7):
+        result = run(TrainConfig(epochs=epochs, resume=True, **base))
+        state = _state(result.latest_checkpoint, s3_server)
+        assert state["epoch"] == epochs - 1 and state["step"] == epochs * steps  # from the saved step, not 0
+        assert [h["epoch"] for h in state["history"]] == list(range(epochs))
+        assert [r["step"] for r in state["resumes"]] == [e * steps for e in range(1, epochs)]
+        last = state["resumes"][-1]
+        assert last["checkpoint"].endswith(previous.rsplit("/", 1)[-1])
+        _restored_digests_match(previous, last, s3_server)
+        previous = result.latest_checkpoint
 
 
-def test_worker_failure_is_survived_through_failure_config(ray_local, synth_dir, tmp_path, monkeypatch):
-    from otmel.jobs import train as train_job
+def _registered_checkpoints(run_uri: str, s3_endpoint) -> list:
+    """Checkpoints Ray Train's controller has registered (its own snapshot in the run dir):
+    files on storage alone are not yet a checkpoint a restart would restore from."""
+    from otmel.storage import read_bytes
 
-    from otmel.data import load_split, usable_pairs
+    try:
+        return json.loads(read_bytes(f"{run_uri}/checkpoint_manager_snapshot.json", s3_endpoint))["checkpoint_results"]
+    except FileNotFoundError:
+        return []
 
-    kb, train = load_split(synth_dir, "train")
-    steps_per_epoch = len(usable_pairs(train, kb)[0]) // 16
-    marker = tmp_path / "failed-once"
-    monkeypatch.setenv(train_job.FAIL_ONCE_ENV, str(marker))
-    monkeypatch.setenv(train_job.FAIL_STEP_ENV, str(steps_per_epoch + 2))  # inside epoch 1
-    cfg = TrainConfig(data=str(synth_dir), out=str(tmp_path / "runs"), mode="att", workers=2, epochs=2,
-                      batch_size=16, lr=1e-3, tiny_clip=True, name="flaky", eval_every=0, max_failures=1,
-                      model={"text_length": 24})
-    result = run(cfg)
-    assert marker.exists()  # the failure really happened
-    state = _state(result.latest_checkpoint)
-    assert state["epoch"] == 1 and [h["epoch"] for h in state["history"]] == [0, 1]
-    # restored from the epoch-0 checkpoint, not restarted from scratch
-    assert state["resumed_at_steps"] == [steps_per_epoch]
-    assert state["step"] == 2 * steps_per_epoch
+
+def _kill_a_train_worker() -> int:
+    import signal
+
+    import psutil
+
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"):
+            p.send_signal(signal.SIGKILL)
+            return p.info["pid"]
+    raise AssertionError("no Ray Train worker process found")
+
+
+def test_killed_worker_is_restored_from_s3_and_the_run_ends_as_if_uninterrupted(trained_run, s3_server):
+    """A training worker process is SIGKILLed from outside after the first checkpoint reached
+    S3; FailureConfig restores the worker group from it, and the run finishes with the weights
+    of the uninterrupted run (which it can only do if weights AND optimizer were restored)."""
+    import threading
+    import time
+
+    cfg, uninterrupted = trained_run
+    flaky = TrainConfig(**{**cfg.to_dict(), "out": "s3://otmel-test/runs", "name": "flaky", "s3_endpoint": s3_server,
+                           "max_failures": 1})
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=run(flaky)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not _registered_checkpoints(flaky.run_uri, s3_server):  # uploaded AND registered by Ray Train
+        assert thread.is_alive() and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.2)
+    _kill_a_train_worker()
+    thread.join(600)
+    result = outcome["result"]
+    state = _state(result.latest_checkpoint, s3_server)
+    steps = _state(uninterrupted.latest_checkpoint)["step"] // 2
+    assert [r["step"] for r in state["resumes"]] == [steps]  # restored from epoch 0's checkpoint
+    assert state["step"] == 2 * steps and [h["epoch"] for h in state["history"]] == [0, 1]
+    _assert_same_weights(_weights(result.latest_checkpoint, s3_server), _weights(uninterrupted.latest_checkpoint),
+                         atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- preflight errors
