@@ -256,3 +256,28 @@ def test_tiny_tokenizer_keeps_every_vocabulary_word_whole(tmp_path):
     assert len(ids) > 4  # "was" is whole, "washing" falls back to characters
     tok.save_pretrained(tmp_path)
     assert AutoTokenizer.from_pretrained(tmp_path)("Was washing")["input_ids"] == ids
+
+
+def test_in_batch_copies_of_the_gold_entity_are_not_negatives():
+    """Rows 0 and 3 link to the same entity: in each of their softmaxes the other copy of
+    that entity is left out of the denominator (it is not a negative); other rows keep it."""
+    from otmel.losses import allowed_columns
+
+    ids = ["a", "b", "c", "a", "d", "e"]
+    target = torch.arange(6)
+    allowed = allowed_columns(ids, ids, target)
+    expected = torch.ones(6, 6, dtype=torch.bool)
+    expected[0, 3] = expected[3, 0] = False
+    assert torch.equal(allowed, expected)
+
+    model, _ = make_model("att", missing_image="mask", seed=0)
+    model.train()
+    m, e = random_inputs(6, seed=1), random_inputs(6, seed=2)
+    losses = model(m, e, ids)
+    scores = model.score(model.encode(**m), model.encode(**e))
+    for name in ("overall", "fused", "text"):
+        S = getattr(scores, name)  # (6, 6); row i's gold is column i
+        masked = torch.logsumexp(S.masked_fill(~expected, float("-inf")), 1) - S.diagonal()
+        unmasked = torch.logsumexp(S, 1) - S.diagonal()
+        assert float(losses[name]) == pytest.approx(float(masked.mean()), rel=1e-5, abs=1e-6), name
+        assert abs(float(masked.mean() - unmasked.mean())) > 1e-4  # the copies mattered
