@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+
 import numpy as np
 
-log = logging.getLogger(__name__)
+from otmel.preprocessing import MODEL_INPUTS  # the encoder inputs the preprocess step produces
 
-#: encoder inputs produced by the preprocess step
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "has_image")
+log = logging.getLogger(__name__)
 
 
 def worker_env() -> dict[str, str]:
@@ -32,6 +32,29 @@ def ray_address(address: str | None) -> str:
     return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
+def parse_pool(spec: int | str, what: str = "--workers") -> tuple[int, int]:
+    """An actor pool size: ``N`` (fixed) or ``MIN-MAX`` (Ray Data autoscales between them)."""
+    text = str(spec).strip()
+    try:
+        lo, _, hi = text.partition("-")
+        low, high = int(lo), int(hi) if hi else int(lo)
+    except ValueError:
+        raise ValueError(f"{what} must be N or MIN-MAX (e.g. 4 or 2-16), got {spec!r}") from None
+    if low < 1 or high < low:
+        raise ValueError(f"{what} must be N >= 1 or MIN-MAX with 1 <= MIN <= MAX, got {spec!r}")
+    return low, high
+
+
+def actor_pool(spec: int | str, what: str = "--workers"):
+    """The Ray Data compute strategy of a pool spec (see :func:`parse_pool`)."""
+    import ray.data
+
+    low, high = parse_pool(spec, what)
+    if low == high:
+        return ray.data.ActorPoolStrategy(size=low)
+    return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+
+
 def init_ray(address: str | None, log_to_driver: bool = True) -> None:
     """Join ``address`` (a cluster) or start a local instance, unless Ray is already up
     (see :func:`ray_address`).
@@ -44,7 +67,10 @@ def init_ray(address: str | None, log_to_driver: bool = True) -> None:
     if not ray.is_initialized():
         ray.init(address=ray_address(address), runtime_env={"env_vars": worker_env()}, log_to_driver=log_to_driver)
     ctx = __import__("ray.data", fromlist=["DataContext"]).DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # deterministic output order (files are re-sorted anyway)
+    # blocks may finish in any order: the jobs' outputs do not depend on it (link parts are
+    # re-sorted at commit, index shards sorted by entity id), and in-order delivery would make
+    # every stage wait for the slowest block
+    ctx.execution_options.preserve_order = False
     ctx.enable_progress_bars = True
 
 

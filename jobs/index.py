@@ -1,24 +1,31 @@
 """Build or update the sharded entity index (``otmel index``) on Ray Data.
 
     otmel index --model MODEL_URI --kb KB_URI --out INDEX_URI --shards S [--factory FAISS_FACTORY]
-                [--feature-dtype fp16|fp32] [--address ADDR]
+                [--feature-dtype fp16|fp32] [--workers N|MIN-MAX] [--address ADDR]
     otmel index --update INDEX_URI --kb CHANGED_KB_URI --model MODEL_URI
 
 Build: Ray Data reads the KB (Parquet: a file, a directory or a glob), preprocesses it on CPU
-tasks, encodes the entities in an actor pool (ONNX Runtime or PyTorch, GPU when present), and
-the driver streams the encoded rows into S shard writers (``otmel.entity_index``): FAISS over
-the stage-1 keys, entity ids, memory-mapped features. Shards are written locally, uploaded,
-and ``manifest.json`` is written LAST: an interrupted build leaves no manifest, so nothing
-will ever load half an index.
+tasks and encodes the entities in an actor pool (ONNX Runtime or PyTorch, a GPU per actor on
+a GPU cluster). A routing step sends each encoded row to the **shard builder** actor of its
+shard (``hash(entity_id) mod S``); each builder streams its shard to its own node's disk
+(``otmel.entity_index.ShardWriter``: features appended as they come, rows put in entity-id
+order at close, FAISS over the stage-1 keys, trained on a GPU when there is one), uploads it
+straight to the index URI and reads it back to verify every file's sha256. No feature passes
+through the driver: it counts rows, checks every shard's files on storage (names and sizes
+against the checksummed entries the builders report) and writes ``manifest.json`` LAST: an
+interrupted build leaves no manifest, so nothing will ever load half an index.
 
 Update: the changed KB holds new entities and new versions of existing ones (by entity_id);
-a boolean ``deleted`` column marks removals. Only the shards those ids hash to are rebuilt
-(kept rows' stored features + the newly encoded rows) into new shard directories; the new
-manifest then switches to them, and the replaced directories are deleted afterwards. Shards
-not touched keep their files and checksums.
+a boolean ``deleted`` column marks removals. Only the shards those ids hash to are rebuilt:
+their builders copy the old shard, keep the rows not changed, take the newly encoded rows,
+and write new shard directories; the new manifest then switches to them, and the replaced
+directories are deleted afterwards. Shards not touched keep their files and checksums; the
+result equals a full rebuild (the same files).
 
 KB rows that cannot be indexed (empty name) are skipped and counted in the manifest; an image
-that cannot be fetched or decoded indexes the entity on its text (counted).
+that cannot be fetched or decoded indexes the entity on its text (counted). The driver reads
+three small KB columns (entity_id, name, aliases: ~50 B per entity) to check ids before any
+work and to write the alias table for mention detection.
 """
 
 from __future__ import annotations
@@ -27,7 +34,6 @@ import copy
 import dataclasses
 import json
 import logging
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -52,7 +58,7 @@ class IndexConfig:
     feature_dtype: str = "fp16"  # fp16 | fp32 for the reranking features
     update: bool = False
     overwrite: bool = False  # replace an existing index at OUT
-    workers: int = 1  # encode actors
+    workers: int | str = 1  # encode actors: N, or MIN-MAX for a pool Ray Data autoscales
     batch_size: int = 64
     cpus_per_actor: float = 0.5  # fractional: leaves room for Ray Data's read tasks on small machines
     gpu: bool | None = None  # None = use a GPU per encode actor when the cluster has one
@@ -64,8 +70,11 @@ class IndexConfig:
     allow_private_hosts: bool = False  # http(s) image_uri on private/loopback addresses
 
     def __post_init__(self):
+        from otmel.jobs.common import parse_pool
+
         if self.shards < 1:
             raise ValueError(f"--shards must be >= 1, got {self.shards}")
+        parse_pool(self.workers, "--workers")
         if self.feature_dtype not in ("fp16", "fp32"):
             raise ValueError(f"--feature-dtype must be fp16 or fp32, got {self.feature_dtype!r}")
 
@@ -151,54 +160,146 @@ def preprocess_entities(batch: dict, preprocessor, image_policy, bad_image: str)
     return Preprocess(preprocessor, "entity", image_policy, bad_image)(batch)
 
 
-def encoded_entities(cfg: IndexConfig, files: list[str], preprocessor):
+def encoded_entities(cfg: IndexConfig, files: list[str], preprocessor, use_gpu: bool):
     """A Ray Data dataset of (entity_id, ok, error, stored features) for the KB files."""
     import ray.data
 
     from otmel.entity_index import STORED_FEATURES
     from otmel.image_fetch import ImagePolicy
-    from otmel.jobs.common import Encode, gpu_count
+    from otmel.jobs.common import Encode, actor_pool
     from otmel.storage import resolve
 
     fs, _ = resolve(files[0], cfg.s3_endpoint)
     paths = [resolve(f, cfg.s3_endpoint)[1] for f in files]
     policy = ImagePolicy(allowed_prefixes=tuple(cfg.allow_image_prefix), allow_private_hosts=cfg.allow_private_hosts,
                          s3_endpoint=cfg.s3_endpoint)
-    use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
     columns = ["entity_id", "name", "attributes", "image", "image_uri"]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=None)
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=None, num_cpus=0.25)
     ds = ds.select_columns([c for c in columns if c in ds.schema().names])
     # preprocessing on CPU tasks (its own resources keep Ray Data from fusing it into the actors)
     ds = ds.map_batches(preprocess_entities, batch_size=cfg.batch_size, num_cpus=0.25,
                         fn_kwargs={"preprocessor": preprocessor, "image_policy": policy, "bad_image": "text"})
     return ds.map_batches(
-        Encode, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.workers),
-        num_cpus=cfg.cpus_per_actor,
+        Encode, batch_size=cfg.batch_size, compute=actor_pool(cfg.workers), num_cpus=cfg.cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
         fn_constructor_kwargs={"model_uri": cfg.model, "feature_names": STORED_FEATURES,
                                "s3_endpoint": cfg.s3_endpoint, "threads": 1 if not use_gpu else None})
 
 
-def stream_into_shards(ds, writers: dict[int, "object"], num_shards: int, skipped: Counter,
-                       only: set[int] | None = None, deleted: set[str] = frozenset()) -> int:
-    """Append every encoded row to the writer of its shard; count skipped rows by reason."""
+#: CPU share of a shard-builder actor (S of them run beside the encode pool)
+BUILDER_CPUS = 0.05
+
+
+class ShardBuilder:
+    """One shard being built, behind a Ray actor: appended rows go to its node's local disk;
+    :meth:`close` writes FAISS and the ids, uploads the shard to ``INDEX/dir_name`` and verifies
+    the uploaded files' sha256.
+
+    ``keep_from`` (update): ``(shard URI, manifest entry, manifest, changed ids)``: the old
+    shard's rows whose ids did not change are copied in first, chunk by chunk.
+    """
+
+    def __init__(self, name: str, dir_name: str, out: str, feature_dtype: str, s3_endpoint: str | None = None,
+                 keep_from: tuple | None = None):
+        from otmel.entity_index import ShardWriter, iter_shard_rows
+        from otmel.storage import local_copy, scratch_dir
+
+        self.out, self.s3_endpoint = out, s3_endpoint
+        self.writer = ShardWriter(scratch_dir(f"otmel-build-{name}-") / dir_name, name, feature_dtype)
+        if keep_from is not None:
+            uri, entry, manifest, changed = keep_from
+            with local_copy(uri, s3_endpoint) as old_dir:
+                for ids, feats in iter_shard_rows(Path(old_dir), entry, manifest):  # kept rows, chunk by chunk
+                    keep = np.array([e not in changed for e in ids], dtype=bool)
+                    self.writer.append([e for e, k in zip(ids, keep) if k], {k: v[keep] for k, v in feats.items()})
+
+    def append(self, entity_ids: list[str], features: dict[str, np.ndarray]) -> int:
+        self.writer.append(entity_ids, features)
+        return len(entity_ids)
+
+    def close(self, factory: str, train_size: int, shapes: dict) -> tuple[dict, list[str]]:
+        """Build, upload and verify: (the shard's manifest entry with its files' sizes, its ids)."""
+        import shutil
+
+        from otmel.entity_index import sha256_of
+        from otmel.storage import join, upload_dir
+
+        entry = self.writer.close(factory, train_size, shapes)
+        entry["sizes"] = {name: (self.writer.directory / name).stat().st_size for name in entry["files"]}
+        uri = join(self.out, entry["dir"])
+        upload_dir(self.writer.directory, uri, self.s3_endpoint)
+        for name, digest in entry["files"].items():  # what storage holds, read back
+            if sha256_of(join(uri, name), self.s3_endpoint) != digest:
+                raise IOError(f"{join(uri, name)}: the uploaded file's sha256 differs from the one written")
+        shutil.rmtree(self.writer.directory, ignore_errors=True)
+        return entry, list(self.writer.ids)
+
+
+def start_builders(plan: list[tuple[str, str, tuple | None]], cfg: IndexConfig, feature_dtype: str,
+                   use_gpu: bool) -> list:
+    """One :class:`ShardBuilder` actor per (shard name, directory name, keep_from)."""
+    import ray
+
+    # builders mostly wait on appends (the FAISS build at close is short next to encoding): a
+    # small CPU share, spread over the nodes so their disks and NICs share the shards
+    remote = ray.remote(ShardBuilder).options(num_cpus=BUILDER_CPUS, num_gpus=0.25 if use_gpu else 0,
+                                              scheduling_strategy="SPREAD")
+    return [remote.remote(name, dir_name, cfg.out, feature_dtype, cfg.s3_endpoint, keep) for name, dir_name, keep in plan]
+
+
+def route_to_shards(batch: dict[str, np.ndarray], builders: dict, num_shards: int,
+                    deleted: frozenset = frozenset()) -> dict[str, np.ndarray]:
+    """Ray Data step: each encoded row to the builder of its shard (``builders``: shard number
+    -> actor; rows of other shards are ignored); returns counts only (rows, skipped reasons)."""
+    import ray
+
     from otmel.entity_index import STORED_FEATURES, shard_of
 
-    n = 0
-    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
-        ids = [str(e) for e in batch["entity_id"]]
-        ok = np.asarray(batch["ok"], dtype=bool)
-        for i in np.flatnonzero(~ok):
-            skipped[str(batch["error"][i]).split(":")[0]] += 1
-        keep = np.array([ok[i] and ids[i] not in deleted for i in range(len(ids))], dtype=bool)
-        shard = shard_of(ids, num_shards)
-        for s in np.unique(shard[keep]):
-            if only is not None and s not in only:
-                continue
+    ids = [str(e) for e in batch["entity_id"]]
+    ok = np.asarray(batch["ok"], dtype=bool)
+    skipped = Counter(str(batch["error"][i]).split(":")[0] for i in np.flatnonzero(~ok))
+    keep = np.array([ok[i] and ids[i] not in deleted for i in range(len(ids))], dtype=bool)
+    shard = shard_of(ids, num_shards)
+    acks = []
+    for s in np.unique(shard[keep]):
+        if int(s) in builders:
             sel = np.flatnonzero(keep & (shard == s))
-            writers[int(s)].append([ids[i] for i in sel], {k: batch[k][sel] for k in STORED_FEATURES})
-        n += len(ids)
-    return n
+            acks.append(builders[int(s)].append.remote([ids[i] for i in sel], {k: batch[k][sel] for k in STORED_FEATURES}))
+    ray.get(acks)  # back-pressure: a batch is done once its builders hold it
+    return {"rows": np.array([len(ids)], dtype=np.int64), "skipped": np.array([json.dumps(skipped)], dtype=object)}
+
+
+def route(ds, builders: dict, num_shards: int, deleted: frozenset = frozenset()) -> tuple[int, Counter]:
+    """Run the pipeline into the builders: (rows seen, skipped rows by reason), counts only."""
+    ds = ds.map_batches(route_to_shards, batch_size=None, num_cpus=0.1,
+                        fn_kwargs={"builders": builders, "num_shards": num_shards, "deleted": frozenset(deleted)})
+    seen, skipped = 0, Counter()
+    for meta in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        seen += int(meta["rows"].sum())
+        for s in meta["skipped"]:
+            skipped.update(json.loads(s))
+    return seen, skipped
+
+
+def close_builders(builders: list, factory: str, train_size: int, shapes: dict, cfg: IndexConfig
+                   ) -> tuple[list[dict], set[str]]:
+    """Close every builder (in parallel) and check what each one wrote: every file of its
+    entry on storage with the size it was written with (the sha256 it reports was read back
+    from storage by the builder). Returns (manifest entries, indexed entity ids)."""
+    import ray
+
+    from otmel.storage import file_sizes, join
+
+    entries, indexed = [], set()
+    for entry, ids in ray.get([b.close.remote(factory, train_size, shapes) for b in builders]):
+        uri = join(cfg.out, entry["dir"])
+        on_storage = file_sizes(uri, cfg.s3_endpoint)
+        wrong = {n: (on_storage.get(n), size) for n, size in entry["sizes"].items() if on_storage.get(n) != size}
+        if wrong or set(entry["files"]) != set(entry["sizes"]):
+            raise IOError(f"{uri}: shard files missing or of the wrong size on storage (found, written): {wrong}")
+        entries.append(entry)
+        indexed.update(ids)
+    return entries, indexed
 
 
 # ---------------------------------------------------------------------------- build / update
@@ -215,10 +316,9 @@ def _load_model(cfg: IndexConfig):
 
 
 def build(cfg: IndexConfig) -> IndexResult:
-    from otmel.entity_index import (MANIFEST_FILE, STORED_FEATURES, ShardWriter, check_factory, load_manifest, new_manifest,
-                                    shard_name)
-    from otmel.jobs.common import init_ray
-    from otmel.storage import exists, join, upload_dir
+    from otmel.entity_index import MANIFEST_FILE, STORED_FEATURES, check_factory, load_manifest, new_manifest, shard_name
+    from otmel.jobs.common import gpu_count, init_ray
+    from otmel.storage import exists, join
 
     t0 = time.perf_counter()
     # fail fast, before any work: model loads, KB readable and valid, output free
@@ -237,31 +337,22 @@ def build(cfg: IndexConfig) -> IndexResult:
     log.info("indexing %d entities from %d file(s) into %d shard(s) (%s, %s features), model %s",
              identity.num_rows, len(files), cfg.shards, cfg.factory, cfg.feature_dtype, backend.model_version[:12])
     init_ray(cfg.address)
-    with tempfile.TemporaryDirectory(prefix="otmel-index-") as tmp:
-        tmp = Path(tmp)
-        writers = {s: ShardWriter(tmp / f"{shard_name(s)}{suffix}", shard_name(s), cfg.feature_dtype)
-                   for s in range(cfg.shards)}
-        skipped: Counter = Counter()
-        seen = stream_into_shards(encoded_entities(cfg, files, backend.preprocessor), writers, cfg.shards, skipped)
-        if seen != identity.num_rows:
-            raise RuntimeError(f"encoded {seen} KB rows, read {identity.num_rows}: rows were lost")
-        shard_dims = {k: dims[k] for k in STORED_FEATURES}
-        entries = [writers[s].close(cfg.factory, cfg.train_size, shard_dims) for s in range(cfg.shards)]
-        indexed = {e for w in writers.values() for e in w.ids}
-        import pyarrow.parquet as pq
-
-        aliases = alias_pairs(identity)
-        aliases = aliases.filter(pa.array([e in indexed for e in aliases.column("entity_id").to_pylist()]))
-        aliases_name = f"aliases{suffix}.parquet"
-        pq.write_table(aliases, tmp / aliases_name)
-        manifest = new_manifest(cfg.shards, cfg.factory, cfg.feature_dtype, backend.model_version, shard_dims,
-                                entries, cfg.kb, dict(skipped), aliases_name, cfg.nprobe)
-        for w in writers.values():
-            upload_dir(w.directory, join(cfg.out, w.directory.name), cfg.s3_endpoint)
-        _upload_file(tmp / aliases_name, join(cfg.out, aliases_name), cfg.s3_endpoint)
-        version = _commit_manifest(tmp, manifest, cfg.out, cfg.s3_endpoint)
-        if previous:
-            _delete_unreferenced(previous, manifest, cfg.out, cfg.s3_endpoint)
+    use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
+    builders = start_builders([(shard_name(s), f"{shard_name(s)}{suffix}", None) for s in range(cfg.shards)], cfg,
+                              cfg.feature_dtype, use_gpu)
+    seen, skipped = route(encoded_entities(cfg, files, backend.preprocessor, use_gpu), dict(enumerate(builders)),
+                          cfg.shards)
+    if seen != identity.num_rows:
+        raise RuntimeError(f"encoded {seen} KB rows, read {identity.num_rows}: rows were lost")
+    shard_dims = {k: dims[k] for k in STORED_FEATURES}
+    entries, indexed = close_builders(builders, cfg.factory, cfg.train_size, shard_dims, cfg)
+    aliases_name = f"aliases{suffix}.parquet"
+    _write_aliases(alias_pairs(identity), indexed, join(cfg.out, aliases_name), cfg.s3_endpoint)
+    manifest = new_manifest(cfg.shards, cfg.factory, cfg.feature_dtype, backend.model_version, shard_dims,
+                            entries, cfg.kb, dict(skipped), aliases_name, cfg.nprobe)
+    version = _commit_manifest(manifest, cfg.out, cfg.s3_endpoint)
+    if previous:
+        _delete_unreferenced(previous, manifest, cfg.out, cfg.s3_endpoint)
     if skipped:
         log.warning("KB rows not indexed: %s", dict(skipped))
     log.info("index %s written to %s: %d entities in %d shard(s)", version[:12], cfg.out, manifest["count"], cfg.shards)
@@ -273,88 +364,85 @@ def update(cfg: IndexConfig) -> IndexResult:
     """Apply a KB change set to an existing index, rebuilding only the shards it touches."""
     import pyarrow.parquet as pq
 
-    from otmel.entity_index import (ALIASES_FILE, ShardWriter, check_compatible, index_version_of, iter_shard_rows,
-                                    load_manifest, shard_of)
-    from otmel.jobs.common import init_ray
-    from otmel.storage import join, local_copy, read_bytes, upload_dir
+    from otmel.entity_index import ALIASES_FILE, check_compatible, index_version_of, load_manifest, shard_of
+    from otmel.jobs.common import gpu_count, init_ray
+    from otmel.storage import join, read_bytes
 
     t0 = time.perf_counter()
     backend, dims = _load_model(cfg)
     manifest = load_manifest(cfg.out, cfg.s3_endpoint)
-    with tempfile.TemporaryDirectory(prefix="otmel-index-") as tmp:
-        tmp = Path(tmp)
-        check_compatible(manifest, backend.model_version, dims["retrieval_key"][0], where=f"index {cfg.out}")
-        files = kb_files(cfg.kb, cfg.s3_endpoint)
-        changes = read_kb_identity(files, cfg.s3_endpoint, update=True)
-        change_ids = changes.column("entity_id").to_pylist()
-        deleted = {e for e, d in zip(change_ids, changes.column("deleted").to_pylist()) if d}
-        num_shards = manifest["num_shards"]
-        touched = sorted({int(s) for s in shard_of(change_ids, num_shards)})
-        log.info("update of %s: %d changed entities (%d deletions) touch %d of %d shard(s)", cfg.out,
-                 len(change_ids), len(deleted), len(touched), num_shards)
-        if not touched:
-            return IndexResult(cfg.out, index_version_of(manifest), manifest, [], round(time.perf_counter() - t0, 2))
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        suffix = f"-u{uuid.uuid4().hex[:8]}"  # unique: never the name of a directory in use
-        previous = copy.deepcopy(manifest)  # for deleting what only it referenced, after the commit
-        entries = {e["name"]: e for e in manifest["shards"]}
-        writers = {}
-        changed = set(change_ids)
-        for s in touched:
-            name = f"shard-{s:05d}"
-            entry = entries[name]
-            writer = ShardWriter(tmp / f"{name}{suffix}", name, manifest["feature_dtype"])
-            with local_copy(join(cfg.out, entry["dir"]), cfg.s3_endpoint) as old_dir:
-                for ids, feats in iter_shard_rows(Path(old_dir), entry, manifest):  # kept rows, chunk by chunk
-                    keep = np.array([e not in changed for e in ids], dtype=bool)
-                    writer.append([e for e, k in zip(ids, keep) if k], {k: v[keep] for k, v in feats.items()})
-            writers[s] = writer
-        skipped: Counter = Counter()
-        if len(deleted) < len(change_ids):
-            init_ray(cfg.address)
-            stream_into_shards(encoded_entities(cfg, files, backend.preprocessor), writers, num_shards, skipped,
-                               only=set(touched), deleted=deleted)
-        new_entries = {}
-        for s, writer in writers.items():
-            new_entries[writer.name] = writer.close(manifest["factory"], cfg.train_size, manifest["dims"])
-            upload_dir(writer.directory, join(cfg.out, writer.directory.name), cfg.s3_endpoint)
-        # aliases: drop the changed entities' rows, add the upserted ones that were indexed
-        old_aliases_name = manifest.get("aliases", ALIASES_FILE)
-        old_aliases = pq.read_table(pa.BufferReader(read_bytes(join(cfg.out, old_aliases_name), cfg.s3_endpoint)))
-        indexed_now = {e for w in writers.values() for e in w.ids}
-        kept_aliases = old_aliases.filter(pa.array([e not in changed for e in old_aliases.column("entity_id").to_pylist()]))
-        new_aliases = alias_pairs(changes)
-        new_aliases = new_aliases.filter(pa.array([e in indexed_now for e in new_aliases.column("entity_id").to_pylist()]))
-        aliases_name = f"aliases{suffix}.parquet"
-        pq.write_table(pa.concat_tables([kept_aliases, new_aliases]), tmp / aliases_name)
-        _upload_file(tmp / aliases_name, join(cfg.out, aliases_name), cfg.s3_endpoint)
-        manifest["aliases"] = aliases_name
-        manifest["shards"] = [new_entries.get(e["name"], e) for e in manifest["shards"]]
-        manifest["count"] = int(sum(e["count"] for e in manifest["shards"]))
-        manifest["skipped"] = dict(Counter(manifest.get("skipped", {})) + skipped)
-        manifest.setdefault("updates", []).append({"kb": cfg.kb, "at": stamp, "changed": len(change_ids),
-                                                   "deleted": len(deleted), "shards": [f"shard-{s:05d}" for s in touched]})
-        version = _commit_manifest(tmp, manifest, cfg.out, cfg.s3_endpoint)
-        _delete_unreferenced(previous, manifest, cfg.out, cfg.s3_endpoint)
+    check_compatible(manifest, backend.model_version, dims["retrieval_key"][0], where=f"index {cfg.out}")
+    files = kb_files(cfg.kb, cfg.s3_endpoint)
+    changes = read_kb_identity(files, cfg.s3_endpoint, update=True)
+    change_ids = changes.column("entity_id").to_pylist()
+    deleted = {e for e, d in zip(change_ids, changes.column("deleted").to_pylist()) if d}
+    num_shards = manifest["num_shards"]
+    touched = sorted({int(s) for s in shard_of(change_ids, num_shards)})
+    log.info("update of %s: %d changed entities (%d deletions) touch %d of %d shard(s)", cfg.out,
+             len(change_ids), len(deleted), len(touched), num_shards)
+    if not touched:
+        return IndexResult(cfg.out, index_version_of(manifest), manifest, [], round(time.perf_counter() - t0, 2))
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    suffix = f"-u{uuid.uuid4().hex[:8]}"  # unique: never the name of a directory in use
+    previous = copy.deepcopy(manifest)  # for deleting what only it referenced, after the commit
+    entries = {e["name"]: e for e in manifest["shards"]}
+    changed = frozenset(change_ids)
+    init_ray(cfg.address)
+    use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
+    plan = []
+    for s in touched:
+        entry = entries[f"shard-{s:05d}"]
+        plan.append((entry["name"], f"{entry['name']}{suffix}", (join(cfg.out, entry["dir"]), entry, manifest, changed)))
+    builders = dict(zip(touched, start_builders(plan, cfg, manifest["feature_dtype"], use_gpu)))
+    skipped: Counter = Counter()
+    if len(deleted) < len(change_ids):
+        _, skipped = route(encoded_entities(cfg, files, backend.preprocessor, use_gpu), builders, num_shards, deleted)
+    rebuilt, indexed_now = close_builders(list(builders.values()), manifest["factory"], cfg.train_size,
+                                          manifest["dims"], cfg)
+    new_entries = {e["name"]: e for e in rebuilt}
+    # aliases: drop the changed entities' rows, add the upserted ones that were indexed
+    old_aliases_name = manifest.get("aliases", ALIASES_FILE)
+    old_aliases = pq.read_table(pa.BufferReader(read_bytes(join(cfg.out, old_aliases_name), cfg.s3_endpoint)))
+    kept_aliases = old_aliases.filter(pa.array([e not in changed for e in old_aliases.column("entity_id").to_pylist()],
+                                               pa.bool_()))
+    aliases_name = f"aliases{suffix}.parquet"
+    new_aliases = alias_pairs(changes)
+    new_aliases = new_aliases.filter(pa.array([e in indexed_now for e in new_aliases.column("entity_id").to_pylist()],
+                                              pa.bool_()))
+    _write_aliases(pa.concat_tables([kept_aliases, new_aliases]), None, join(cfg.out, aliases_name), cfg.s3_endpoint)
+    manifest["aliases"] = aliases_name
+    manifest["shards"] = [new_entries.get(e["name"], e) for e in manifest["shards"]]
+    manifest["count"] = int(sum(e["count"] for e in manifest["shards"]))
+    manifest["skipped"] = dict(Counter(manifest.get("skipped", {})) + skipped)
+    manifest.setdefault("updates", []).append({"kb": cfg.kb, "at": stamp, "changed": len(change_ids),
+                                               "deleted": len(deleted), "shards": [f"shard-{s:05d}" for s in touched]})
+    version = _commit_manifest(manifest, cfg.out, cfg.s3_endpoint)
+    _delete_unreferenced(previous, manifest, cfg.out, cfg.s3_endpoint)
     log.info("index %s updated to %s: %d entities, rebuilt %s", cfg.out, version[:12], manifest["count"],
              ", ".join(new_entries))
     return IndexResult(cfg.out, version, manifest, sorted(new_entries), round(time.perf_counter() - t0, 2))
 
 
-def _upload_file(local: Path, uri: str, s3_endpoint: str | None) -> None:
+def _write_aliases(pairs: pa.Table, indexed: set[str] | None, uri: str, s3_endpoint: str | None) -> None:
+    """The alias table (mention detection): the pairs of the entities in ``indexed`` (None: all)."""
+    import pyarrow.parquet as pq
+
     from otmel.storage import write_bytes
 
-    write_bytes(uri, Path(local).read_bytes(), s3_endpoint)
+    if indexed is not None:
+        pairs = pairs.filter(pa.array([e in indexed for e in pairs.column("entity_id").to_pylist()], pa.bool_()))
+    sink = pa.BufferOutputStream()
+    pq.write_table(pairs, sink)
+    write_bytes(uri, sink.getvalue().to_pybytes(), s3_endpoint)
 
 
-def _commit_manifest(tmp: Path, manifest: dict, out: str, s3_endpoint: str | None) -> str:
+def _commit_manifest(manifest: dict, out: str, s3_endpoint: str | None) -> str:
     """Write manifest.json to OUT last: the index exists (and switches version) only now."""
-    from otmel.entity_index import MANIFEST_FILE, write_manifest
-    from otmel.storage import join
+    from otmel.entity_index import MANIFEST_FILE, index_version_of
+    from otmel.storage import join, write_bytes
 
-    version = write_manifest(tmp, manifest)
-    _upload_file(tmp / MANIFEST_FILE, join(out, MANIFEST_FILE), s3_endpoint)
-    return version
+    write_bytes(join(out, MANIFEST_FILE), json.dumps(manifest, indent=2, sort_keys=True).encode(), s3_endpoint)
+    return index_version_of(manifest)
 
 
 def _delete_unreferenced(previous: dict, current: dict, out: str, s3_endpoint: str | None) -> None:

@@ -1,24 +1,31 @@
 """Bulk entity linking on Ray Data (``otmel link``).
 
     otmel link --model MODEL_URI --index INDEX_URI --input INPUT_URI --output OUTPUT_URI
-               [--top-k k] [--candidates K] [--nil-threshold T] [--workers N] [--batch-size B]
+               [--top-k k] [--candidates K] [--nil-threshold T] [--workers N|MIN-MAX]
+               [--link-actors N|MIN-MAX] [--shard-replicas R] [--batch-size B]
                [--detect-mentions alias] [--address ADDR]
 
-Pipeline (DESIGN.md "Data flow"):
+Pipeline (DESIGN.md "Data flow"); no row passes through the driver:
 
 1. read: one task per input file (``otmel.link_input``), streamed in chunks of
    ``read_chunk_rows`` (Parquet by row-group batches, JSONL line by line): posts are exploded
    into one row per mention (given spans, or alias detection), bad rows become ``error`` rows,
    nothing dropped;
 2. preprocess (CPU tasks): tokenise, fetch (``image_uri``) and decode/resize images;
-3. encode (actor pool, a GPU per actor when present): mention features + stage-1 queries;
-4. link (a small actor pool): the batch's features are put in the object store once and sent to
-   every index-shard actor (``ShardServer``: its FAISS shard, its memory-mapped features and a
-   matcher; restarted by Ray if it dies, its calls retried), which retrieves K and reranks them
-   with the full S_O; the per-shard top-k are merged into the global top-k, NIL decided;
-5. write: the driver collects each input file's rows and writes them as ONE Parquet file named
-   by a hash of the input path (``otmel.link_output``) as soon as the file is complete, so an
-   interrupted job keeps what it finished and a re-run skips it. ``_SUCCESS.json`` last.
+3. encode (actor pool of ``--workers`` actors, N or MIN-MAX autoscaling, a GPU each on a GPU
+   cluster): mention features + stage-1 queries;
+4. link (a pool of ``--link-actors`` light actors, one batch in flight each, so several
+   batches are always queued at the shard actors): a batch's features are put in the object
+   store once and sent to one replica of every index shard (``ShardServer``: its FAISS
+   shard, memory-mapped features and the matcher; ``--shard-replicas`` actors per shard,
+   taken in turn; restarted by Ray if one dies, its calls retried), which retrieves K and
+   reranks them with the full S_O; the per-shard top-k are merged into the global top-k,
+   NIL decided; the link actor writes the batch's rows of each input file as a staged part
+   (``otmel.link_output``) and reports only counts;
+5. commit: the driver counts each input file's rows from that metadata and, as soon as they
+   add up, a commit task turns the file's parts into its one output file, atomically (a
+   driver killed mid-job keeps every file committed so far; a re-run skips them and
+   restages the rest). ``_SUCCESS.json`` last.
 
 Job-level problems (no input files, index/model mismatch, unreadable model) fail before any
 work, in one line.
@@ -30,7 +37,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,9 +47,6 @@ import pyarrow.compute as pc
 
 log = logging.getLogger(__name__)
 
-#: test hook: if set to a path that does not exist yet, a shard actor creates it and dies in
-#: its next link call (exercises Ray's actor restart + task retry)
-KILL_SHARD_ONCE_ENV = "OTMEL_TEST_KILL_SHARD_ONCE_FILE"
 #: CPUs of a preprocess task (distinct from the actors' so Ray Data does not fuse the two steps)
 PREPROCESS_CPUS = 0.25
 
@@ -59,7 +62,10 @@ class LinkConfig:
     top_k: int = 5  # candidates written per mention
     candidates: int = 20  # K retrieved per shard before reranking
     nil_threshold: float | None = None  # None = the calibrated value in export.json / the checkpoint
-    workers: int = 1  # encode actors
+    workers: int | str = 1  # encode actors: N, or MIN-MAX for a pool Ray Data autoscales
+    link_actors: int | str = 2  # link-stage actors (batches in flight at the shard actors): N or MIN-MAX
+    shard_replicas: int = 1  # actors per index shard, each with its own copy (queries spread over them)
+    shard_gpus: float | None = None  # GPU share of a shard actor (None: 0.25 on a GPU cluster, else 0)
     batch_size: int = 64
     read_chunk_rows: int = 1024  # input rows read at a time (a file is streamed, never held whole)
     detect_mentions: str | None = None  # None | "alias": find mentions in posts without spans
@@ -86,6 +92,14 @@ class LinkConfig:
             raise ValueError(f"--detect-mentions must be alias, got {self.detect_mentions!r}")
         if self.bad_image not in ("error", "text"):
             raise ValueError(f"--bad-image must be error or text, got {self.bad_image!r}")
+        from otmel.jobs.common import parse_pool
+
+        parse_pool(self.workers, "--workers")
+        parse_pool(self.link_actors, "--link-actors")
+        if self.shard_replicas < 1:
+            raise ValueError(f"--shard-replicas must be >= 1, got {self.shard_replicas}")
+        if self.shard_gpus is not None and not 0 <= self.shard_gpus <= 1:
+            raise ValueError(f"--shard-gpus must be a share of one GPU in [0, 1], got {self.shard_gpus}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -130,33 +144,36 @@ class ShardServer:
         # the matcher only (an ONNX export's encoder is not loaded; a checkpoint loads whole)
         self.linker = ShardLinker(shard, load_backend(model_uri, s3_endpoint, threads=threads, encoder=False))
         self.name = entry["name"]
+        self.queries = 0  # batches served (since this actor started: a restarted one counts anew)
 
     def ready(self) -> tuple[str, int]:
         return self.name, self.linker.shard.count
 
     def link(self, mentions: dict[str, np.ndarray], candidates: int, top_k: int):
-        marker = os.environ.get(KILL_SHARD_ONCE_ENV)
-        if marker and not os.path.exists(marker):
-            open(marker, "w").close()
-            os._exit(1)  # a crash, as an OOM kill would be: Ray restarts the actor and retries
+        self.queries += 1
         return self.linker.link(mentions, candidates, top_k)
 
+    def served(self) -> int:
+        return self.queries
 
-def start_shard_actors(cfg: LinkConfig, manifest: dict, use_gpu: bool = False) -> list:
-    """One actor per shard (restarted on death, calls retried); waits until all are loaded.
 
-    With GPUs in the cluster each shard actor takes a share of one (its FAISS index goes to
-    the GPU when faiss-gpu is installed); without a GPU share Ray hides the devices from it.
+def start_shard_actors(cfg: LinkConfig, manifest: dict, use_gpu: bool = False) -> list[list]:
+    """``--shard-replicas`` actors per shard (restarted on death, calls retried), as
+    ``[shard][replica]``; waits until all are loaded.
+
+    With GPUs in the cluster each shard actor takes a share of one (``--shard-gpus``, default
+    0.25: its FAISS index goes to the GPU when faiss-gpu is installed); without a GPU share Ray
+    hides the devices from it.
     """
     import ray
 
-    from otmel.jobs.common import worker_env
-
-    remote = ray.remote(ShardServer).options(num_cpus=0.25, num_gpus=0.25 if use_gpu else 0, max_restarts=-1,
-                                             max_task_retries=3, runtime_env={"env_vars": worker_env()})
-    actors = [remote.remote(cfg.index, entry, manifest, cfg.model, cfg.s3_endpoint) for entry in manifest["shards"]]
-    loaded = ray.get([a.ready.remote() for a in actors])
-    log.info("index shards loaded: %s", ", ".join(f"{n} ({c} entities)" for n, c in loaded))
+    gpus = cfg.shard_gpus if cfg.shard_gpus is not None else (0.25 if use_gpu else 0)
+    remote = ray.remote(ShardServer).options(num_cpus=0.25, num_gpus=gpus, max_restarts=-1, max_task_retries=3)
+    actors = [[remote.remote(cfg.index, entry, manifest, cfg.model, cfg.s3_endpoint) for _ in range(cfg.shard_replicas)]
+              for entry in manifest["shards"]]
+    loaded = ray.get([a.ready.remote() for replicas in actors for a in replicas])
+    log.info("index shards loaded (%d replica(s) each): %s", cfg.shard_replicas,
+             ", ".join(f"{n} ({c} entities)" for n, c in loaded[::cfg.shard_replicas]))
     return actors
 
 
@@ -166,8 +183,12 @@ def read_inputs(batch: dict[str, np.ndarray], s3_endpoint: str | None, detector,
     """Input file paths -> mention rows, streamed in chunks (a file is never held whole).
 
     ``file_rows`` is -1 on every chunk but a file's last, which carries the file's total: the
-    driver writes the file's output once it holds that many rows, in whatever order they came.
+    driver commits the file's output once its parts hold that many rows, in whatever order
+    they came. Each chunk is in output order (input row, span start, mention id), so every
+    batch cut from it, and every part, is a slice of the file's sorted output.
     """
+    from otmel.link_output import sort_rows
+
     from otmel.link_input import iter_mention_rows
 
     for path in batch["path"]:
@@ -175,6 +196,7 @@ def read_inputs(batch: dict[str, np.ndarray], s3_endpoint: str | None, detector,
         for table in iter_mention_rows(str(path), s3_endpoint, detector, context_chars, chunk_rows):
             if table.num_rows == 0:
                 continue
+            table = sort_rows(table)
             if previous is not None:
                 yield previous.append_column("file_rows", pa.array([-1] * previous.num_rows, pa.int64()))
             total += table.num_rows
@@ -200,18 +222,39 @@ def _int_or_none(v) -> int | None:
 
 
 class LinkStage:
-    """Scatter a batch's mention features to every shard actor, gather, merge, decide NIL."""
+    """One link-stage actor: a batch's features to one replica of every shard actor, the
+    per-shard top-k merged, NIL decided, the rows written as staged parts (one per input
+    file in the batch); returns only the parts' metadata."""
 
-    def __init__(self, shard_actors: list, candidates: int, top_k: int, nil_threshold: float | None,
-                 model_version: str, index_version: str):
-        self.actors = shard_actors
+    def __init__(self, shard_actors: list[list], candidates: int, top_k: int, nil_threshold: float | None,
+                 model_version: str, index_version: str, output: str, s3_endpoint: str | None):
+        import random
+
+        self.actors = shard_actors  # [shard][replica]
         self.candidates = candidates
         self.top_k = top_k
         self.nil_threshold = nil_threshold
         self.model_version = model_version
         self.index_version = index_version
+        self.output = output
+        self.s3_endpoint = s3_endpoint
+        self.turn = random.randrange(1 << 20)  # replicas in turn, from a different start per actor
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from otmel.link_output import write_part
+
+        table = self.link_rows(batch)
+        files, totals, parts = [], [], []
+        for f in dict.fromkeys(table.column("source_file").to_pylist()):  # files of this batch, in order
+            rows = table.filter(pc.equal(table.column("source_file"), f))
+            files.append(f)
+            totals.append(int(pc.max(rows.column("file_rows")).as_py()))  # -1 unless the file's last chunk
+            parts.append(json.dumps(write_part(rows, self.output, f, self.s3_endpoint)))
+        return {"source_file": np.array(files, dtype=object), "file_rows": np.array(totals, dtype=np.int64),
+                "part": np.array(parts, dtype=object)}
+
+    def link_rows(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """The output rows of a batch (``PART_SCHEMA`` + ``source_file`` / ``file_rows``)."""
         import ray
 
         from otmel.linking import LINK_MENTION_FEATURES, merge_topk, nil_decision
@@ -226,7 +269,9 @@ class LinkStage:
         if len(sel):
             feats = {name: np.ascontiguousarray(np.asarray(batch[name])[sel]) for name in LINK_MENTION_FEATURES}
             ref = ray.put(feats)  # one copy in the object store, read by every shard
-            parts = ray.get([a.link.remote(ref, self.candidates, self.top_k) for a in self.actors])
+            replicas = [reps[(self.turn + i) % len(reps)] for i, reps in enumerate(self.actors)]
+            self.turn += 1
+            parts = ray.get([a.link.remote(ref, self.candidates, self.top_k) for a in replicas])
             merged = merge_topk(parts, self.top_k)
             linked = nil_decision(merged.scores[:, 0] if merged.scores.shape[1] else np.full(len(sel), -np.inf),
                                   self.nil_threshold)
@@ -267,6 +312,70 @@ class LinkStage:
             "source_row": pa.array([int(v) for v in batch["source_row"]], pa.int64()),
             "file_rows": pa.array([int(v) for v in batch["file_rows"]], pa.int64()),
         })
+
+
+class CommitTracker:
+    """The driver's bookkeeping: per input file, its parts' metadata and row count; commits a
+    file (a Ray task) as soon as its rows add up. Holds metadata only, never rows."""
+
+    def __init__(self, cfg: "LinkConfig", file_meta: dict[str, dict], progress=None):
+        import ray
+
+        from otmel.link_output import commit_output_file
+
+        self.cfg = cfg
+        self.file_meta = file_meta
+        self.progress = progress
+        self.parts: dict[str, list[dict]] = {}
+        self.have: Counter = Counter()
+        self.total: dict[str, int] = {}
+        self.pending: dict = {}  # commit ObjectRef -> input file
+        self.written: dict[str, dict] = {}
+        self.commit = ray.remote(commit_output_file).options(num_cpus=0.1, max_retries=3)
+
+    def add(self, source_file: str, file_rows: int, part: dict) -> None:
+        f = source_file
+        self.parts.setdefault(f, []).append(part)
+        self.have[f] += part["rows"]
+        if file_rows >= 0:
+            self.total[f] = file_rows
+        if f in self.total and self.have[f] > self.total[f]:
+            raise RuntimeError(f"{f}: {self.have[f]} output rows for {self.total[f]} input rows: rows duplicated")
+        if self.have[f] == self.total.get(f):
+            self._start(f)
+
+    def _start(self, f: str) -> None:
+        ref = self.commit.remote(self.parts.pop(f), self.cfg.output, f, self.file_meta[f], self.cfg.s3_endpoint)
+        self.pending[ref] = f
+
+    def poll(self, timeout: float = 0) -> None:
+        """Record the commits that have finished (a failed commit raises here)."""
+        import ray
+
+        if not self.pending:
+            return
+        done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout)
+        for ref in done:
+            f = self.pending.pop(ref)
+            self.written[f] = ray.get(ref)
+            if self.progress:
+                self.progress(f"committed {f} ({self.written[f]['rows']} rows) [{len(self.written)} file(s)]")
+
+    def finish(self, todo: list[str]) -> dict[str, dict]:
+        """After the last batch: empty inputs get an empty output; every file must be complete."""
+        for f in todo:
+            if f not in self.written and f not in self.pending.values() and f not in self.parts:
+                self.total.setdefault(f, 0)
+                if self.have[f] == 0:  # no row at all (an empty input file)
+                    self.parts[f] = []
+                    self._start(f)
+        incomplete = sorted(self.parts)
+        if incomplete:
+            raise RuntimeError(f"rows of {len(incomplete)} input file(s) never completed: "
+                               + ", ".join(f"{f} ({self.have[f]} of {self.total.get(f, '?')})" for f in incomplete[:3]))
+        while self.pending:
+            self.poll(timeout=5)
+        return self.written
 
 
 # ---------------------------------------------------------------------------- driver
@@ -317,7 +426,7 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
     import ray.data
 
     from otmel.image_fetch import ImagePolicy
-    from otmel.jobs.common import Encode
+    from otmel.jobs.common import Encode, actor_pool
     from otmel.linking import LINK_MENTION_FEATURES
 
     policy = ImagePolicy(allowed_prefixes=tuple(cfg.allow_image_prefix), allow_private_hosts=cfg.allow_private_hosts,
@@ -329,7 +438,7 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
     # preprocessing stays on CPU tasks (its own resources keep Ray Data from fusing it into the actors)
     ds = ds.map_batches(preprocess_mentions, batch_size=cfg.batch_size, num_cpus=PREPROCESS_CPUS,
                         fn_kwargs={"preprocessor": preprocessor, "image_policy": policy, "bad_image": cfg.bad_image})
-    return ds.map_batches(Encode, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.workers),
+    return ds.map_batches(Encode, batch_size=cfg.batch_size, compute=actor_pool(cfg.workers),
                           num_cpus=cfg.cpus_per_actor,
                           num_gpus=1 if use_gpu else 0,
                           fn_constructor_kwargs={"model_uri": cfg.model, "feature_names": LINK_MENTION_FEATURES,
@@ -337,13 +446,10 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
 
 
 def run(cfg: LinkConfig, progress=None) -> LinkResult:
-    import ray.data
-
-    from otmel.jobs.common import gpu_count, init_ray
+    from otmel.jobs.common import actor_pool, gpu_count, init_ray
     from otmel.link_input import input_stamps
-    from otmel.link_output import SUCCESS_FILE, error_reasons, is_complete, output_name, write_output_file, write_success
-    from otmel.schemas import LINK_OUTPUT_SCHEMA
-    from otmel.storage import delete_file, join
+    from otmel.link_output import STAGING_DIR, SUCCESS_FILE, is_complete, output_name, write_success
+    from otmel.storage import delete_dir, delete_file, join
 
     t0 = time.perf_counter()
     pre = preflight(cfg)
@@ -363,44 +469,37 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
     log.info("linking %d input file(s) (%d already complete, skipped) against index %s (%d entities, %d shard(s)) "
              "-> %s", len(todo), len(done), pre["index_version"][:12], manifest["count"], manifest["num_shards"], cfg.output)
     written: dict[str, dict] = {}
+    shard_batches: dict[str, list[int]] = {}
     t_work = time.perf_counter()
     startup = 0.0
     if todo:
         delete_file(join(cfg.output, SUCCESS_FILE), cfg.s3_endpoint)  # a stale one must not vouch for this run
+        # parts an interrupted run staged belong to inputs not committed, i.e. to this run's todo
+        delete_dir(join(cfg.output, STAGING_DIR), cfg.s3_endpoint)
         init_ray(cfg.address)
         use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
         actors = start_shard_actors(cfg, manifest, use_gpu)
         startup = time.perf_counter() - t_work
         ds = encoded_mentions(cfg, todo, backend.preprocessor, pre["detector"], use_gpu)
-        ds = ds.map_batches(LinkStage, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.2,
+        ds = ds.map_batches(LinkStage, batch_size=cfg.batch_size, compute=actor_pool(cfg.link_actors, "--link-actors"),
+                            num_cpus=0.1,
                             fn_constructor_kwargs={"shard_actors": actors, "candidates": cfg.candidates,
                                                    "top_k": cfg.top_k, "nil_threshold": pre["nil_threshold"],
                                                    "model_version": backend.model_version,
-                                                   "index_version": pre["index_version"]})
-        pending: dict[str, list[pa.Table]] = {}
-        have: Counter = Counter()
-        total_rows: dict[str, int] = {}  # known once the file's last chunk has arrived
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for f in set(block.column("source_file").to_pylist()):
-                part = block.filter(pc.equal(block.column("source_file"), f))
-                pending.setdefault(f, []).append(part)
-                have[f] += part.num_rows
-                last = pc.max(part.column("file_rows")).as_py()
-                if last is not None and last >= 0:
-                    total_rows[f] = last
-                if have[f] == total_rows.get(f):
-                    table = pa.concat_tables(pending.pop(f))
-                    out_uri = join(cfg.output, output_name(f))
-                    meta = dict(file_meta[f], errors_by_reason=error_reasons(table))
-                    written[f] = write_output_file(table, out_uri, meta, cfg.s3_endpoint)
-                    if progress:
-                        progress(f"wrote {out_uri} ({table.num_rows} rows from {f})")
-        if pending:
-            raise RuntimeError(f"rows of {len(pending)} input file(s) never completed: {sorted(pending)[:3]}")
-        for f in todo:  # an empty input (e.g. an empty part file) still gets its (empty) output
-            if f not in written:
-                written[f] = write_output_file(LINK_OUTPUT_SCHEMA.empty_table(), join(cfg.output, output_name(f)),
-                                               dict(file_meta[f], errors_by_reason={}), cfg.s3_endpoint)
+                                                   "index_version": pre["index_version"], "output": cfg.output,
+                                                   "s3_endpoint": cfg.s3_endpoint})
+        tracker = CommitTracker(cfg, file_meta, progress)
+        for meta in ds.iter_batches(batch_size=None, batch_format="numpy"):  # parts' metadata only
+            for f, total, part in zip(meta["source_file"], meta["file_rows"], meta["part"]):
+                tracker.add(str(f), int(total), json.loads(part))
+            tracker.poll()
+        written = tracker.finish(todo)
+        delete_dir(join(cfg.output, STAGING_DIR), cfg.s3_endpoint)
+        import ray
+
+        # batches each replica served: shows whether --shard-replicas spreads the load
+        shard_batches = {e["name"]: ray.get([a.served.remote() for a in reps])
+                         for e, reps in zip(manifest["shards"], actors)}
     seconds = time.perf_counter() - t_work
     processed = sum(m["rows"] for m in written.values())
     totals, reasons = Counter(), Counter()
@@ -427,6 +526,8 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
         "index_version": pre["index_version"],
         "nil_threshold": pre["nil_threshold"],
         "settings": dict(cfg.result_settings(), nil_threshold=pre["nil_threshold"]),
+        "pools": {"encode": str(cfg.workers), "link": str(cfg.link_actors), "shard_replicas": cfg.shard_replicas},
+        "shard_batches": shard_batches,
     }
     success = write_success(cfg.output, summary, cfg.s3_endpoint)
     log.info("link output in %s (%s)", cfg.output, success)

@@ -61,7 +61,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     from otmel.data import load_split
     from otmel.entity_index import check_compatible, open_shards
     from otmel.linking import LINK_MENTION_FEATURES, ShardLinker, link_locally
-    from otmel.jobs.common import MODEL_INPUTS
+    from otmel.preprocessing import MODEL_INPUTS
     from otmel.storage import local_copy
 
     backend = load_backend(cfg.model, cfg.s3_endpoint)

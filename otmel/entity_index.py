@@ -100,13 +100,17 @@ def build_faiss(vectors: np.ndarray, factory: str = "Flat", train_size: int = 10
     """An inner-product FAISS index over ``vectors (N, R) float32`` from a factory string.
 
     Factories that need training (IVF, PQ, ...) are trained on a random sample of at most
-    ``train_size`` vectors; too few vectors for the factory is a clear error.
+    ``train_size`` vectors; too few vectors for the factory is a clear error. With faiss-gpu
+    and a visible GPU the IVF coarse quantiser's k-means runs on the GPU (:func:`train_on_gpu`);
+    the index itself is built and written on the CPU.
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     index = _index_from_factory(factory, vectors.shape[1])
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         sample = vectors if len(vectors) <= train_size else vectors[rng.choice(len(vectors), train_size, replace=False)]
+        if faiss_gpu_count() > 0:
+            train_on_gpu(index)
         try:
             index.train(sample)
         except RuntimeError as exc:
@@ -136,6 +140,23 @@ def check_factory(factory: str, dim: int, rows_per_shard: int) -> None:
                          "(use fewer lists, fewer shards, or Flat)")
 
 
+def train_on_gpu(index) -> bool:
+    """Point an IVF index's training k-means at a GPU flat index (the FAISS recipe: the
+    clustering's nearest-centroid searches, nearly all of the training time, run on GPU 0).
+    Returns False for factories without inverted lists (trained on the CPU)."""
+    import faiss
+
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return False
+    resources = faiss.StandardGpuResources()
+    flat = faiss.IndexFlatIP(ivf.d) if ivf.metric_type == faiss.METRIC_INNER_PRODUCT else faiss.IndexFlatL2(ivf.d)
+    ivf.clustering_index = faiss.index_cpu_to_gpu(resources, 0, flat)
+    ivf._otmel_gpu_resources = resources  # kept alive as long as the index
+    return True
+
+
 def to_gpu(index):
     """The index on GPU 0 when faiss-gpu sees one (else unchanged)."""
     if faiss_gpu_count() == 0:
@@ -159,7 +180,9 @@ class ShardWriter:
     """Streams one shard's entities to local files; :meth:`close` builds FAISS and checksums.
 
     Features are appended to raw files as they arrive (memory stays at one batch, plus the
-    fp32 retrieval keys FAISS needs at close).
+    fp32 retrieval keys FAISS needs at close). At close the rows are put in entity-id order,
+    so a shard's files depend only on its entities, not on the order they arrived in
+    (parallel writers, cluster shapes); two rows with one entity id are refused.
     """
 
     directory: Path  # where the files go (its name is the shard's dir in the manifest)
@@ -210,18 +233,50 @@ class ShardWriter:
         R = self.shapes["retrieval_key"][0]
         keys = np.concatenate(self._keys) if self._keys else np.zeros((0, R), np.float32)
         self._keys.clear()
+        order = self._sort_by_id()
+        keys = keys[order] if order is not None else keys
         index = build_faiss(keys, factory if len(keys) else "Flat", train_size)
         faiss.write_index(index, str(self.directory / FAISS_FILE))
         pq.write_table(pa.table({"entity_id": pa.array(self.ids, pa.string())}), self.directory / IDS_FILE)
         files = {p.name: _sha256_file(p) for p in sorted(self.directory.iterdir()) if p.is_file()}
         return {"name": self.name, "dir": self.directory.name, "count": self.count, "files": files}
 
+    def _sort_by_id(self, chunk: int = 65536) -> np.ndarray | None:
+        """Rewrite the feature files in entity-id order; the permutation (None: already sorted)."""
+        ids = np.asarray(self.ids, dtype=str)
+        order = np.argsort(ids, kind="stable")
+        dup = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+        if len(dup):
+            raise ValueError(f"{self.name}: entity_id {ids[order][dup[0]]!r} appears more than once (ids must be unique)")
+        if np.array_equal(order, np.arange(len(order))):
+            return None
+        for name in STORED_FEATURES:
+            path = self.directory / f"{name}.bin"
+            dtype = storage_dtype(name, self.feature_dtype)
+            rows = np.memmap(path, dtype=dtype, mode="r", shape=(self.count, *self.shapes[name]))
+            tmp = path.with_suffix(".sorted")
+            with open(tmp, "wb") as out:
+                for start in range(0, len(order), chunk):  # a chunk of rows in memory at a time
+                    out.write(np.ascontiguousarray(rows[order[start:start + chunk]]).tobytes())
+            del rows
+            tmp.replace(path)
+        self.ids = ids[order].tolist()
+        return order
 
-def write_manifest(directory: Path, manifest: dict) -> str:
-    """Write manifest.json; return the index_version (sha256 of the canonical manifest)."""
-    body = json.dumps(manifest, indent=2, sort_keys=True)
-    (Path(directory) / MANIFEST_FILE).write_text(body)
-    return index_version_of(manifest)
+
+def sha256_of(uri: str, s3_endpoint: str | None = None, chunk: int = 1 << 22) -> str:
+    """sha256 of a file anywhere (local or s3://), streamed: what storage really holds."""
+    from otmel.storage import StorageError, resolve
+
+    fs, path = resolve(uri, s3_endpoint)
+    h = hashlib.sha256()
+    try:
+        with fs.open_input_stream(path) as f:
+            while block := f.read(chunk):
+                h.update(block)
+    except OSError as exc:
+        raise StorageError(f"{uri}: {exc}") from exc
+    return h.hexdigest()
 
 
 def index_version_of(manifest: dict) -> str:

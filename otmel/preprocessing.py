@@ -25,6 +25,9 @@ from otmel.encoders import ENTITY_TEMPLATE, MENTION_TEMPLATE
 
 log = logging.getLogger(__name__)
 
+#: the encoder's four inputs, the fields of :class:`Batch` an encoder reads
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "has_image")
+
 
 @dataclass
 class Batch:
@@ -39,14 +42,14 @@ class Batch:
     warnings: list[list[str]]  # per row: non-fatal issues (missing/corrupt image, truncated)
 
     def model_inputs(self) -> dict[str, Any]:
+        """The encoder inputs as torch tensors."""
         import torch
 
-        return {
-            "input_ids": torch.from_numpy(self.input_ids),
-            "attention_mask": torch.from_numpy(self.attention_mask),
-            "pixel_values": torch.from_numpy(self.pixel_values),
-            "has_image": torch.from_numpy(self.has_image),
-        }
+        return {k: torch.from_numpy(v) for k, v in self.arrays().items()}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The encoder inputs as numpy arrays (what a backend's ``encode`` takes)."""
+        return {k: getattr(self, k) for k in MODEL_INPUTS}
 
     def __len__(self) -> int:
         return len(self.errors)

@@ -142,6 +142,16 @@ def upload_dir(local_dir: str | Path, uri: str, s3_endpoint: str | None = None) 
         raise _wrap(uri, exc) from exc
 
 
+def file_sizes(uri: str, s3_endpoint: str | None = None) -> dict[str, int]:
+    """Name -> size in bytes of the files directly in a directory (an S3 prefix); {} if absent."""
+    fs, path = resolve(uri, s3_endpoint)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as exc:
+        raise _wrap(uri, exc) from exc
+    return {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}
+
+
 def delete_file(uri: str, s3_endpoint: str | None = None) -> None:
     """Remove one file; absent is fine."""
     fs, path = resolve(uri, s3_endpoint)

@@ -111,3 +111,40 @@ def test_update_equals_a_full_rebuild_and_leaves_untouched_shards_alone(ray_loca
     aliases = pq.read_table(tmp_path / "updated" / after["aliases"])
     assert "renamed entity" in aliases.column("alias").to_pylist()
     assert not set(ids[i] for i in deleted) & set(aliases.column("entity_id").to_pylist())
+
+
+#: the largest |S_O(fp16-stored entity features) - S_O(fp32 features)| the README states
+FP16_RERANK_TOLERANCE = 5e-3
+
+
+def test_fp16_stored_features_move_reranked_scores_by_less_than_the_stated_tolerance(s3_index, onnx_model, synth_dir,
+                                                                                      s3_server):
+    """The default --feature-dtype fp16 rounds the stored entity features: the reranked S_O
+    of every (test mention, KB entity) pair stays within FP16_RERANK_TOLERANCE of the S_O of
+    the model's own fp32 features (with fp32 storage the two are equal)."""
+    from otmel.backend import load_backend
+    from otmel.preprocessing import MODEL_INPUTS
+    from otmel.linking import LINK_MENTION_FEATURES
+    from otmel.model import ENTITY_FEATURES
+    from otmel.storage import local_copy
+
+    backend = load_backend(onnx_model)
+    kb = pq.read_table(synth_dir / "kb.parquet")
+    test = pq.read_table(synth_dir / "mentions" / "test.parquet")
+    eb = backend.preprocessor.entities(kb.select(["name", "attributes", "image"]).to_pydict())
+    fresh = backend.encode({k: getattr(eb, k) for k in MODEL_INPUTS}, ENTITY_FEATURES)
+    mb = backend.preprocessor.mentions(test.select(["mention", "text", "image"]).to_pydict())
+    m = backend.encode({k: getattr(mb, k) for k in MODEL_INPUTS}, LINK_MENTION_FEATURES)
+    row_of = {e: i for i, e in enumerate(kb.column("entity_id").to_pylist())}
+    with local_copy(s3_index[0].out, s3_server) as d:
+        manifest, shards = open_shards(d)
+        assert manifest["feature_dtype"] == "fp16"
+        stored = {n: np.zeros_like(v) for n, v in fresh.items()}
+        for s in shards:
+            rows = [row_of[e] for e in s.entity_ids]
+            for n, v in s.gather(np.arange(s.count)[None], ENTITY_FEATURES).items():
+                stored[n][rows] = v[0]
+    M = len(test)
+    grid = lambda f: {n: np.broadcast_to(v[None], (M, *v.shape)) for n, v in f.items()}  # noqa: E731
+    diff = np.abs(backend.score(m, grid(stored))["overall"] - backend.score(m, grid(fresh))["overall"])
+    assert 0 < diff.max() <= FP16_RERANK_TOLERANCE, diff.max()

@@ -164,7 +164,7 @@ def test_rerank_scores_equal_exhaustive_scores_and_topk_follows(onnx_model, s3_i
     same pairs; top-k == exhaustive top-k when it lies in the candidates; identical when K = E."""
     from otmel.backend import load_backend
     from otmel.entity_index import open_shards
-    from otmel.jobs.common import MODEL_INPUTS
+    from otmel.preprocessing import MODEL_INPUTS
     from otmel.linking import LINK_MENTION_FEATURES, ShardLinker, link_locally
     from otmel.model import ENTITY_FEATURES
     from otmel.storage import local_copy
@@ -313,20 +313,92 @@ def test_detected_mentions_in_posts_with_http_and_local_images(s3_index, onnx_mo
     assert r.summary["counts"] == {"in": 7, "ok": 4, "nil": 0, "no_mention": 1, "error": 2}
 
 
-def test_a_dying_shard_actor_is_restarted_and_the_job_completes(s3_index, onnx_model, synth_dir, tmp_path,
-                                                                monkeypatch, s3_server):
-    from otmel.jobs.link import KILL_SHARD_ONCE_ENV
+def _wait_for(predicate, what: str, thread=None, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert thread is None or thread.is_alive(), f"the job ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
-    marker = tmp_path / "killed"
-    monkeypatch.setenv(KILL_SHARD_ONCE_ENV, str(marker))
+
+def _staged_parts(out: Path) -> list:
+    return list((out / "_staging").rglob("*.parquet")) if (out / "_staging").exists() else []
+
+
+def test_a_shard_actor_killed_mid_job_is_restarted_and_the_job_completes(s3_index, onnx_model, synth_dir, tmp_path,
+                                                                       s3_server):
+    """A ShardServer process is SIGKILLed from outside while batches are being linked: Ray
+    restarts the actor, the calls are retried, and every mention is still linked once."""
+    import signal
+    import threading
+
+    import psutil
+
     test = str(synth_dir / "mentions" / "test.parquet")
-    r = run(LinkConfig(model=onnx_model, index=s3_index[0].out, input=test, output=str(tmp_path / "out"),
-                       read_chunk_rows=7, s3_endpoint=s3_server))  # the file streamed in 9 chunks
-    assert marker.exists()  # an actor did die
+    out = tmp_path / "out"
+    started = time.time()
+    outcome: dict = {}
+    thread = threading.Thread(daemon=True, target=lambda: outcome.update(result=run(LinkConfig(
+        model=onnx_model, index=s3_index[0].out, input=test, output=str(out), read_chunk_rows=7, batch_size=4,
+        s3_endpoint=s3_server))))
+    thread.start()
+    _wait_for(lambda: _staged_parts(out), "the first linked batch", thread)
+    victims = [p for p in psutil.process_iter(["cmdline", "create_time"])
+               if (p.info["cmdline"] or [""])[0].startswith("ray::ShardServer") and p.info["create_time"] >= started - 1]
+    assert victims, "no shard actor process of this job"
+    victims[0].send_signal(signal.SIGKILL)
+    thread.join(600)
+    r = outcome["result"]
     n = pq.read_metadata(test).num_rows
     assert r.summary["counts"]["in"] == n == r.summary["counts"]["ok"]
-    out = read_link_output(r.output)
-    assert out.column("mention_id").to_pylist() == pq.read_table(test).column("mention_id").to_pylist()
+    out_rows = read_link_output(r.output)
+    assert out_rows.column("mention_id").to_pylist() == pq.read_table(test).column("mention_id").to_pylist()
+
+
+def test_a_killed_driver_leaves_only_whole_files_and_the_rerun_completes_them_once(ray_local, s3_index, onnx_model,
+                                                                                   synth_dir, tmp_path, s3_server):
+    """The driver is SIGKILLed after one input file was committed and while another has
+    staged parts only: readers (pyarrow.dataset, DuckDB) see the committed file whole and
+    nothing of the other; a re-run skips the first and links the second exactly once."""
+    import signal
+    import subprocess
+    import sys
+
+    import duckdb
+    import pyarrow.dataset as pads
+    import ray
+
+    test = pq.read_table(synth_dir / "mentions" / "test.parquet")
+    (tmp_path / "in").mkdir()
+    pq.write_table(test.slice(0, 5), tmp_path / "in" / "a-small.parquet")
+    big = pa.concat_tables([test.set_column(0, "mention_id", pa.array([f"{i}-{m}" for m in test.column("mention_id").to_pylist()]))
+                            for i in range(12)])
+    pq.write_table(big, tmp_path / "in" / "b-big.parquet")
+    out = tmp_path / "out"
+    cfg = LinkConfig(model=onnx_model, index=s3_index[0].out, input=str(tmp_path / "in"), output=str(out),
+                     read_chunk_rows=16, batch_size=8, s3_endpoint=s3_server,
+                     address=ray.get_runtime_context().gcs_address)
+    code = f"from otmel.jobs.link import LinkConfig, run; run(LinkConfig(**{cfg.to_dict()!r}))"
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    small, large = (str(tmp_path / "in" / f) for f in ("a-small.parquet", "b-big.parquet"))
+    try:
+        _wait_for(lambda: (out / output_name(small)).exists() and len(_staged_parts(out)) >= 3,
+                  "a committed file and staged parts of the other")
+        assert not (out / output_name(large)).exists() and driver.poll() is None
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    seen = pads.dataset(str(out), format="parquet").to_table()
+    assert sorted(seen.column("mention_id").to_pylist()) == sorted(test.slice(0, 5).column("mention_id").to_pylist())
+    assert duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchall() == [(5,)]
+    assert not (out / "_SUCCESS.json").exists()
+    again = run(LinkConfig(**{**cfg.to_dict(), "address": None}))
+    assert again.summary["files_skipped_complete"] == 1 and again.summary["files_processed"] == 1
+    rows = read_link_output(str(out))
+    assert rows.num_rows == 5 + big.num_rows == len(set(rows.column("mention_id").to_pylist()))
+    assert not _staged_parts(out) and again.summary["counts"]["ok"] == rows.num_rows
 
 
 def test_best_threshold_is_the_max_f1_cut():
@@ -396,3 +468,49 @@ def test_input_files_are_streamed_in_chunks_with_their_line_and_row_numbers(tmp_
     chunks = list(iter_mention_rows(str(tmp_path / "y.parquet"), chunk_rows=1000))
     assert [c.num_rows for c in chunks] == [1000, 1000, 1000]
     assert chunks[2].column("source_row").to_pylist() == list(range(2000, 3000))
+
+
+def test_calibrated_threshold_in_a_checkpoint_gives_nil_rows(trained_run, s3_index, synth_dir, tmp_path, s3_server):
+    """calibrate stores its threshold in a checkpoint's config.json; link, given that
+    checkpoint and no --nil-threshold, says nil exactly for the mentions scoring below it."""
+    import shutil
+
+    from otmel.calibration import CalibrateConfig, calibrate
+
+    _, train = trained_run
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(train.latest_checkpoint, ckpt)
+    cal = calibrate(CalibrateConfig(model=str(ckpt), index=s3_index[0].out, data=str(synth_dir), split="dev",
+                                    s3_endpoint=s3_server))
+    threshold = cal["nil_threshold"]
+    assert json.loads((ckpt / "config.json").read_text())["extra"]["nil_threshold"] == threshold
+    assert cal["linked"] < cal["mentions"]  # the F1-best cut leaves some dev mentions unlinked
+    r = run(LinkConfig(model=str(ckpt), index=s3_index[0].out, input=str(synth_dir / "mentions" / "dev.parquet"),
+                       output=str(tmp_path / "out"), s3_endpoint=s3_server))
+    assert r.summary["nil_threshold"] == threshold
+    rows = read_link_output(r.output).to_pylist()
+    nil = [x for x in rows if x["status"] == "nil"]
+    assert len(nil) >= 1 and r.summary["counts"]["nil"] == len(nil)
+    for x in rows:
+        assert x["status"] == ("nil" if x["score"] < threshold else "ok"), x
+        assert x["candidates"] and x["score"] == x["candidates"][0]["score"]
+        assert x["entity_id"] == (None if x["status"] == "nil" else x["candidates"][0]["entity_id"])
+
+
+def test_shard_replicas_spread_queries_and_give_the_same_rows(s3_index, onnx_model, synth_dir, tmp_path, s3_server):
+    """--shard-replicas 2 starts two actors per shard, every one of them serves batches, and
+    the rows equal those of one replica."""
+    mentions = str(synth_dir / "mentions" / "test.parquet")
+    outs, served = {}, {}
+    for replicas in (1, 2):
+        r = run(LinkConfig(model=onnx_model, index=s3_index[0].out, input=mentions, output=str(tmp_path / f"r{replicas}"),
+                           top_k=5, candidates=16, batch_size=8, shard_replicas=replicas, s3_endpoint=s3_server))
+        assert r.summary["pools"]["shard_replicas"] == replicas
+        outs[replicas] = sorted(read_link_output(r.output).to_pylist(), key=lambda row: row["mention_id"])
+        served[replicas] = r.summary["shard_batches"]
+    assert outs[1] == outs[2]
+    # each batch goes to one replica of every shard: per shard the replicas' counts add up to
+    # the same number of batches; with 2 replicas both serve
+    for replicas, per_shard in served.items():
+        assert len(per_shard) == 2 and all(len(v) == replicas and min(v) > 0 for v in per_shard.values()), per_shard
+        assert len({sum(v) for v in per_shard.values()}) == 1, per_shard
