@@ -20,8 +20,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/otmel demo --out $(DEMO_DIR)
 
+# two invocations: tests/cluster starts its own multi-node clusters (not the shared local Ray)
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/cluster
+	$(PY) -m pytest -q tests/cluster
 
 bench: $(STAMP)
 	$(PY) bench/sinkhorn.py

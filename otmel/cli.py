@@ -9,9 +9,16 @@
     otmel index --model MODEL_URI --kb KB_URI --out INDEX_URI --shards S [--factory FAISS_FACTORY]
     otmel index --update INDEX_URI --kb CHANGED_KB_URI --model MODEL_URI
     otmel link --model MODEL_URI --index INDEX_URI --input INPUT_URI --output OUTPUT_URI [--top-k k]
-               [--candidates K] [--nil-threshold T] [--workers N] [--detect-mentions alias]
+               [--candidates K] [--nil-threshold T] [--workers N|MIN-MAX] [--link-actors N|MIN-MAX]
+               [--shard-replicas R] [--detect-mentions alias]
     otmel calibrate --model MODEL_URI --index INDEX_URI --data DATA_URI [--split dev]
     otmel demo [--out DIR]
+
+  on a cluster (Ray Jobs API / autoscaler; see README "Run on a cluster"):
+    otmel submit --address http://HEAD:8265 [--wait] train|index|link|evaluate|export|calibrate -- ARGS...
+    otmel jobs|status JOB_ID|logs JOB_ID [--follow]|stop JOB_ID --address http://HEAD:8265
+    otmel scale --address HEAD:6379 (--cpus N | --gpus N | --bundles JSON | --clear) [--timeout S]
+    otmel cluster local --nodes N [--autoscale] | otmel cluster down
 
 Errors a user can fix (bad paths, schemas, checkpoints) print one line and exit 2.
 """
@@ -133,6 +140,7 @@ def cmd_index(args) -> int:
     cfg = IndexConfig(model=args.model, kb=args.kb, out=args.update or args.out, shards=args.shards,
                       factory=args.factory, feature_dtype=args.feature_dtype, update=bool(args.update),
                       overwrite=args.overwrite, workers=args.workers, nprobe=args.nprobe, batch_size=args.batch_size,
+                      gpu=args.gpu,
                       address=args.address, s3_endpoint=args.s3_endpoint,
                       allow_image_prefix=args.allow_image_prefix or [], allow_private_hosts=args.allow_private_hosts)
     _print(summary_line(run(cfg)))
@@ -149,7 +157,8 @@ def cmd_link(args) -> int:
                      max_alias_entities=args.max_alias_entities, bad_image=args.bad_image,
                      allow_image_prefix=args.allow_image_prefix or [], allow_private_hosts=args.allow_private_hosts,
                      image_timeout_s=args.image_timeout, force=args.force, address=args.address,
-                     s3_endpoint=args.s3_endpoint)
+                     link_actors=args.link_actors, shard_replicas=args.shard_replicas, shard_gpus=args.shard_gpus,
+                     gpu=args.gpu, s3_endpoint=args.s3_endpoint)
     _print(summary_line(run(cfg, progress=log.info)))
     return 0
 
@@ -194,7 +203,13 @@ def cmd_demo(args) -> int:
 
 def _data_job_options(s: argparse.ArgumentParser) -> None:
     """Options the Ray Data jobs (index, link) share: actors, images, cluster, storage."""
-    s.add_argument("--workers", type=int, default=1, help="encode actors (one GPU each when the cluster has GPUs)")
+    s.add_argument("--workers", default="1", metavar="N|MIN-MAX",
+                   help="encode actors: N, or MIN-MAX for a pool Ray Data scales with the queue (one GPU each "
+                        "on a GPU cluster)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--gpu", dest="gpu", action="store_const", const=True, default=None,
+                   help="a GPU per encode actor even if no GPU node is up yet (the autoscaler adds them)")
+    g.add_argument("--cpu", dest="gpu", action="store_const", const=False, help="encode on CPUs even on a GPU cluster")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--allow-image-prefix", action="append", metavar="DIR", help="local image_uri roots allowed (repeatable)")
     s.add_argument("--allow-private-hosts", action="store_true", help="allow http(s) image_uri on private/loopback hosts")
@@ -307,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a given image that cannot be fetched/decoded: error row (default) or link on text")
     s.add_argument("--image-timeout", type=float, default=10.0, help="seconds per image fetch")
     s.add_argument("--force", action="store_true", help="recompute inputs whose output is already complete")
+    s.add_argument("--link-actors", default="2", metavar="N|MIN-MAX",
+                   help="link-stage actors: batches in flight at the index shard actors")
+    s.add_argument("--shard-replicas", type=int, default=1, metavar="R",
+                   help="actors per index shard; queries are spread over them (more index throughput)")
+    s.add_argument("--shard-gpus", type=float, default=None, metavar="SHARE",
+                   help="GPU share of each shard actor (default 0.25 on a GPU cluster, 0 otherwise)")
     _data_job_options(s)
     s.set_defaults(func=cmd_link)
 
@@ -327,14 +348,121 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", default="kd", choices=["ot", "att", "kd"])
     s.add_argument("--epochs", type=int, default=6, help="training epochs")
     s.set_defaults(func=cmd_demo)
+    _ops_parsers(sub)
     return p
+
+
+def cmd_submit(args) -> int:
+    from otmel import cluster_ops as ops
+
+    job_id = ops.submit(args.address, args.job_command, args.job_args, args.runtime_env, args.working_dir,
+                        args.token_file, args.submission_id)
+    return ops.wait_for(args.address, job_id, args.token_file) if args.wait else 0
+
+
+def cmd_jobs(args) -> int:
+    from otmel import cluster_ops as ops
+
+    ops.list_jobs(args.address, args.token_file)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from otmel import cluster_ops as ops
+
+    status = ops.job_status(args.address, args.job_id, args.token_file)
+    return 1 if status in ("FAILED", "STOPPED") else 0
+
+
+def cmd_logs(args) -> int:
+    from otmel import cluster_ops as ops
+
+    ops.job_logs(args.address, args.job_id, args.follow, args.token_file)
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from otmel import cluster_ops as ops
+
+    ops.stop_job(args.address, args.job_id, args.token_file, args.timeout)
+    return 0
+
+
+def cmd_scale(args) -> int:
+    from otmel import cluster_ops as ops
+
+    return ops.scale(args.address, args.cpus, args.gpus, args.bundles, args.clear, args.timeout, args.token_file)
+
+
+def cmd_cluster(args) -> int:
+    from otmel import cluster_ops as ops
+
+    if args.action == "local":
+        ops.start_local_cluster(args.nodes, args.autoscale, args.max_nodes, args.cpus_per_node, args.dir)
+    else:
+        ops.stop_local_cluster(args.dir)
+    return 0
+
+
+def _ops_parsers(sub) -> None:
+    from otmel.cluster_ops import JOB_COMMANDS
+
+    def common(s, address_help="the head's Jobs API, http://HEAD:8265"):
+        s.add_argument("--address", required=True, help=address_help)
+        s.add_argument("--token-file", default=None,
+                       help="cluster token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+
+    s = sub.add_parser("submit", help="run an otmel command on a cluster as a Ray job (prints the job id)")
+    common(s)
+    s.add_argument("--wait", action="store_true", help="stream the logs; exit with the job's status")
+    s.add_argument("--runtime-env", default=None, help="runtime env YAML (default: the packaged cluster/runtime_env.yaml)")
+    s.add_argument("--working-dir", default=None, help="ship this local directory (development; excludes apply)")
+    s.add_argument("--submission-id", default=None, help="job id to use (default: Ray picks one)")
+    s.add_argument("job_command", choices=JOB_COMMANDS)
+    s.add_argument("job_args", nargs=argparse.REMAINDER, help="-- then the command's own arguments")
+    s.set_defaults(func=cmd_submit)
+
+    s = sub.add_parser("jobs", help="list the cluster's jobs")
+    common(s)
+    s.set_defaults(func=cmd_jobs)
+    for name, func, text in (("status", cmd_status, "a job's status (exit 1 if it failed or was stopped)"),
+                             ("logs", cmd_logs, "a job's logs"), ("stop", cmd_stop, "stop a job")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("job_id")
+        common(s)
+        if name == "logs":
+            s.add_argument("--follow", action="store_true", help="stream until the job ends")
+        if name == "stop":
+            s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the job to stop")
+        s.set_defaults(func=func)
+
+    s = sub.add_parser("scale", help="ask the autoscaler for capacity (request_resources) or release it")
+    common(s, "the cluster's GCS address, HEAD:6379")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--cpus", type=int, help="at least N CPUs in the cluster (N one-CPU bundles)")
+    g.add_argument("--gpus", type=int, help="at least N GPUs (N bundles of 1 GPU + 1 CPU)")
+    g.add_argument("--bundles", help='JSON list of resource bundles, e.g. \'[{"GPU": 1, "CPU": 8}]\'')
+    g.add_argument("--clear", action="store_true", help="drop the request: idle nodes leave after the idle timeout")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the capacity")
+    s.set_defaults(func=cmd_scale)
+
+    s = sub.add_parser("cluster", help="a local multi-node Ray cluster on this machine (token auth on)")
+    s.add_argument("action", choices=["local", "down"])
+    s.add_argument("--nodes", type=int, default=3, help="nodes including the head (local)")
+    s.add_argument("--autoscale", action="store_true", help="let `otmel scale` add nodes up to --max-nodes")
+    s.add_argument("--max-nodes", type=int, default=None, help="default: --nodes + 2 with --autoscale")
+    s.add_argument("--cpus-per-node", type=int, default=2,
+                   help="logical CPUs of each node (Ray Data lists input files in 1-CPU tasks: keep >= 2)")
+    s.add_argument("--dir", default=None, help="state directory (default ~/.otmel/local-cluster)")
+    s.set_defaults(func=cmd_cluster)
 
 
 #: errors a user can act on: one line, exit code 2 (anything else is a bug: full traceback)
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from otmel.cluster_ops import ClusterError
     from otmel.storage import StorageError
 
-    return (FileNotFoundError, FileExistsError, ValueError, PermissionError, StorageError)
+    return (FileNotFoundError, FileExistsError, ValueError, PermissionError, StorageError, ClusterError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,266 @@
+"""On a real multi-node Ray cluster on this machine (`otmel cluster local`: head + worker nodes
+started by Ray's autoscaler with the fake multi-node provider, token auth on):
+
+* the data jobs joined with --address give the index (checksums) and the link rows of a
+  one-node run (issue 10);
+* `otmel submit/status/logs/stop/jobs` through the Jobs API, a refused submit without the
+  token, `otmel scale` up and down, a job submitted while scaled up using the new nodes
+  (issue 11).
+
+Runs in its own pytest invocation (`make test`): it owns its clusters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+OTMEL = str(Path(sys.executable).parent / "otmel")
+NODES, MAX_NODES = 3, 5
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    env.update(extra)
+    return env
+
+
+def otmel(*args, env=None, timeout=600, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([OTMEL, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"otmel {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A small synth set and an (untrained, tiny) ONNX model: the jobs' outputs are compared
+    between runs, not judged for accuracy."""
+    import torch
+
+    from otmel.exporters.onnx import ExportConfig, export
+    from otmel.factory import TINY, create_model, save_model
+    from otmel.model import ModelConfig
+    from otmel.synth import SYNTH_VOCABULARY, write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    write_synthetic_dataset(root / "synth", n_entities=60, n_mentions=400, seed=3)
+    torch.manual_seed(0)
+    model, pre = create_model(ModelConfig(mode="kd", text_length=24, **TINY), tiny=True, words=SYNTH_VOCABULARY)
+    ckpt = save_model(model, pre, root / "ckpt")
+    export(ExportConfig(checkpoint=str(ckpt), out=str(root / "onnx"), parity_batches=(4,)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_node(data):
+    """The reference: index + link on a fresh one-node local Ray instance."""
+    env = _env(RAY_AUTH_MODE="disabled")
+    otmel("index", "--model", data / "onnx", "--kb", data / "synth" / "kb.parquet", "--out", data / "index-1",
+          "--shards", 2, env=env)
+    otmel("link", "--model", data / "onnx", "--index", data / "index-1", "--input", data / "synth" / "mentions",
+          "--output", data / "out-1", "--candidates", 32, env=env)
+    return data / "index-1", data / "out-1"
+
+
+def _start_cluster(directory: Path, *args) -> dict:
+    """`otmel cluster local ARGS` in ``directory``; the S3 credentials reach the workers
+    through the environment of the nodes (never the job spec)."""
+    env = _env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    proc = otmel("cluster", "local", *args, "--dir", directory, env=env, check=False, timeout=300)
+    state = json.loads((directory / "state.json").read_text()) if (directory / "state.json").exists() else None
+    if proc.returncode != 0:
+        if state is not None:
+            otmel("cluster", "down", "--dir", directory, check=False, timeout=120)
+        raise AssertionError(proc.stdout + proc.stderr)
+    return {**state, "client_env": _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=state["token_file"])}
+
+
+def _stop_cluster(state: dict) -> None:
+    from otmel.cluster_ops import _processes_under
+
+    otmel("cluster", "down", "--dir", state["directory"], timeout=120)
+    left = _processes_under(state["temp_dir"])
+    assert not left, f"processes of the cluster left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_server):
+    """`otmel cluster local --nodes 3 --autoscale --max-nodes 5`: head + 2 worker nodes (2 CPUs
+    each), token auth on, started while another process holds the ports a Ray head takes by
+    default (52365 job agent, 10001 client server), as a second Ray on a shared machine does."""
+    import socket
+
+    held = []
+    for port in (52365, 10001):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))
+        s.listen()
+        held.append(s)
+    try:
+        state = _start_cluster(tmp_path_factory.mktemp("cluster"), "--nodes", NODES, "--autoscale",
+                               "--max-nodes", MAX_NODES)
+        yield state
+        _stop_cluster(state)
+    finally:
+        for s in held:
+            s.close()
+
+
+def _index_digests(index_dir: Path) -> dict:
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    return {s["name"]: (s["count"], s["files"]) for s in manifest["shards"]}
+
+
+def _rows(out) -> list[dict]:
+    from otmel.link_output import read_link_output
+
+    rows = read_link_output(str(out)).to_pylist()
+    return sorted(rows, key=lambda r: r["mention_id"])
+
+
+def _same_rows(a: list[dict], b: list[dict]) -> None:
+    assert [r["mention_id"] for r in a] == [r["mention_id"] for r in b]
+    for x, y in zip(a, b):
+        assert (x["entity_id"], x["status"]) == (y["entity_id"], y["status"]), x["mention_id"]
+        assert [c["entity_id"] for c in x["candidates"]] == [c["entity_id"] for c in y["candidates"]]
+        assert np.allclose([c["score"] for c in x["candidates"]], [c["score"] for c in y["candidates"]], atol=1e-5)
+
+
+def _state(cluster, what: str, **filters) -> list:
+    """Ray's state API on the cluster, with that cluster's token in the header (Ray's own
+    token loader keeps the first token a process saw)."""
+    from ray.util.state.api import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    client = StateApiClient(address=cluster["dashboard_url"], headers={
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {Path(cluster['token_file']).read_text().strip()}"})
+    resource = {"nodes": StateResource.NODES, "actors": StateResource.ACTORS, "tasks": StateResource.TASKS}[what]
+    options = ListApiOptions(filters=[(k, "=", v) for k, v in filters.items()], limit=10_000, detail=True)
+    return client.list(resource, options, raise_on_missing_output=False)
+
+
+def _alive_nodes(cluster) -> list:
+    return [n for n in _state(cluster, "nodes") if n.state == "ALIVE"]
+
+
+def test_index_and_link_on_three_nodes_equal_one_node(cluster, one_node, data):
+    """--address HEAD:PORT: same shard files (sha256) and the same rows as on one node; the
+    work ran on more than one node."""
+    env = cluster["client_env"]
+    assert len(_alive_nodes(cluster)) == NODES
+    otmel("index", "--model", data / "onnx", "--kb", data / "synth" / "kb.parquet", "--out", data / "index-3",
+          "--shards", 2, "--address", cluster["gcs_address"], env=env)
+    otmel("link", "--model", data / "onnx", "--index", data / "index-3", "--input", data / "synth" / "mentions",
+          "--output", data / "out-3", "--candidates", 32, "--workers", 2, "--address", cluster["gcs_address"], env=env)
+    index_1, out_1 = one_node
+    assert _index_digests(data / "index-3") == _index_digests(index_1)
+    _same_rows(_rows(data / "out-3"), _rows(out_1))
+    used = {a.node_id for a in _state(cluster, "actors") if a.class_name.endswith(("ShardServer", "ShardBuilder"))
+            or "MapBatches" in (a.class_name or "")}
+    assert len(used) >= 2, used
+
+
+def test_submit_wait_links_to_s3_and_the_rows_are_right(cluster, one_node, data, s3_server):
+    import boto3
+
+    out = "s3://otmel-test/cluster-out"
+    proc = otmel("submit", "--address", cluster["dashboard_url"], "--wait", "link", "--", "--model", data / "onnx",
+                 "--index", one_node[0], "--input", data / "synth" / "mentions", "--output", out, "--candidates", 32,
+                 "--s3-endpoint", s3_server, env=cluster["client_env"])
+    job_id = proc.stdout.splitlines()[0].strip()
+    assert "SUCCEEDED" in proc.stderr and "linked" in proc.stdout  # the job's own summary, streamed
+    from otmel.storage import local_copy
+
+    with local_copy(out, s3_server) as d:
+        _same_rows(_rows(d), _rows(one_node[1]))
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
+        Bucket="otmel-test", Prefix="cluster-out/")["Contents"]]
+    assert "cluster-out/_SUCCESS.json" in keys and not any("_staging" in k for k in keys)
+    status = otmel("status", job_id, "--address", cluster["dashboard_url"], env=cluster["client_env"])
+    assert status.stdout.startswith(f"{job_id}: SUCCEEDED")
+    logs = otmel("logs", job_id, "--address", cluster["dashboard_url"], env=cluster["client_env"])
+    assert "linked" in logs.stdout
+    listing = otmel("jobs", "--address", cluster["dashboard_url"], env=cluster["client_env"])
+    assert any(line.startswith(job_id) and "SUCCEEDED" in line and "otmel link" in line
+               for line in listing.stdout.splitlines())
+
+
+def test_a_failing_job_exits_nonzero_with_its_error_line(cluster, data):
+    proc = otmel("submit", "--address", cluster["dashboard_url"], "--wait", "link", "--", "--model", data / "onnx",
+                 "--index", data / "no-such-index", "--input", data / "synth" / "mentions", "--output",
+                 data / "never", env=cluster["client_env"], check=False)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "FAILED" in last and "otmel link: error:" in last and "no-such-index" in last, last
+
+
+def test_a_long_job_is_stopped(cluster, data):
+    proc = otmel("submit", "--address", cluster["dashboard_url"], "train", "--", "--data", data / "synth", "--out",
+                 data / "long-run", "--tiny-clip", "--epochs", 1000, "--workers", 1, env=cluster["client_env"])
+    job_id = proc.stdout.strip().splitlines()[-1]
+    deadline = time.monotonic() + 120
+    while "RUNNING" not in otmel("status", job_id, "--address", cluster["dashboard_url"],
+                                 env=cluster["client_env"], check=False).stdout:
+        assert time.monotonic() < deadline, "the train job never started"
+        time.sleep(1)
+    stop = otmel("stop", job_id, "--address", cluster["dashboard_url"], env=cluster["client_env"])
+    assert stop.stdout.strip() == f"{job_id}: STOPPED"
+    status = otmel("status", job_id, "--address", cluster["dashboard_url"], env=cluster["client_env"], check=False)
+    assert status.returncode == 1 and "STOPPED" in status.stdout
+
+
+def test_a_submit_without_the_token_or_with_a_wrong_one_is_refused(cluster, data, tmp_path):
+    args = ("submit", "--address", cluster["dashboard_url"], "link", "--", "--model", data / "onnx", "--index",
+            data / "index-1", "--input", data / "synth" / "mentions", "--output", tmp_path / "x")
+    no_token = otmel(*args, env=_env(HOME=str(tmp_path)), check=False)
+    assert no_token.returncode == 2 and ("401" in no_token.stderr or "uthentication" in no_token.stderr), no_token.stderr
+    (tmp_path / "wrong").write_text("0" * 64)
+    wrong = otmel(*args, "--token-file", tmp_path / "wrong", env=_env(HOME=str(tmp_path)), check=False)
+    assert wrong.returncode == 2 and ("403" in wrong.stderr or "uthentication" in wrong.stderr), wrong.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def _wait_for_nodes(cluster, n: int, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while len(_alive_nodes(cluster)) != n:
+        assert time.monotonic() < deadline, what
+        time.sleep(2)
+
+
+def test_scale_up_adds_nodes_a_job_uses_them_and_clear_lets_them_go(cluster, one_node, data):
+    env = cluster["client_env"]
+    # the earlier jobs' demand may have added a node for a while: idle ones go after 6 s
+    _wait_for_nodes(cluster, NODES, "the cluster did not settle at its minimum size")
+    before = {n.node_id for n in _alive_nodes(cluster)}
+    assert len(before) == NODES
+    # every node has 2 CPUs: 2 x MAX_NODES CPUs need MAX_NODES nodes
+    up = otmel("scale", "--address", cluster["gcs_address"], "--cpus", 2 * MAX_NODES, "--timeout", 120, env=env)
+    assert f"before: {NODES} node(s)" in up.stdout and f"after: {MAX_NODES} node(s)" in up.stdout, up.stdout
+    new = {n.node_id for n in _alive_nodes(cluster)} - before
+    assert len(new) == MAX_NODES - NODES
+    proc = otmel("submit", "--address", cluster["dashboard_url"], "--wait", "link", "--", "--model", data / "onnx",
+                 "--index", one_node[0], "--input", data / "synth" / "mentions", "--output", data / "out-scaled",
+                 "--candidates", 32, "--workers", 4, env=env)
+    job_id = proc.stdout.splitlines()[0].strip()
+    _same_rows(_rows(data / "out-scaled"), _rows(one_node[1]))
+    ray_job = next(j for j in __import__("ray.job_submission", fromlist=["x"]).JobSubmissionClient(
+        cluster["dashboard_url"], headers={"Authorization": f"Bearer {Path(cluster['token_file']).read_text()}"}
+    ).list_jobs() if j.submission_id == job_id).job_id
+    ran_on = {t.node_id for t in _state(cluster, "tasks", job_id=ray_job)} | \
+             {a.node_id for a in _state(cluster, "actors", job_id=ray_job)}
+    assert ran_on & new, (ran_on, new)
+    down = otmel("scale", "--address", cluster["gcs_address"], "--clear", env=env)
+    assert "request cleared" in down.stdout
+    _wait_for_nodes(cluster, NODES, "idle nodes were not removed after --clear")  # back to min_workers (which nodes stay is the autoscaler's choice)
