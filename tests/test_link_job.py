@@ -138,25 +138,35 @@ def test_rerun_skips_complete_outputs_and_forced_rerun_reproduces_them(s3_link, 
     assert a.equals(b)  # same files (hash names), same rows in the same order, same values
 
 
-def test_sharded_index_gives_the_single_shard_results(s3_index, onnx_model, synth_dir, tmp_path, s3_server):
-    """Flat index, K >= shard size: 2 shards == 1 shard, candidates and scores."""
+def test_sharded_replicated_index_gives_the_single_shard_results(s3_index, onnx_model, synth_dir, tmp_path,
+                                                                 s3_server):
+    """Flat index, K >= shard size: 2 shards x 2 replicas == 1 shard x 1 replica, candidates
+    and scores; every replica serves batches, each batch going to one replica of every shard."""
     from otmel.jobs.index import IndexConfig
     from otmel.jobs.index import run as build
 
     build(IndexConfig(model=onnx_model, kb=str(synth_dir / "kb.parquet"), out=str(tmp_path / "one"), shards=1))
     mentions = str(synth_dir / "mentions" / "test.parquet")
     K = 64  # >= every shard's size (60 entities in all)
-    outs = []
-    for index in (s3_index[0].out, str(tmp_path / "one")):
+    outs, served = [], []
+    for index, replicas in ((s3_index[0].out, 2), (str(tmp_path / "one"), 1)):
         r = run(LinkConfig(model=onnx_model, index=index, input=mentions, output=str(tmp_path / f"out{len(outs)}"),
-                           top_k=5, candidates=K, s3_endpoint=s3_server))
+                           top_k=5, candidates=K, batch_size=16, shard_replicas=replicas, s3_endpoint=s3_server))
+        assert r.summary["pools"]["shard_replicas"] == replicas
         outs.append(read_link_output(r.output).to_pylist())
+        served.append(r.summary["shard_batches"])
     two, one = outs
     assert [r["mention_id"] for r in two] == [r["mention_id"] for r in one]
     for a, b in zip(two, one):
         assert a["entity_id"] == b["entity_id"]
         assert [c["entity_id"] for c in a["candidates"]] == [c["entity_id"] for c in b["candidates"]]
         assert np.allclose([c["score"] for c in a["candidates"]], [c["score"] for c in b["candidates"]], atol=1e-6)
+    replicated, single = served
+    batches = -(-len(one) // 16)
+    assert len(single) == 1 and sum(*single.values()) >= batches, single
+    # per shard: 2 replicas, both serving; every batch reached every shard once
+    assert len(replicated) == 2 and all(len(v) == 2 and min(v) > 0 for v in replicated.values()), replicated
+    assert len({sum(v) for v in replicated.values()}) == 1 and sum(next(iter(replicated.values()))) >= batches
 
 
 def test_rerank_scores_equal_exhaustive_scores_and_topk_follows(onnx_model, s3_index, synth_dir, s3_server):
@@ -495,22 +505,3 @@ def test_calibrated_threshold_in_a_checkpoint_gives_nil_rows(trained_run, s3_ind
         assert x["status"] == ("nil" if x["score"] < threshold else "ok"), x
         assert x["candidates"] and x["score"] == x["candidates"][0]["score"]
         assert x["entity_id"] == (None if x["status"] == "nil" else x["candidates"][0]["entity_id"])
-
-
-def test_shard_replicas_spread_queries_and_give_the_same_rows(s3_index, onnx_model, synth_dir, tmp_path, s3_server):
-    """--shard-replicas 2 starts two actors per shard, every one of them serves batches, and
-    the rows equal those of one replica."""
-    mentions = str(synth_dir / "mentions" / "test.parquet")
-    outs, served = {}, {}
-    for replicas in (1, 2):
-        r = run(LinkConfig(model=onnx_model, index=s3_index[0].out, input=mentions, output=str(tmp_path / f"r{replicas}"),
-                           top_k=5, candidates=16, batch_size=8, shard_replicas=replicas, s3_endpoint=s3_server))
-        assert r.summary["pools"]["shard_replicas"] == replicas
-        outs[replicas] = sorted(read_link_output(r.output).to_pylist(), key=lambda row: row["mention_id"])
-        served[replicas] = r.summary["shard_batches"]
-    assert outs[1] == outs[2]
-    # each batch goes to one replica of every shard: per shard the replicas' counts add up to
-    # the same number of batches; with 2 replicas both serve
-    for replicas, per_shard in served.items():
-        assert len(per_shard) == 2 and all(len(v) == replicas and min(v) > 0 for v in per_shard.values()), per_shard
-        assert len({sum(v) for v in per_shard.values()}) == 1, per_shard
