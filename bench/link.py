@@ -10,11 +10,16 @@ One run, on this machine:
    * H@1 / MRR of both on the same mentions, recall@K of the gold and of the exhaustive top-1;
 3. on the 10k KB: the Ray Data link job end to end vs the same pipeline stopped after encoding
    (read -> preprocess -> encode), with 1 and 2 encode actors: the ratio says how close linking
-   runs to the encoder's ceiling.
+   runs to the encoder's ceiling;
+4. scale-out (``--scaleout-rows``): the link driver's peak RSS against the input size (one
+   text-only file of 20k, 80k, 200k rows), and end-to-end vs encode-only before the
+   scale-out change (the driver gathered every row; ``--before-commit``, run from a
+   ``git archive`` of that commit) and after it, in the same run.
 
 Writes bench/results/link.md.
 
     .venv/bin/python bench/link.py [--sizes 10000 100000] [--mentions 600] [--job-mentions 3000]
+                                   [--scaleout-rows 20000 80000 200000] [--only-scaleout]
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from otmel.data import PairDataset, load_split
 from otmel.entity_index import open_shards
 from otmel.exporters.onnx import ExportConfig, export
 from otmel.factory import TINY, create_model, save_model
-from otmel.jobs.common import MODEL_INPUTS
+from otmel.preprocessing import MODEL_INPUTS
 from otmel.linking import LINK_MENTION_FEATURES, ShardLinker, link_locally
 from otmel.metrics import ranking_metrics
 from otmel.model import ENTITY_FEATURES, ModelConfig
@@ -171,6 +176,121 @@ def job_benchmark(tmp: Path, onnx_dir: Path, data: Path, job_mentions: int, k: i
     return out
 
 
+# peak RSS over the job alone: VmHWM reset after the imports, whose transient peak would
+# otherwise hide the job's own growth
+DRIVER = """
+import json, sys, time
+cfg = json.loads(sys.argv[1])
+from otmel.jobs.link import LinkConfig, run
+open("/proc/self/clear_refs", "w").write("5")
+t0 = time.perf_counter()
+r = run(LinkConfig(**cfg))
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"peak_mb": hwm / 1024, "seconds": time.perf_counter() - t0, "summary": r.summary}, default=str))
+"""
+
+ENCODE_ONLY = """
+import json, sys, time
+cfg = json.loads(sys.argv[1])
+from otmel.backend import load_backend
+from otmel.jobs.common import init_ray
+from otmel.jobs.link import LinkConfig, encoded_mentions
+from otmel.link_input import list_input_files
+c = LinkConfig(**cfg)
+t0 = time.perf_counter()  # as the job's own clock: Ray start-up and model load included
+init_ray(None)
+pre = load_backend(c.model).preprocessor
+files = list_input_files(c.input)
+n = 0
+for b in encoded_mentions(c, files, pre, None, False).iter_batches(batch_size=None, batch_format="numpy"):
+    n += len(b["ok"])
+print(json.dumps({"rows": n, "seconds": time.perf_counter() - t0}))
+"""
+
+
+def _subprocess_json(code: str, cfg: dict, pythonpath: str | None = None) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def old_tree(commit: str, tmp: Path) -> str:
+    """The package as of ``commit`` (``otmel`` + ``jobs`` as ``otmel.jobs``), for PYTHONPATH."""
+    import subprocess
+
+    root = tmp / f"otmel-{commit[:8]}"
+    root.mkdir()
+    archive = subprocess.run(["git", "archive", commit, "otmel", "jobs", "exporters"], capture_output=True, check=True,
+                             cwd=Path(__file__).resolve().parent.parent).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    (root / "otmel" / "jobs").symlink_to(root / "jobs")  # found before the installed otmel.jobs
+    (root / "otmel" / "exporters").symlink_to(root / "exporters")
+    return str(root)
+
+
+def scaleout_benchmark(tmp: Path, onnx_dir: Path, data: Path, rows_list: list[int], before_commit: str) -> dict:
+    """Driver peak RSS vs input rows after the change (every size) and before it (the two
+    smaller sizes); end-to-end / encode-only seconds at the smallest size, before and after."""
+    test = pq.read_table(data / "mentions" / "test.parquet")
+    test = test.drop_columns([c for c in ("image", "image_uri") if c in test.column_names])
+    index = str(data / "index")
+    before_tree = old_tree(before_commit, tmp)
+    out: dict = {"rss": [], "ratio": []}
+    for i, rows in enumerate(rows_list):
+        reps = -(-rows // test.num_rows)
+        big = pa.concat_tables([test.set_column(0, "mention_id", pa.array([f"{r}-{m}" for m in test.column("mention_id").to_pylist()]))
+                                for r in range(reps)]).slice(0, rows)
+        d = tmp / f"scaleout-{rows}"
+        d.mkdir()
+        pq.write_table(big, d / "mentions.parquet")
+        cfg = dict(model=str(onnx_dir), index=index, input=str(d), output=str(tmp / f"scaleout-out-{rows}"),
+                   top_k=10, candidates=20, batch_size=256, force=True)
+        after = _subprocess_json(DRIVER, cfg)
+        before = _subprocess_json(DRIVER, {**cfg, "output": cfg["output"] + "-before"}, before_tree) if i < 2 else None
+        out["rss"].append({"rows": rows, "peak_mb": after["peak_mb"], "seconds": after["seconds"],
+                           "before_peak_mb": before["peak_mb"] if before else None,
+                           "before_seconds": before["seconds"] if before else None})
+        print(out["rss"][-1], flush=True)
+        if i == 0:
+            enc = _subprocess_json(ENCODE_ONLY, cfg)
+            for name, res in (("before", before), ("after", after)):
+                out["ratio"].append({"code": name, "rows": rows, "e2e_seconds": res["seconds"],
+                                     "encode_only_seconds": enc["seconds"], "ratio": enc["seconds"] / res["seconds"]})
+                print(out["ratio"][-1], flush=True)
+    return out
+
+
+def scaleout_lines(sc: dict, before_commit: str) -> list[str]:
+    lines = ["", "## Scale-out: the link driver holds metadata only", "",
+             "One text-only input file per run, 2-shard index of the 10k KB, top-10 of K = 20, batch 256; each "
+             "job is its own driver process with its own local Ray instance; peak RSS is the driver's "
+             "high-water mark (VmHWM) over the job, reset after the imports. Before = commit "
+             f"{before_commit[:7]} (the driver gathered every output row and wrote the files), run from a "
+             "`git archive` of it in the same run; after = this tree.", "",
+             "| input rows | driver peak RSS MB, after | before | job s, after | before |", "|---:|---:|---:|---:|---:|"]
+    for r in sc["rss"]:
+        b = f"{r['before_peak_mb']:,.0f}" if r["before_peak_mb"] else "-"
+        bs = f"{r['before_seconds']:,.0f}" if r["before_seconds"] else "-"
+        lines.append(f"| {r['rows']:,} | {r['peak_mb']:,.0f} | {b} | {r['seconds']:,.0f} | {bs} |")
+    lines += ["", "End-to-end vs encode-only (read -> preprocess -> encode, consumed by a driver) on the same input, "
+              "both timed from before Ray starts (start-up included): the ratio says how close the whole job "
+              "runs to the encoder pipeline alone.", "",
+              "| code | rows | encode-only s | end-to-end s | encode-only s / end-to-end s |", "|---|---:|---:|---:|---:|"]
+    for r in sc["ratio"]:
+        lines.append(f"| {r['code']} | {r['rows']:,} | {r['encode_only_seconds']:,.1f} | {r['e2e_seconds']:,.1f} | "
+                     f"{r['ratio']:.2f} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -181,6 +301,9 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=20)
     ap.add_argument("--train-entities", type=int, default=500)
     ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--scaleout-rows", type=int, nargs="+", default=[20_000, 80_000, 200_000])
+    ap.add_argument("--before-commit", default="6b76d2f", help="the tree before the scale-out change")
+    ap.add_argument("--only-scaleout", action="store_true", help="only section 4 (on a 10k KB), to link_scaleout.md")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "link.md"))
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -188,6 +311,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         onnx_dir = train_model(tmp, args.train_entities, args.epochs)
+        if args.only_scaleout:
+            from otmel.jobs.index import IndexConfig
+            from otmel.jobs.index import run as build_index
+
+            data = tmp / "kb-scaleout"
+            write_synthetic_dataset(data, n_entities=args.sizes[0], n_mentions=4000, seed=2)
+            build_index(IndexConfig(model=str(onnx_dir), kb=str(data / "kb.parquet"), out=str(data / "index"), shards=2,
+                                    batch_size=128))
+            __import__("ray").shutdown()
+            sc = scaleout_benchmark(tmp, onnx_dir, data, args.scaleout_rows, args.before_commit)
+            lines = ["# Link scale-out benchmark", "",
+                     f"Date {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+                     f"tiny KD model, {args.sizes[0]:,}-entity synth KB."] + scaleout_lines(sc, args.before_commit)
+            out = Path(args.out).with_name("link_scaleout.md") if Path(args.out).name == "link.md" else Path(args.out)
+            out.write_text("\n".join(lines) + "\n")
+            print(f"wrote {out}")
+            return
         results = []
         for i, size in enumerate(args.sizes):
             n_ex = args.exhaustive_mentions[min(i, len(args.exhaustive_mentions) - 1)]
