@@ -20,9 +20,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/otmel demo --out $(DEMO_DIR)
 
-# two invocations: tests/cluster starts its own multi-node clusters (not the shared local Ray)
+# three invocations: tests/cluster starts its own multi-node clusters, tests/reliability its own
+# servers and fault proxies (neither shares the main suite's local Ray)
 test: $(STAMP)
-	$(PY) -m pytest -q tests --ignore=tests/cluster
+	$(PY) -m pytest -q tests --ignore=tests/cluster --ignore=tests/reliability
+	$(PY) -m pytest -q tests/reliability
 	$(PY) -m pytest -q tests/cluster
 
 bench: $(STAMP)

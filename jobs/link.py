@@ -449,7 +449,7 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
     from otmel.jobs.common import actor_pool, gpu_count, init_ray
     from otmel.link_input import input_stamps
     from otmel.link_output import STAGING_DIR, SUCCESS_FILE, is_complete, output_name, write_success
-    from otmel.storage import delete_dir, delete_file, join
+    from otmel.storage import StorageError, delete_dir, delete_file, join, storage_failure
 
     t0 = time.perf_counter()
     pre = preflight(cfg)
@@ -489,11 +489,20 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
                                                    "index_version": pre["index_version"], "output": cfg.output,
                                                    "s3_endpoint": cfg.s3_endpoint})
         tracker = CommitTracker(cfg, file_meta, progress)
-        for meta in ds.iter_batches(batch_size=None, batch_format="numpy"):  # parts' metadata only
-            for f, total, part in zip(meta["source_file"], meta["file_rows"], meta["part"]):
-                tracker.add(str(f), int(total), json.loads(part))
-            tracker.poll()
-        written = tracker.finish(todo)
+        try:
+            for meta in ds.iter_batches(batch_size=None, batch_format="numpy"):  # parts' metadata only
+                for f, total, part in zip(meta["source_file"], meta["file_rows"], meta["part"]):
+                    tracker.add(str(f), int(total), json.loads(part))
+                tracker.poll()
+            written = tracker.finish(todo)
+        except Exception as exc:
+            # storage that still fails after every retry ends the job in one line; the files
+            # committed so far stay valid and the re-run resumes from them
+            failure = storage_failure(exc)
+            if failure is None:
+                raise
+            raise StorageError(f"storage failed after retries while linking into {cfg.output}: "
+                               f"{type(failure).__name__}: {str(failure).strip().splitlines()[0]}") from None
         delete_dir(join(cfg.output, STAGING_DIR), cfg.s3_endpoint)
         import ray
 

@@ -25,7 +25,10 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 30.0
-S3_RETRIES = 3
+#: attempts per S3 call (throttling, 5xx, reset connections): exponential backoff from 25 ms,
+#: ~6 s in all before a call is given up. The SDK's "standard" strategy was not used: its
+#: retry quota runs dry under sustained throttling and then fails calls on the first error.
+S3_RETRIES = 8
 
 
 class StorageError(OSError):
@@ -42,7 +45,7 @@ def s3_filesystem(endpoint: str | None = None, region: str | None = None) -> paf
     kwargs = dict(
         connect_timeout=CONNECT_TIMEOUT_S,
         request_timeout=REQUEST_TIMEOUT_S,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRIES),
+        retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=S3_RETRIES),
         region=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
     )
     if endpoint:
@@ -74,6 +77,30 @@ def join(uri: str, *parts: str) -> str:
 
 def _wrap(uri: str, exc: Exception) -> StorageError:
     return StorageError(f"{uri}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def storage_failure(exc: BaseException) -> OSError | None:
+    """The storage error (after the filesystem's own retries) behind an exception raised by a
+    distributed job, if there is one. Ray wraps a task's or actor's exception (``.cause``)
+    and Ray Data wraps that again, but a chained ``__cause__`` does not survive the trip from
+    the worker: then the error is read from the worker's formatted traceback in the message."""
+    import re
+
+    seen, todo, texts = set(), [exc], []
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and not type(e).__module__.startswith("ray"):
+            return e
+        texts.append(str(e))
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    for text in texts:
+        found = re.findall(r"^\s*otmel\.storage\.StorageError: (.+)$", text, flags=re.M)
+        if found:
+            return StorageError(found[-1].strip())
+    return None
 
 
 def exists(uri: str, s3_endpoint: str | None = None) -> bool:
