@@ -345,7 +345,7 @@ class CommitTracker:
             self._start(f)
 
     def _start(self, f: str) -> None:
-        ref = self.commit.remote(self.parts.pop(f), self.cfg.output, f, self.file_meta[f], self.cfg.s3_endpoint)
+        ref = self.commit.remote(self.parts.pop(f, []), self.cfg.output, f, self.file_meta[f], self.cfg.s3_endpoint)
         self.pending[ref] = f
 
     def poll(self, timeout: float = 0) -> None:
@@ -364,11 +364,9 @@ class CommitTracker:
     def finish(self, todo: list[str]) -> dict[str, dict]:
         """After the last batch: empty inputs get an empty output; every file must be complete."""
         for f in todo:
-            if f not in self.written and f not in self.pending.values() and f not in self.parts:
-                self.total.setdefault(f, 0)
-                if self.have[f] == 0:  # no row at all (an empty input file)
-                    self.parts[f] = []
-                    self._start(f)
+            if f not in self.total and f not in self.parts:  # no row at all: an empty input file
+                self.total[f] = 0
+                self._start(f)
         incomplete = sorted(self.parts)
         if incomplete:
             raise RuntimeError(f"rows of {len(incomplete)} input file(s) never completed: "

@@ -338,13 +338,6 @@ BROKEN = {
 
 @pytest.mark.parametrize("breakage", sorted(BROKEN))
 def test_checks_catch_broken_configs(breakage, monkeypatch):
-    if breakage == "job env conflict":
-        from otmel.jobs.common import worker_env
-
-        with monkeypatch.context() as m:
-            m.setenv("AWS_REGION", "us-west-2")
-            if "AWS_REGION" not in worker_env():
-                pytest.skip("the otmel driver no longer re-sends AWS_* to ray.init: nothing can conflict")
     tag = documented_image_tag(DOCKERFILE.read_text())
     with pytest.raises((AssertionError, jsonschema.ValidationError)):
         BROKEN[breakage](monkeypatch, tag, project_version())
