@@ -21,11 +21,14 @@ Pipeline (DESIGN.md "Data flow"); no row passes through the driver:
    taken in turn; restarted by Ray if one dies, its calls retried), which retrieves K and
    reranks them with the full S_O; the per-shard top-k are merged into the global top-k,
    NIL decided; the link actor writes the batch's rows of each input file as a staged part
-   (``otmel.link_output``) and reports only counts;
-5. commit: the driver counts each input file's rows from that metadata and, as soon as they
-   add up, a commit task turns the file's parts into its one output file, atomically (a
-   driver killed mid-job keeps every file committed so far; a re-run skips them and
-   restages the rest). ``_SUCCESS.json`` last.
+   (``otmel.link_output``) and reports the part's metadata (no rows) to the commit
+   coordinator right away;
+5. commit: the coordinator (a small actor on the driver's node, ``CommitCoordinator``)
+   counts each input file's rows and, the moment they add up, starts a commit task that
+   turns the file's parts into its one output file, atomically (a driver killed mid-job
+   keeps every file committed so far; a re-run skips them and restages the rest). The
+   driver cross-checks the committed row counts against the rows the dataset says were
+   linked; ``_SUCCESS.json`` last.
 
 Job-level problems (no input files, index/model mismatch, unreadable model) fail before any
 work, in one line.
@@ -224,13 +227,16 @@ def _int_or_none(v) -> int | None:
 class LinkStage:
     """One link-stage actor: a batch's features to one replica of every shard actor, the
     per-shard top-k merged, NIL decided, the rows written as staged parts (one per input
-    file in the batch); returns only the parts' metadata."""
+    file in the batch), each part reported to the commit coordinator at once; returns only
+    the row count per input file."""
 
-    def __init__(self, shard_actors: list[list], candidates: int, top_k: int, nil_threshold: float | None,
-                 model_version: str, index_version: str, output: str, s3_endpoint: str | None):
+    def __init__(self, shard_actors: list[list], coordinator, candidates: int, top_k: int,
+                 nil_threshold: float | None, model_version: str, index_version: str, output: str,
+                 s3_endpoint: str | None):
         import random
 
         self.actors = shard_actors  # [shard][replica]
+        self.coordinator = coordinator
         self.candidates = candidates
         self.top_k = top_k
         self.nil_threshold = nil_threshold
@@ -241,17 +247,19 @@ class LinkStage:
         self.turn = random.randrange(1 << 20)  # replicas in turn, from a different start per actor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import ray
+
         from otmel.link_output import write_part
 
         table = self.link_rows(batch)
-        files, totals, parts = [], [], []
+        reports = []
         for f in dict.fromkeys(table.column("source_file").to_pylist()):  # files of this batch, in order
             rows = table.filter(pc.equal(table.column("source_file"), f))
-            files.append(f)
-            totals.append(int(pc.max(rows.column("file_rows")).as_py()))  # -1 unless the file's last chunk
-            parts.append(json.dumps(write_part(rows, self.output, f, self.s3_endpoint)))
-        return {"source_file": np.array(files, dtype=object), "file_rows": np.array(totals, dtype=np.int64),
-                "part": np.array(parts, dtype=object)}
+            total = int(pc.max(rows.column("file_rows")).as_py())  # -1 unless the file's last chunk
+            reports.append((f, total, write_part(rows, self.output, f, self.s3_endpoint)))
+        ray.get(self.coordinator.add.remote(reports))  # before this batch counts as done
+        return {"source_file": np.array([f for f, _, _ in reports], dtype=object),
+                "rows": np.array([p["rows"] for _, _, p in reports], dtype=np.int64)}
 
     def link_rows(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """The output rows of a batch (``PART_SCHEMA`` + ``source_file`` / ``file_rows``)."""
@@ -315,27 +323,40 @@ class LinkStage:
 
 
 class CommitTracker:
-    """The driver's bookkeeping: per input file, its parts' metadata and row count; commits a
-    file (a Ray task) as soon as its rows add up. Holds metadata only, never rows."""
+    """Per input file, its parts' metadata and row count; commits a file (a Ray task) as soon
+    as its rows add up. Holds metadata only, never rows. Lives in :class:`CommitCoordinator`.
 
-    def __init__(self, cfg: "LinkConfig", file_meta: dict[str, dict], progress=None):
+    A part reported twice (a link task retried after its actor died: the same batch, the same
+    rows, a new part file) is counted once: parts are slices of one sorted stream, so two
+    parts with the same first and last sort key and row count hold the same rows; any other
+    overlap is an error (rows would be duplicated)."""
+
+    def __init__(self, cfg: "LinkConfig", file_meta: dict[str, dict]):
         import ray
 
         from otmel.link_output import commit_output_file
 
         self.cfg = cfg
         self.file_meta = file_meta
-        self.progress = progress
-        self.parts: dict[str, list[dict]] = {}
+        self.parts: dict[str, dict[tuple, dict]] = {}  # file -> (first, last, rows) -> part
         self.have: Counter = Counter()
         self.total: dict[str, int] = {}
         self.pending: dict = {}  # commit ObjectRef -> input file
         self.written: dict[str, dict] = {}
+        self.retried_parts = 0
         self.commit = ray.remote(commit_output_file).options(num_cpus=0.1, max_retries=3)
 
     def add(self, source_file: str, file_rows: int, part: dict) -> None:
         f = source_file
-        self.parts.setdefault(f, []).append(part)
+        if f in self.written or f in self.pending.values():
+            self.retried_parts += 1  # a retried batch of a file already committed (its part is staging garbage)
+            return
+        key = (json.dumps(part["first_key"]), json.dumps(part["last_key"]), part["rows"])
+        parts = self.parts.setdefault(f, {})
+        if key in parts:
+            self.retried_parts += 1
+            return
+        parts[key] = part
         self.have[f] += part["rows"]
         if file_rows >= 0:
             self.total[f] = file_rows
@@ -345,7 +366,8 @@ class CommitTracker:
             self._start(f)
 
     def _start(self, f: str) -> None:
-        ref = self.commit.remote(self.parts.pop(f, []), self.cfg.output, f, self.file_meta[f], self.cfg.s3_endpoint)
+        parts = list(self.parts.pop(f, {}).values())
+        ref = self.commit.remote(parts, self.cfg.output, f, self.file_meta[f], self.cfg.s3_endpoint)
         self.pending[ref] = f
 
     def poll(self, timeout: float = 0) -> None:
@@ -358,8 +380,6 @@ class CommitTracker:
         for ref in done:
             f = self.pending.pop(ref)
             self.written[f] = ray.get(ref)
-            if self.progress:
-                self.progress(f"committed {f} ({self.written[f]['rows']} rows) [{len(self.written)} file(s)]")
 
     def finish(self, todo: list[str]) -> dict[str, dict]:
         """After the last batch: empty inputs get an empty output; every file must be complete."""
@@ -374,6 +394,57 @@ class CommitTracker:
         while self.pending:
             self.poll(timeout=5)
         return self.written
+
+
+class CommitCoordinator:
+    """The job's commit decisions, as a small actor on the driver's node: link actors report
+    each part to it the moment the part is written (Ray Data hands a map task's outputs on
+    only when the task ends, often many batches and several input files later, so counting
+    from the dataset's output would commit files long after their rows are done). A commit
+    failure is kept and raised to the driver, not to the link actor that happened to report."""
+
+    def __init__(self, cfg: "LinkConfig", file_meta: dict[str, dict]):
+        self.tracker = CommitTracker(cfg, file_meta)
+        self.failure: BaseException | None = None
+        self.announced: set[str] = set()
+
+    def add(self, reports: list[tuple[str, int, dict]]) -> None:
+        for f, file_rows, part in reports:
+            self.tracker.add(f, file_rows, part)
+        self._poll()
+
+    def _poll(self) -> None:
+        if self.failure is None:
+            try:
+                self.tracker.poll()
+            except Exception as exc:  # noqa: BLE001 - kept for the driver
+                self.failure = exc
+
+    def committed(self) -> list[tuple[str, int]]:
+        """Files committed since the last call, with their rows (raises a commit's failure)."""
+        self._poll()
+        if self.failure is not None:
+            raise self.failure
+        new = [(f, m["rows"]) for f, m in self.tracker.written.items() if f not in self.announced]
+        self.announced.update(f for f, _ in new)
+        return new
+
+    def finish(self, todo: list[str]) -> tuple[dict[str, dict], int]:
+        """Waits for the last commits; returns every file's footer metadata and the number of
+        parts reported twice."""
+        if self.failure is not None:
+            raise self.failure
+        return self.tracker.finish(todo), self.tracker.retried_parts
+
+
+def start_commit_coordinator(cfg: "LinkConfig", file_meta: dict[str, dict]):
+    """The coordinator actor, pinned to this (the driver's) node: it lives and dies with the
+    driver (no restart: its counts would be lost; the re-run resumes from the committed files)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(CommitCoordinator).options(num_cpus=0, scheduling_strategy=here).remote(cfg, file_meta)
 
 
 # ---------------------------------------------------------------------------- driver
@@ -475,24 +546,29 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
         # parts an interrupted run staged belong to inputs not committed, i.e. to this run's todo
         delete_dir(join(cfg.output, STAGING_DIR), cfg.s3_endpoint)
         init_ray(cfg.address)
+        import ray
+
+        coordinator = start_commit_coordinator(cfg, file_meta)
         use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
         actors = start_shard_actors(cfg, manifest, use_gpu)
         startup = time.perf_counter() - t_work
         ds = encoded_mentions(cfg, todo, backend.preprocessor, pre["detector"], use_gpu)
         ds = ds.map_batches(LinkStage, batch_size=cfg.batch_size, compute=actor_pool(cfg.link_actors, "--link-actors"),
                             num_cpus=0.1,
-                            fn_constructor_kwargs={"shard_actors": actors, "candidates": cfg.candidates,
+                            fn_constructor_kwargs={"shard_actors": actors, "coordinator": coordinator,
+                                                   "candidates": cfg.candidates,
                                                    "top_k": cfg.top_k, "nil_threshold": pre["nil_threshold"],
                                                    "model_version": backend.model_version,
                                                    "index_version": pre["index_version"], "output": cfg.output,
                                                    "s3_endpoint": cfg.s3_endpoint})
-        tracker = CommitTracker(cfg, file_meta, progress)
+        linked: Counter = Counter()  # rows per input file, from the dataset's output (a cross-check)
         try:
-            for meta in ds.iter_batches(batch_size=None, batch_format="numpy"):  # parts' metadata only
-                for f, total, part in zip(meta["source_file"], meta["file_rows"], meta["part"]):
-                    tracker.add(str(f), int(total), json.loads(part))
-                tracker.poll()
-            written = tracker.finish(todo)
+            for meta in ds.iter_batches(batch_size=None, batch_format="numpy"):  # row counts only
+                for f, rows in zip(meta["source_file"], meta["rows"]):
+                    linked[str(f)] += int(rows)
+                _report_commits(ray.get(coordinator.committed.remote()), progress)
+            written, retried = ray.get(coordinator.finish.remote(todo))
+            _report_commits(ray.get(coordinator.committed.remote()), progress)
         except Exception as exc:
             # storage that still fails after every retry ends the job in one line; the files
             # committed so far stay valid and the re-run resumes from them
@@ -501,8 +577,12 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
                 raise
             raise StorageError(f"storage failed after retries while linking into {cfg.output}: "
                                f"{type(failure).__name__}: {str(failure).strip().splitlines()[0]}") from None
+        lost = {f: (linked[f], m["rows"]) for f, m in written.items() if m["rows"] != linked[f]}
+        if lost:  # never: the coordinator committed what the link actors reported
+            raise RuntimeError(f"committed row counts differ from the linked rows (linked, committed): {lost}")
+        if retried:
+            log.info("%d part(s) reported twice by retried link tasks were counted once", retried)
         delete_dir(join(cfg.output, STAGING_DIR), cfg.s3_endpoint)
-        import ray
 
         # batches each replica served: shows whether --shard-replicas spreads the load
         shard_batches = {e["name"]: ray.get([a.served.remote() for a in reps])
@@ -539,6 +619,13 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
     success = write_success(cfg.output, summary, cfg.s3_endpoint)
     log.info("link output in %s (%s)", cfg.output, success)
     return LinkResult(cfg.output, summary, success)
+
+
+def _report_commits(committed: list[tuple[str, int]], progress) -> None:
+    for f, rows in committed:
+        log.info("committed %s (%d rows)", f, rows)
+        if progress:
+            progress(f"committed {f} ({rows} rows)")
 
 
 def summary_line(result: LinkResult) -> str:

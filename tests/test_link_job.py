@@ -331,8 +331,13 @@ def _wait_for(predicate, what: str, thread=None, timeout: float = 300.0) -> None
         time.sleep(0.05)
 
 
-def _staged_parts(out: Path) -> list:
-    return list((out / "_staging").rglob("*.parquet")) if (out / "_staging").exists() else []
+def _staged_parts(out: Path, input_file: str | None = None) -> list:
+    """Parts staged by link actors (of one input file if given); a commit's temporary file
+    (``commit-*``) is not a part."""
+    from otmel.link_output import input_hash
+
+    root = out / "_staging" / input_hash(input_file) if input_file else out / "_staging"
+    return [p for p in root.rglob("*.parquet") if not p.name.startswith("commit-")] if root.exists() else []
 
 
 def test_a_shard_actor_killed_mid_job_is_restarted_and_the_job_completes(s3_index, onnx_model, synth_dir, tmp_path,
@@ -365,11 +370,39 @@ def test_a_shard_actor_killed_mid_job_is_restarted_and_the_job_completes(s3_inde
     assert out_rows.column("mention_id").to_pylist() == pq.read_table(test).column("mention_id").to_pylist()
 
 
+def test_the_commit_tracker_counts_a_retried_part_once_and_refuses_overlapping_rows(ray_local, tmp_path):
+    """A link task retried after its actor died reports the same batch again (a new part file
+    with the same rows): counted once, the file committed with each row once. Parts that
+    overlap without being the same batch mean duplicated rows: refused."""
+    from otmel.jobs.link import CommitTracker
+    from otmel.link_output import PART_SCHEMA, write_part
+
+    def rows(lo, hi):
+        return pa.Table.from_pylist([{"mention_id": f"m{i}", "status": "nil", "source_row": i} for i in range(lo, hi)],
+                                    schema=PART_SCHEMA)
+
+    out, f = str(tmp_path / "out"), "in/a.parquet"
+    cfg = LinkConfig(model="m", index="i", input="in", output=out)
+    tracker = CommitTracker(cfg, {f: {"input": f}})
+    first = write_part(rows(0, 4), out, f)
+    tracker.add(f, -1, first)
+    tracker.add(f, -1, write_part(rows(0, 4), out, f))  # the retried batch
+    tracker.add(f, 6, write_part(rows(4, 6), out, f))
+    written = tracker.finish([f])
+    assert written[f]["rows"] == 6 and tracker.retried_parts == 1
+    assert read_link_output(out).column("mention_id").to_pylist() == [f"m{i}" for i in range(6)]
+    tracker = CommitTracker(cfg, {f: {"input": f}})
+    tracker.add(f, -1, write_part(rows(0, 4), out, f))
+    with pytest.raises(RuntimeError, match="rows duplicated"):
+        tracker.add(f, 5, write_part(rows(2, 5), out, f))
+
+
 def test_a_killed_driver_leaves_only_whole_files_and_the_rerun_completes_them_once(ray_local, s3_index, onnx_model,
                                                                                    synth_dir, tmp_path, s3_server):
-    """The driver is SIGKILLed after one input file was committed and while another has
-    staged parts only: readers (pyarrow.dataset, DuckDB) see the committed file whole and
-    nothing of the other; a re-run skips the first and links the second exactly once."""
+    """A small input file is committed as soon as its rows are linked, while the big one is
+    still being linked (parts of it keep being staged after the commit); the driver is then
+    SIGKILLed: readers (pyarrow.dataset, DuckDB) see the committed file whole and nothing of
+    the other; a re-run skips the first and links the second exactly once."""
     import signal
     import subprocess
     import sys
@@ -392,8 +425,11 @@ def test_a_killed_driver_leaves_only_whole_files_and_the_rerun_completes_them_on
     driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     small, large = (str(tmp_path / "in" / f) for f in ("a-small.parquet", "b-big.parquet"))
     try:
-        _wait_for(lambda: (out / output_name(small)).exists() and len(_staged_parts(out)) >= 3,
-                  "a committed file and staged parts of the other")
+        _wait_for(lambda: (out / output_name(small)).exists(), "the small file's commit", timeout=600)
+        at_commit = len(_staged_parts(out, large))
+        # committed while the big file is being linked, not at the end of the job
+        _wait_for(lambda: len(_staged_parts(out, large)) >= at_commit + 3, "parts of the big file after the commit",
+                  timeout=120)
         assert not (out / output_name(large)).exists() and driver.poll() is None
         driver.send_signal(signal.SIGKILL)
         driver.wait(60)
