@@ -29,6 +29,9 @@ REQUEST_TIMEOUT_S = 30.0
 #: ~6 s in all before a call is given up. The SDK's "standard" strategy was not used: its
 #: retry quota runs dry under sustained throttling and then fails calls on the first error.
 S3_RETRIES = 8
+#: attempts of a whole download: the SDK retries a request, not a response body that breaks
+#: off half-way (a reset connection mid-object), so reads are retried whole on top of it
+TRANSFER_ATTEMPTS = 3
 
 
 class StorageError(OSError):
@@ -75,6 +78,23 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
+def _whole_retry(fn, remote: bool):
+    """``fn()``, re-run from the start when a remote transfer breaks off (not when the
+    object does not exist), with a short backoff."""
+    import time
+
+    for attempt in range(TRANSFER_ATTEMPTS if remote else 1):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if attempt + 1 >= (TRANSFER_ATTEMPTS if remote else 1) or "not found" in str(exc).lower():
+                raise
+            log.warning("transfer failed (%s), retrying it whole", str(exc).splitlines()[0] if str(exc) else exc)
+            time.sleep(0.2 * 4 ** attempt)
+
+
 def _wrap(uri: str, exc: Exception) -> StorageError:
     return StorageError(f"{uri}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
@@ -113,9 +133,13 @@ def exists(uri: str, s3_endpoint: str | None = None) -> bool:
 
 def read_bytes(uri: str, s3_endpoint: str | None = None) -> bytes:
     fs, path = resolve(uri, s3_endpoint)
-    try:
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
+
+    try:
+        return _whole_retry(read, is_remote(uri))
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -152,7 +176,7 @@ def read_parquet(uri: str, s3_endpoint: str | None = None, columns: list[str] | 
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{uri}: no such file")
     try:
-        return pq.read_table(path, filesystem=fs, columns=columns)
+        return _whole_retry(lambda: pq.read_table(path, filesystem=fs, columns=columns), is_remote(uri))
     except OSError as exc:
         raise _wrap(uri, exc) from exc
 
@@ -211,7 +235,8 @@ def download_dir(uri: str, dest: str | Path, s3_endpoint: str | None = None) -> 
         info = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
         if not info:
             raise FileNotFoundError(f"{uri}: no such directory (or it is empty)")
-        pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        _whole_retry(lambda: pafs.copy_files(path, str(dest), source_filesystem=fs,
+                                             destination_filesystem=pafs.LocalFileSystem()), is_remote(uri))
     except FileNotFoundError:
         raise
     except OSError as exc:
