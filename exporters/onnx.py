@@ -216,6 +216,7 @@ def export(cfg: ExportConfig) -> dict:
 
     import otmel
     from otmel.factory import load_model
+    from otmel.integrity import file_table
     from otmel.model import CheckpointError
     from otmel.storage import is_remote, local_copy, upload_dir
 
@@ -282,6 +283,8 @@ def export(cfg: ExportConfig) -> dict:
             "checkpoint_config": cfg_dict,
             "export_seconds": round(time.perf_counter() - t0, 2),
         }
+        # every other file's size and sha256: the runtime refuses a modified file (otmel.integrity)
+        meta["files"] = file_table(tmp, exclude=("export.json",))
         _write_side_files(tmp, ckpt_files, model, meta)
         if is_remote(cfg.out):
             upload_dir(tmp, cfg.out, cfg.s3_endpoint)

@@ -52,6 +52,19 @@ def session_options(threads: int | None = None):
     return opts
 
 
+def _verify_export(d: Path, meta: dict, encoder: bool) -> None:
+    """The files this backend opens, checked against export.json's table before ONNX Runtime
+    or the tokenizer reads them (the encoder graph only when it is loaded)."""
+    from otmel.integrity import verify_files
+
+    table = meta.get("files")
+    if table is None:
+        log.warning("%s/export.json has no file table (an older export): loading it unverified", d)
+        return
+    names = [n for n in sorted(table) if encoder or n != "encoder.onnx"]
+    verify_files(d, table, names, what="recorded in export.json")
+
+
 class OnnxBackend:
     """encoder.onnx + matcher.onnx + the preprocessor files of one export directory."""
 
@@ -69,6 +82,7 @@ class OnnxBackend:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{d}: not an otmel ONNX export (no export.json)")
         self.meta = json.loads(meta_path.read_text())
+        _verify_export(d, self.meta, encoder)
         self.config = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
         self.model_version = self.meta.get("model_version", "")
         self.nil_threshold = self.meta.get("nil_threshold")

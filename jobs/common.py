@@ -18,10 +18,18 @@ from otmel.preprocessing import MODEL_INPUTS  # the encoder inputs the preproces
 log = logging.getLogger(__name__)
 
 
+#: AWS variables that are secrets: never sent in a runtime_env (Ray keeps a job's runtime_env
+#: in its job table, shown by the dashboard and ``ray list jobs --detail``)
+AWS_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
 def worker_env() -> dict[str, str]:
-    """Environment Ray workers need from the driver: the AWS credential chain's variables and
-    otmel's knobs (a real cluster's nodes have their own credential chain as well)."""
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k.startswith("OTMEL_")}
+    """Environment Ray workers get from the driver: otmel's knobs and the non-secret AWS
+    settings (region, endpoint, profile name). Credentials are not sent: the workers of a
+    local instance inherit the driver's environment, and a cluster's nodes have their own
+    credential chain (instance role / IRSA, or the environment ``ray start`` ran in)."""
+    return {k: v for k, v in os.environ.items()
+            if (k.startswith("AWS_") and k not in AWS_SECRETS) or k.startswith("OTMEL_")}
 
 
 def ray_address(address: str | None) -> str:

@@ -174,10 +174,29 @@ def start_shard_actors(cfg: LinkConfig, manifest: dict, use_gpu: bool = False) -
     remote = ray.remote(ShardServer).options(num_cpus=0.25, num_gpus=gpus, max_restarts=-1, max_task_retries=3)
     actors = [[remote.remote(cfg.index, entry, manifest, cfg.model, cfg.s3_endpoint) for _ in range(cfg.shard_replicas)]
               for entry in manifest["shards"]]
-    loaded = ray.get([a.ready.remote() for replicas in actors for a in replicas])
+    try:
+        loaded = ray.get([a.ready.remote() for replicas in actors for a in replicas])
+    except ray.exceptions.ActorDiedError as exc:
+        raise shard_load_error(exc) from None
     log.info("index shards loaded (%d replica(s) each): %s", cfg.shard_replicas,
              ", ".join(f"{n} ({c} entities)" for n, c in loaded[::cfg.shard_replicas]))
     return actors
+
+
+def shard_load_error(exc: Exception) -> Exception:
+    """A shard actor that could not load (a tampered or partial shard file, a modified model
+    file, unreadable storage) as the one-line error of its cause; Ray keeps only the
+    traceback's text of an actor's creation error."""
+    import re
+
+    from otmel.entity_index import IndexFormatError
+
+    found = re.findall(r"^\s*(?:[\w.]+\.)?(IndexFormatError|IntegrityError|StorageError|FileNotFoundError|OSError): (.+)$",
+                       str(exc), flags=re.M) if getattr(exc, "actor_init_failed", False) else []
+    if not found:
+        return exc
+    kind, message = found[-1]
+    return IndexFormatError(f"an index shard actor could not start: {kind}: {message.strip()}")
 
 
 # ---------------------------------------------------------------------------- pipeline steps

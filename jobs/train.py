@@ -380,7 +380,7 @@ def save_training_checkpoint(directory: str, model, preprocessor, optimizer, sch
     import torch
 
     from otmel.factory import save_model
-    from otmel.training import write_checksums
+    from otmel.integrity import write_checksums
 
     save_model(model, preprocessor, directory)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
@@ -405,7 +405,7 @@ def restore_checkpoint(checkpoint, rank: int) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from otmel.training import verify_checksums
+    from otmel.integrity import verify_checksums
 
     where = checkpoint.path
     if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
@@ -482,7 +482,7 @@ def run(cfg: TrainConfig, ray_init_kwargs: dict | None = None) -> TrainResult:
 
     if not ray.is_initialized():
         # the job's actors (Ray Train's controller included) persist to RUN_URI themselves:
-        # give them the driver's AWS credential-chain variables
+        # give them the driver's AWS settings (credentials: see worker_env)
         kwargs = dict(ray_init_kwargs or {})
         kwargs.setdefault("runtime_env", {"env_vars": worker_env()})
         ray.init(address=ray_address(cfg.address), **kwargs)

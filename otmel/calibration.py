@@ -97,6 +97,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
 
 def store_threshold(model_uri: str, threshold: float, s3_endpoint: str | None = None) -> str:
     """Write the threshold into export.json (ONNX dir) or config.json extra (checkpoint)."""
+    from otmel.integrity import CHECKSUMS_FILE, digest_entry
     from otmel.storage import exists, join, read_bytes, write_bytes
 
     export_json = join(model_uri, "export.json")
@@ -111,5 +112,11 @@ def store_threshold(model_uri: str, threshold: float, s3_endpoint: str | None = 
         target = config_json
     if not target.startswith("s3://"):
         target = str(Path(target))
-    write_bytes(target, json.dumps(body, indent=2, sort_keys=True).encode(), s3_endpoint)
+    data = json.dumps(body, indent=2, sort_keys=True).encode()
+    write_bytes(target, data, s3_endpoint)
+    sums = join(model_uri, CHECKSUMS_FILE)
+    if target.endswith("config.json") and exists(sums, s3_endpoint):  # a checkpoint: re-record the file we changed
+        table = json.loads(read_bytes(sums, s3_endpoint))
+        table["config.json"] = digest_entry(data)
+        write_bytes(sums, json.dumps(table, indent=2, sort_keys=True).encode(), s3_endpoint)
     return target

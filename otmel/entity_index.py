@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from otmel.integrity import sha256_file
 from otmel.model import ENTITY_FEATURES
 
 log = logging.getLogger(__name__)
@@ -167,14 +168,6 @@ def to_gpu(index):
 
 
 # ---------------------------------------------------------------------------- writing
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class ShardWriter:
     """Streams one shard's entities to local files; :meth:`close` builds FAISS and checksums.
@@ -238,7 +231,7 @@ class ShardWriter:
         index = build_faiss(keys, factory if len(keys) else "Flat", train_size)
         faiss.write_index(index, str(self.directory / FAISS_FILE))
         pq.write_table(pa.table({"entity_id": pa.array(self.ids, pa.string())}), self.directory / IDS_FILE)
-        files = {p.name: _sha256_file(p) for p in sorted(self.directory.iterdir()) if p.is_file()}
+        files = {p.name: sha256_file(p) for p in sorted(self.directory.iterdir()) if p.is_file()}
         return {"name": self.name, "dir": self.directory.name, "count": self.count, "files": files}
 
     def _sort_by_id(self, chunk: int = 65536) -> np.ndarray | None:
@@ -353,12 +346,13 @@ class Shard:
     def __init__(self, directory: str | Path, entry: dict, manifest: dict, verify: bool = False, use_gpu: bool = True):
         import faiss
 
+
         self.directory = Path(directory)
         self.name = entry["name"]
         if verify:
             for fname, digest in entry["files"].items():
                 p = self.directory / fname
-                if not p.is_file() or _sha256_file(p) != digest:
+                if not p.is_file() or sha256_file(p) != digest:
                     raise IndexFormatError(f"{p}: missing or checksum mismatch (corrupt or partial copy)")
         self.count = int(entry["count"])
         self.entity_ids = np.asarray(pq.read_table(self.directory / IDS_FILE).column("entity_id").to_pylist(), dtype=object)

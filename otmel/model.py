@@ -362,8 +362,11 @@ def model_version(model: OTMEL) -> str:
 
 
 def save_checkpoint(model: OTMEL, out_dir: str | Path, tokenizer=None, image_processor=None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer and image-processor files)."""
+    """Write config.json + model.safetensors (+ tokenizer and image-processor files), then
+    checksums.json (every file's size and sha256, verified at load)."""
     from safetensors.torch import save_file
+
+    from otmel.integrity import write_checksums
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -378,6 +381,7 @@ def save_checkpoint(model: OTMEL, out_dir: str | Path, tokenizer=None, image_pro
         tokenizer.save_pretrained(str(out))
     if image_processor is not None:
         image_processor.save_pretrained(str(out))
+    write_checksums(out)
     return out
 
 
@@ -386,13 +390,20 @@ class CheckpointError(ValueError):
 
 
 def load_checkpoint(ckpt_dir: str | Path, map_location: str = "cpu") -> OTMEL:
-    """Rebuild the model from config.json (no hub access) and load model.safetensors."""
+    """Rebuild the model from config.json (no hub access) and load model.safetensors, after
+    checking every file against checksums.json (a modified file is refused, named)."""
     from safetensors.torch import load_file
+
+    from otmel.integrity import IntegrityError, verify_checksums
 
     d = Path(ckpt_dir)
     cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
     if not cfg_path.is_file() or not w_path.is_file():
         raise CheckpointError(f"{d} is not an otmel checkpoint: needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        verify_checksums(d)
+    except IntegrityError as exc:
+        raise CheckpointError(str(exc)) from None
     raw = json.loads(cfg_path.read_text())
     if raw.get("format") != "otmel-checkpoint/1":
         raise CheckpointError(f"{cfg_path} is not an otmel checkpoint config (format={raw.get('format')!r})")

@@ -8,7 +8,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -163,38 +162,7 @@ def train_epoch(
 
 
 # ---------------------------------------------------------------------------- resumable state
-#: every file of a training checkpoint with its size and sha256, written last at save
-CHECKSUMS_FILE = "checksums.json"
-
-
-def write_checksums(directory: str | Path) -> dict:
-    """Record every file's size and sha256 in ``checksums.json`` (written last)."""
-    d = Path(directory)
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256_file(p)}
-             for p in sorted(d.iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
-    (d / CHECKSUMS_FILE).write_text(json.dumps(files, indent=2, sort_keys=True))
-    return files
-
-
-def verify_checksums(directory: str | Path) -> None:
-    """Raise :class:`otmel.model.CheckpointError` unless every file recorded at save has
-    its size and sha256 (a truncated or concurrently rewritten download is refused, not
-    half-loaded). A checkpoint written before checksums existed is accepted with a warning."""
-    from otmel.model import CheckpointError
-
-    d = Path(directory)
-    path = d / CHECKSUMS_FILE
-    if not path.is_file():
-        log.warning("%s has no %s (written by an older otmel): loading it unverified", d, CHECKSUMS_FILE)
-        return
-    for name, want in json.loads(path.read_text()).items():
-        p = d / name
-        if not p.is_file():
-            raise CheckpointError(f"{p}: missing from the checkpoint (incomplete copy)")
-        size = p.stat().st_size
-        if size != want["size"] or _sha256_file(p) != want["sha256"]:
-            raise CheckpointError(f"{p}: {size} bytes, sha256 mismatch with the {want['size']} bytes recorded at "
-                                  "save (truncated or rewritten during the copy)")
+# checkpoint files' sizes and sha256: otmel.integrity (write_checksums / verify_checksums)
 
 
 def state_digest(state: dict) -> str:
@@ -217,12 +185,4 @@ def state_digest(state: dict) -> str:
             h.update(f"{prefix}={json.dumps(value, sort_keys=True, default=str)}".encode())
 
     walk("", state)
-    return h.hexdigest()
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
     return h.hexdigest()

@@ -20,7 +20,7 @@ def _state(ckpt_uri: str, s3_endpoint=None) -> dict:
 def test_two_worker_run_writes_checkpoints_metrics_and_plot(trained_run):
     from pathlib import Path
 
-    from otmel.training import verify_checksums
+    from otmel.integrity import verify_checksums
 
     cfg, result = trained_run
     run_dir = Path(result.run_uri)
