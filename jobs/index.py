@@ -22,6 +22,11 @@ and write new shard directories; the new manifest then switches to them, and the
 directories are deleted afterwards. Shards not touched keep their files and checksums; the
 result equals a full rebuild (the same files).
 
+Lost builders: a builder whose node dies is restarted by Ray with none of its rows; each
+builder counts the rows it took (rows re-sent by a retried routing task are kept once), and
+a shard whose count falls short of what was routed to it is rebuilt from its own KB rows by
+a new builder (``build_shards``), so the index equals an undisturbed build.
+
 KB rows that cannot be indexed (empty name) are skipped and counted in the manifest; an image
 that cannot be fetched or decoded indexes the entity on its text (counted). The driver reads
 three small KB columns (entity_id, name, aliases: ~50 B per entity) to check ids before any
@@ -160,8 +165,18 @@ def preprocess_entities(batch: dict, preprocessor, image_policy, bad_image: str)
     return Preprocess(preprocessor, "entity", image_policy, bad_image)(batch)
 
 
-def encoded_entities(cfg: IndexConfig, files: list[str], preprocessor, use_gpu: bool):
-    """A Ray Data dataset of (entity_id, ok, error, stored features) for the KB files."""
+def rows_of_shards(batch: dict, shards: frozenset, num_shards: int) -> dict:
+    """The KB rows that hash to ``shards`` (a rebuild of lost shards encodes only theirs)."""
+    from otmel.entity_index import shard_of
+
+    keep = np.isin(shard_of([str(e) for e in batch["entity_id"]], num_shards), list(shards))
+    return {k: np.asarray(v)[keep] for k, v in batch.items()}
+
+
+def encoded_entities(cfg: IndexConfig, files: list[str], preprocessor, use_gpu: bool,
+                     only_shards: tuple[frozenset, int] | None = None):
+    """A Ray Data dataset of (entity_id, ok, error, stored features) for the KB files
+    (``only_shards``: (shard numbers, number of shards) to encode only their rows)."""
     import ray.data
 
     from otmel.entity_index import STORED_FEATURES
@@ -176,6 +191,9 @@ def encoded_entities(cfg: IndexConfig, files: list[str], preprocessor, use_gpu: 
     columns = ["entity_id", "name", "attributes", "image", "image_uri"]
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=None, num_cpus=0.25)
     ds = ds.select_columns([c for c in columns if c in ds.schema().names])
+    if only_shards is not None:
+        ds = ds.map_batches(rows_of_shards, batch_size=None, num_cpus=0.1,
+                            fn_kwargs={"shards": only_shards[0], "num_shards": only_shards[1]})
     # preprocessing on CPU tasks (its own resources keep Ray Data from fusing it into the actors)
     ds = ds.map_batches(preprocess_entities, batch_size=cfg.batch_size, num_cpus=0.25,
                         fn_kwargs={"preprocessor": preprocessor, "image_policy": policy, "bad_image": "text"})
@@ -205,6 +223,9 @@ class ShardBuilder:
         from otmel.storage import local_copy, scratch_dir
 
         self.out, self.s3_endpoint = out, s3_endpoint
+        self.appended = 0  # rows routed to this actor (a restarted actor starts again from 0)
+        self.seen: set[str] = set()  # ids appended (the KB's ids are unique: checked before any work)
+        self.repeated = 0  # rows sent again by a retried routing task (its node died after sending)
         self.writer = ShardWriter(scratch_dir(f"otmel-build-{name}-") / dir_name, name, feature_dtype)
         if keep_from is not None:
             uri, entry, manifest, changed = keep_from
@@ -214,11 +235,21 @@ class ShardBuilder:
                     self.writer.append([e for e, k in zip(ids, keep) if k], {k: v[keep] for k, v in feats.items()})
 
     def append(self, entity_ids: list[str], features: dict[str, np.ndarray]) -> int:
-        self.writer.append(entity_ids, features)
-        return len(entity_ids)
+        """Append a batch's rows; rows already appended (a routing task retried after its
+        node died re-sends its batches) are counted and dropped."""
+        fresh = [i for i, e in enumerate(entity_ids) if e not in self.seen]
+        self.repeated += len(entity_ids) - len(fresh)
+        if fresh:
+            ids = [entity_ids[i] for i in fresh]
+            self.seen.update(ids)
+            self.writer.append(ids, {k: v[fresh] for k, v in features.items()} if len(fresh) < len(entity_ids)
+                               else features)
+        self.appended += len(fresh)
+        return len(fresh)
 
-    def close(self, factory: str, train_size: int, shapes: dict) -> tuple[dict, list[str]]:
-        """Build, upload and verify: (the shard's manifest entry with its files' sizes, its ids)."""
+    def close(self, factory: str, train_size: int, shapes: dict) -> tuple[dict, list[str], int]:
+        """Build, upload and verify: (the shard's manifest entry with its files' sizes, its
+        ids, the rows routed to this actor)."""
         import shutil
 
         from otmel.entity_index import sha256_of
@@ -232,7 +263,9 @@ class ShardBuilder:
             if sha256_of(join(uri, name), self.s3_endpoint) != digest:
                 raise IOError(f"{join(uri, name)}: the uploaded file's sha256 differs from the one written")
         shutil.rmtree(self.writer.directory, ignore_errors=True)
-        return entry, list(self.writer.ids)
+        if self.repeated:
+            log.info("%s: %d rows sent twice by retried routing tasks were kept once", entry["name"], self.repeated)
+        return entry, list(self.writer.ids), self.appended
 
 
 def start_builders(plan: list[tuple[str, str, tuple | None]], cfg: IndexConfig, feature_dtype: str,
@@ -242,8 +275,10 @@ def start_builders(plan: list[tuple[str, str, tuple | None]], cfg: IndexConfig, 
 
     # builders mostly wait on appends (the FAISS build at close is short next to encoding): a
     # small CPU share, spread over the nodes so their disks and NICs share the shards
+    # restarted when their node dies (calls retried): a restarted builder has lost the rows
+    # it held, which its row count shows, and its shard is rebuilt (build_shards)
     remote = ray.remote(ShardBuilder).options(num_cpus=BUILDER_CPUS, num_gpus=0.25 if use_gpu else 0,
-                                              scheduling_strategy="SPREAD")
+                                              scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1)
     return [remote.remote(name, dir_name, cfg.out, feature_dtype, cfg.s3_endpoint, keep) for name, dir_name, keep in plan]
 
 
@@ -260,46 +295,83 @@ def route_to_shards(batch: dict[str, np.ndarray], builders: dict, num_shards: in
     skipped = Counter(str(batch["error"][i]).split(":")[0] for i in np.flatnonzero(~ok))
     keep = np.array([ok[i] and ids[i] not in deleted for i in range(len(ids))], dtype=bool)
     shard = shard_of(ids, num_shards)
-    acks = []
+    acks, routed = [], {}
     for s in np.unique(shard[keep]):
         if int(s) in builders:
             sel = np.flatnonzero(keep & (shard == s))
             acks.append(builders[int(s)].append.remote([ids[i] for i in sel], {k: batch[k][sel] for k in STORED_FEATURES}))
+            routed[int(s)] = len(sel)
     ray.get(acks)  # back-pressure: a batch is done once its builders hold it
-    return {"rows": np.array([len(ids)], dtype=np.int64), "skipped": np.array([json.dumps(skipped)], dtype=object)}
+    return {"rows": np.array([len(ids)], dtype=np.int64), "skipped": np.array([json.dumps(skipped)], dtype=object),
+            "routed": np.array([json.dumps(routed)], dtype=object)}
 
 
-def route(ds, builders: dict, num_shards: int, deleted: frozenset = frozenset()) -> tuple[int, Counter]:
-    """Run the pipeline into the builders: (rows seen, skipped rows by reason), counts only."""
+def route(ds, builders: dict, num_shards: int, deleted: frozenset = frozenset()) -> tuple[int, Counter, Counter]:
+    """Run the pipeline into the builders: (rows seen, skipped rows by reason, rows routed
+    per shard), counts only."""
     ds = ds.map_batches(route_to_shards, batch_size=None, num_cpus=0.1,
                         fn_kwargs={"builders": builders, "num_shards": num_shards, "deleted": frozenset(deleted)})
-    seen, skipped = 0, Counter()
+    seen, skipped, routed = 0, Counter(), Counter()
     for meta in ds.iter_batches(batch_size=None, batch_format="numpy"):
         seen += int(meta["rows"].sum())
         for s in meta["skipped"]:
             skipped.update(json.loads(s))
-    return seen, skipped
+        for r in meta["routed"]:
+            routed.update({int(k): v for k, v in json.loads(r).items()})
+    return seen, skipped, routed
 
 
-def close_builders(builders: list, factory: str, train_size: int, shapes: dict, cfg: IndexConfig
-                   ) -> tuple[list[dict], set[str]]:
-    """Close every builder (in parallel) and check what each one wrote: every file of its
-    entry on storage with the size it was written with (the sha256 it reports was read back
-    from storage by the builder). Returns (manifest entries, indexed entity ids)."""
+#: passes over the KB for shards whose builder was lost (its node died) before they are given up
+SHARD_ATTEMPTS = 3
+
+
+def build_shards(cfg: IndexConfig, plan: dict[int, tuple], files: list[str], preprocessor, use_gpu: bool,
+                 num_shards: int, feature_dtype: str, factory: str, shapes: dict,
+                 deleted: frozenset = frozenset(), encode: bool = True) -> tuple[list[dict], set[str], int, Counter]:
+    """Encode the KB into one builder per planned shard (``plan``: shard number -> (name,
+    directory name, keep_from)) and close them; a shard whose builder lost rows (its node died:
+    Ray restarts the actor empty) is rebuilt with a new builder from its own KB rows, up to
+    :data:`SHARD_ATTEMPTS` passes. Every closed shard is checked on storage: each file of its
+    entry with the size it was written with (the sha256 it reports was read back from storage
+    by the builder). Returns (manifest entries, indexed ids, KB rows seen, skipped rows by
+    reason), counts of the first pass."""
     import ray
 
     from otmel.storage import file_sizes, join
 
-    entries, indexed = [], set()
-    for entry, ids in ray.get([b.close.remote(factory, train_size, shapes) for b in builders]):
-        uri = join(cfg.out, entry["dir"])
-        on_storage = file_sizes(uri, cfg.s3_endpoint)
-        wrong = {n: (on_storage.get(n), size) for n, size in entry["sizes"].items() if on_storage.get(n) != size}
-        if wrong or set(entry["files"]) != set(entry["sizes"]):
-            raise IOError(f"{uri}: shard files missing or of the wrong size on storage (found, written): {wrong}")
-        entries.append(entry)
-        indexed.update(ids)
-    return entries, indexed
+    entries, indexed, seen, skipped = {}, set(), 0, Counter()
+    todo = dict(plan)
+    for attempt in range(1, SHARD_ATTEMPTS + 1):
+        builders = dict(zip(todo, start_builders(list(todo.values()), cfg, feature_dtype, use_gpu)))
+        routed: Counter = Counter()
+        if encode:
+            only = None if attempt == 1 else (frozenset(todo), num_shards)
+            n, why, routed = route(encoded_entities(cfg, files, preprocessor, use_gpu, only), builders, num_shards,
+                                   deleted)
+            if attempt == 1:
+                seen, skipped = n, why
+        refs = {s: b.close.remote(factory, cfg.train_size, shapes) for s, b in builders.items()}
+        lost = []
+        for s, ref in refs.items():
+            entry, ids, appended = ray.get(ref)
+            if appended != routed[s]:
+                log.warning("%s: its builder holds %d of the %d rows routed to it (its node was lost?): rebuilding it "
+                            "(pass %d)", entry["name"], appended, routed[s], attempt + 1)
+                lost.append(s)
+                continue
+            uri = join(cfg.out, entry["dir"])
+            on_storage = file_sizes(uri, cfg.s3_endpoint)
+            wrong = {n: (on_storage.get(n), size) for n, size in entry["sizes"].items() if on_storage.get(n) != size}
+            if wrong or set(entry["files"]) != set(entry["sizes"]):
+                raise IOError(f"{uri}: shard files missing or of the wrong size on storage (found, written): {wrong}")
+            entries[s] = entry
+            indexed.update(ids)
+        for b in builders.values():
+            ray.kill(b)
+        if not lost:
+            return [entries[s] for s in sorted(entries)], indexed, seen, skipped
+        todo = {s: plan[s] for s in lost}
+    raise RuntimeError(f"shards {sorted(todo)} lost rows in {SHARD_ATTEMPTS} passes (their nodes kept failing)")
 
 
 # ---------------------------------------------------------------------------- build / update
@@ -338,14 +410,12 @@ def build(cfg: IndexConfig) -> IndexResult:
              identity.num_rows, len(files), cfg.shards, cfg.factory, cfg.feature_dtype, backend.model_version[:12])
     init_ray(cfg.address)
     use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
-    builders = start_builders([(shard_name(s), f"{shard_name(s)}{suffix}", None) for s in range(cfg.shards)], cfg,
-                              cfg.feature_dtype, use_gpu)
-    seen, skipped = route(encoded_entities(cfg, files, backend.preprocessor, use_gpu), dict(enumerate(builders)),
-                          cfg.shards)
+    plan = {s: (shard_name(s), f"{shard_name(s)}{suffix}", None) for s in range(cfg.shards)}
+    shard_dims = {k: dims[k] for k in STORED_FEATURES}
+    entries, indexed, seen, skipped = build_shards(cfg, plan, files, backend.preprocessor, use_gpu, cfg.shards,
+                                                   cfg.feature_dtype, cfg.factory, shard_dims)
     if seen != identity.num_rows:
         raise RuntimeError(f"encoded {seen} KB rows, read {identity.num_rows}: rows were lost")
-    shard_dims = {k: dims[k] for k in STORED_FEATURES}
-    entries, indexed = close_builders(builders, cfg.factory, cfg.train_size, shard_dims, cfg)
     aliases_name = f"aliases{suffix}.parquet"
     _write_aliases(alias_pairs(identity), indexed, join(cfg.out, aliases_name), cfg.s3_endpoint)
     manifest = new_manifest(cfg.shards, cfg.factory, cfg.feature_dtype, backend.model_version, shard_dims,
@@ -389,16 +459,13 @@ def update(cfg: IndexConfig) -> IndexResult:
     changed = frozenset(change_ids)
     init_ray(cfg.address)
     use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
-    plan = []
+    plan = {}
     for s in touched:
         entry = entries[f"shard-{s:05d}"]
-        plan.append((entry["name"], f"{entry['name']}{suffix}", (join(cfg.out, entry["dir"]), entry, manifest, changed)))
-    builders = dict(zip(touched, start_builders(plan, cfg, manifest["feature_dtype"], use_gpu)))
-    skipped: Counter = Counter()
-    if len(deleted) < len(change_ids):
-        _, skipped = route(encoded_entities(cfg, files, backend.preprocessor, use_gpu), builders, num_shards, deleted)
-    rebuilt, indexed_now = close_builders(list(builders.values()), manifest["factory"], cfg.train_size,
-                                          manifest["dims"], cfg)
+        plan[s] = (entry["name"], f"{entry['name']}{suffix}", (join(cfg.out, entry["dir"]), entry, manifest, changed))
+    rebuilt, indexed_now, _, skipped = build_shards(cfg, plan, files, backend.preprocessor, use_gpu, num_shards,
+                                                    manifest["feature_dtype"], manifest["factory"], manifest["dims"],
+                                                    deleted, encode=len(deleted) < len(change_ids))
     new_entries = {e["name"]: e for e in rebuilt}
     # aliases: drop the changed entities' rows, add the upserted ones that were indexed
     old_aliases_name = manifest.get("aliases", ALIASES_FILE)
