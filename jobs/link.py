@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 
 #: CPUs of a preprocess task (distinct from the actors' so Ray Data does not fuse the two steps)
 PREPROCESS_CPUS = 0.25
+#: CPUs of a read task, distinct from PREPROCESS_CPUS: fused into the preprocess step, the
+#: read would take a preprocess batch's worth of FILE PATHS per task (64 files read one
+#: after the other by one task); unfused, every input file is a read task of its own
+READ_CPUS = 0.2
 
 
 @dataclass
@@ -520,7 +524,7 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
     policy = ImagePolicy(allowed_prefixes=tuple(cfg.allow_image_prefix), allow_private_hosts=cfg.allow_private_hosts,
                          timeout_s=cfg.image_timeout_s, max_bytes=cfg.max_image_bytes, s3_endpoint=cfg.s3_endpoint)
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-    ds = ds.map_batches(read_inputs, batch_size=1, num_cpus=0.25,
+    ds = ds.map_batches(read_inputs, batch_size=1, num_cpus=READ_CPUS,
                         fn_kwargs={"s3_endpoint": cfg.s3_endpoint, "detector": detector,
                                    "context_chars": cfg.context_chars, "chunk_rows": cfg.read_chunk_rows})
     # preprocessing stays on CPU tasks (its own resources keep Ray Data from fusing it into the actors)
