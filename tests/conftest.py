@@ -76,19 +76,12 @@ def synth_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
-    """One local Ray instance for the session (token auth off explicitly: in Ray 2.60
-    ray.init() would otherwise turn it on and write ~/.ray/auth_token, making behaviour
-    depend on test order)."""
-    import os
+    """One local Ray instance for the session."""
+    from ray_session import start_local_ray
 
+    yield start_local_ray(tmp_path_factory)
     import ray
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield ray
     ray.shutdown()
 
 

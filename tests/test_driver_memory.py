@@ -1,8 +1,11 @@
-"""The driver of the data jobs holds metadata only: its peak RSS does not grow with the input.
+"""The driver of the data jobs holds metadata only and the link job's workers stream: peak
+RSS does not grow with the input.
 
 Each job runs as its own driver process joined to the session's Ray instance; the process
 reports its peak RSS during the job (VmHWM, reset after the imports). A driver that collected output rows (or
-encoded entity features) would grow by tens of MB between the two sizes.
+encoded entity features) would grow by tens of MB between the two sizes. The job's worker
+processes are measured from outside, by the test: the peak RSS (VmHWM) of every Ray worker
+process started during the job, by what it ran.
 """
 
 from __future__ import annotations
@@ -23,21 +26,69 @@ LINK_DRIVER_GROWTH_MB = 5
 #: from 1k to 4k entities); holding the 3k extra entities' features would add ~20 MB more
 #: (measured +20.4 MB).
 INDEX_DRIVER_GROWTH_MB = 12
+#: allowed growth of a link worker kind's peak RSS (read, preprocess, encode, link, shard
+#: actors) from the small to the 4x input, MB: they hold a chunk or a batch at a time; a
+#: read task holding its whole file would add ~25 MB (15k extra text rows, ~1.7 KB each in
+#: Arrow plus the per-mention rows), the encode actor its features ~100 MB.
+LINK_WORKER_GROWTH_MB = 15
 
 
-def _peak_rss_mb(module: str, config: str, cfg: dict) -> tuple[float, dict]:
+def _worker_kind(cmdline: list[str]) -> str | None:
+    """What a Ray worker process runs, from its process title (``ray::ShardServer.link``,
+    ``ray::MapWorker(MapBatches(Encode))...``, ``ray::ReadInputs...``); None when idle."""
+    title = (cmdline or [""])[0]
+    if not title.startswith("ray::") or title.startswith("ray::IDLE"):
+        return None
+    return title[5:].split(".")[0].split(" ")[0]
+
+
+def _sample_workers(started: float, peaks: dict[int, float], kinds: dict[int, str]) -> None:
+    import psutil
+
+    for p in psutil.process_iter(["cmdline", "create_time"]):
+        if p.info["create_time"] < started - 0.5:
+            continue
+        kind = _worker_kind(p.info["cmdline"])
+        if kind is None and p.pid not in kinds:
+            continue
+        kinds.setdefault(p.pid, kind)
+        try:
+            hwm = next(int(line.split()[1]) for line in open(f"/proc/{p.pid}/status") if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            continue
+        peaks[p.pid] = max(peaks.get(p.pid, 0), hwm / 1024)
+
+
+def _peak_rss_mb(module: str, config: str, cfg: dict, workers: dict | None = None) -> tuple[float, dict]:
     """The driver's peak RSS during the job alone: the high-water mark (VmHWM) is reset after
     the imports (``echo 5 > /proc/self/clear_refs``), whose transient peak would otherwise
-    hide any growth during the job."""
+    hide any growth during the job. With ``workers`` (a dict), the peak RSS of the job's
+    worker processes, by kind, is sampled from outside into it."""
+    import time
     code = (f"import json; from {module} import {config}, run\n"
             "open('/proc/self/clear_refs', 'w').write('5')\n"
             f"r = run({config}(**{cfg!r}))\n"
             "hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
             "print(json.dumps({'peak_kb': hwm, "
             "'summary': getattr(r, 'summary', None) or {'count': getattr(r, 'count', None)}}, default=str))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peaks, kinds = {}, {}
+    try:
+        while proc.poll() is None and time.time() - started < 900:
+            if workers is not None:
+                _sample_workers(started, peaks, kinds)
+            time.sleep(0.25)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    if workers is not None:
+        for pid, mb in peaks.items():
+            kind = kinds.get(pid)
+            if kind:
+                workers[kind] = max(workers.get(kind, 0), mb)
+    report = json.loads(out.strip().splitlines()[-1])
     return report["peak_kb"] / 1024, report["summary"]
 
 
@@ -51,17 +102,24 @@ def _mentions(test: pa.Table, rows: int) -> pa.Table:
 
 def test_link_driver_memory_is_flat_in_the_input_size(ray_local, s3_index, onnx_model, synth_dir, tmp_path, s3_server):
     test = pq.read_table(synth_dir / "mentions" / "test.parquet")
-    peaks = {}
+    peaks, workers = {}, {}
     for rows in (5_000, 20_000):
         (tmp_path / f"in-{rows}").mkdir()
         pq.write_table(_mentions(test, rows), tmp_path / f"in-{rows}" / "mentions.parquet")
         cfg = dict(model=onnx_model, index=s3_index[0].out, input=str(tmp_path / f"in-{rows}"),
                    output=str(tmp_path / f"out-{rows}"), top_k=20, candidates=20, batch_size=1024,
                    s3_endpoint=s3_server, address=ray_local.get_runtime_context().gcs_address)
-        peaks[rows], summary = _peak_rss_mb("otmel.jobs.link", "LinkConfig", cfg)
+        workers[rows] = {}
+        peaks[rows], summary = _peak_rss_mb("otmel.jobs.link", "LinkConfig", cfg, workers[rows])
         assert summary["counts"]["in"] == rows and summary["counts"]["ok"] + summary["counts"]["nil"] == rows
-    print("link driver peak RSS MB", peaks)
+    print("link driver peak RSS MB", peaks, "workers", workers)
     assert peaks[20_000] - peaks[5_000] < LINK_DRIVER_GROWTH_MB, peaks
+    # every kind of worker was seen in both runs, and none grows with the input
+    kinds = set(workers[5_000]) & set(workers[20_000])
+    assert {"ShardServer", "CommitCoordinator"} <= kinds and any("Encode" in k for k in kinds) \
+        and any("LinkStage" in k for k in kinds) and any("read_inputs" in k for k in kinds), workers
+    growth = {k: round(workers[20_000][k] - workers[5_000][k], 1) for k in kinds}
+    assert max(growth.values()) < LINK_WORKER_GROWTH_MB, (growth, workers)
 
 
 def test_index_driver_memory_is_flat_in_the_kb_size(ray_local, onnx_model, synth_dir, tmp_path):

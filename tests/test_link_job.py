@@ -340,36 +340,6 @@ def _staged_parts(out: Path, input_file: str | None = None) -> list:
     return [p for p in root.rglob("*.parquet") if not p.name.startswith("commit-")] if root.exists() else []
 
 
-def test_a_shard_actor_killed_mid_job_is_restarted_and_the_job_completes(s3_index, onnx_model, synth_dir, tmp_path,
-                                                                       s3_server):
-    """A ShardServer process is SIGKILLed from outside while batches are being linked: Ray
-    restarts the actor, the calls are retried, and every mention is still linked once."""
-    import signal
-    import threading
-
-    import psutil
-
-    test = str(synth_dir / "mentions" / "test.parquet")
-    out = tmp_path / "out"
-    started = time.time()
-    outcome: dict = {}
-    thread = threading.Thread(daemon=True, target=lambda: outcome.update(result=run(LinkConfig(
-        model=onnx_model, index=s3_index[0].out, input=test, output=str(out), read_chunk_rows=7, batch_size=4,
-        s3_endpoint=s3_server))))
-    thread.start()
-    _wait_for(lambda: _staged_parts(out), "the first linked batch", thread)
-    victims = [p for p in psutil.process_iter(["cmdline", "create_time"])
-               if (p.info["cmdline"] or [""])[0].startswith("ray::ShardServer") and p.info["create_time"] >= started - 1]
-    assert victims, "no shard actor process of this job"
-    victims[0].send_signal(signal.SIGKILL)
-    thread.join(600)
-    r = outcome["result"]
-    n = pq.read_metadata(test).num_rows
-    assert r.summary["counts"]["in"] == n == r.summary["counts"]["ok"]
-    out_rows = read_link_output(r.output)
-    assert out_rows.column("mention_id").to_pylist() == pq.read_table(test).column("mention_id").to_pylist()
-
-
 def test_the_commit_tracker_counts_a_retried_part_once_and_refuses_overlapping_rows(ray_local, tmp_path):
     """A link task retried after its actor died reports the same batch again (a new part file
     with the same rows): counted once, the file committed with each row once. Parts that

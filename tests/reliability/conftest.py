@@ -9,6 +9,18 @@ import pytest
 
 
 @pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """The session's local Ray instance, with the dashboard: the suite finds the actors and
+    worker processes it kills through Ray's state API."""
+    from ray_session import start_local_ray
+
+    yield start_local_ray(tmp_path_factory, include_dashboard=True)
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def model_and_index(ray_local, synth_dir, tmp_path_factory):
     """A tiny random KD model exported to ONNX, and a 2-shard index of the synth KB built
     with it on local disk."""

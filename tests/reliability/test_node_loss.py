@@ -1,0 +1,175 @@
+"""Node and driver loss. On a local multi-node cluster (head + 2 worker nodes), a worker node
+is removed from the test while an index build and then a link job run (drivers in processes
+of their own, joined with --address): the index equals an undisturbed build, file for file;
+the link output has every input mention exactly once, in one committed file per input. An
+index build whose driver is SIGKILLed mid-build leaves nothing loadable, and the same
+command re-run completes it, equal to the undisturbed build."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from corpus import write_split_copies
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_local):
+    from ray.cluster_utils import Cluster
+
+    import socket
+
+    with socket.socket() as sock:  # the session's own instance has the default dashboard port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    c = Cluster(initialize_head=True, connect=False,
+                head_node_args={"num_cpus": 2, "include_dashboard": True, "dashboard_port": port})
+    workers = [c.add_node(num_cpus=2) for _ in range(2)]
+    c.wait_for_nodes()
+    yield c, workers
+    c.shutdown()
+
+
+def _driver(module: str, config: str, cfg: dict) -> subprocess.Popen:
+    code = f"from otmel.jobs.{module} import {config}, run; run({config}(**{cfg!r}))"
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _actors(address: str, class_name: str | None) -> list:
+    from ray.util.state import list_actors
+
+    filters = [("state", "=", "ALIVE")] + ([("class_name", "=", class_name)] if class_name else [])
+    return list_actors(address=address, filters=filters)
+
+
+def _remove_worker_node_of(cluster, workers, driver: subprocess.Popen, class_name: str | None,
+                           holds_rows=lambda pid: True, timeout: float = 300) -> None:
+    """Wait until an actor of ``class_name`` (None: any of the job's) runs on a worker node
+    (and ``holds_rows(pid)``), then remove that node."""
+    by_id = {w.node_id: w for w in workers}
+    address = cluster.address
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if driver.poll() is not None:
+            raise AssertionError(f"the job ended (exit {driver.returncode}) before the node could be removed:\n"
+                                 + driver.stdout.read()[-4000:])
+        candidates = [a for a in _actors(address, class_name) if a.node_id in by_id]
+        until = time.monotonic() + 5  # actors stay where they are: watch them closely for a while
+        while candidates and time.monotonic() < until:
+            for a in candidates:
+                if holds_rows(a.pid):
+                    cluster.remove_node(by_id[a.node_id])
+                    workers.remove(by_id[a.node_id])
+                    return
+            time.sleep(0.02)
+        time.sleep(0.1)
+    raise AssertionError(f"no {class_name} actor on a worker node in time")
+
+
+def _has_appended_rows(pid: int) -> bool:
+    """A shard builder holds rows once its open feature files are not empty."""
+    import psutil
+
+    try:
+        files = psutil.Process(pid).open_files()
+    except psutil.Error:
+        return False
+    return any(f.path.endswith(".bin") and Path(f.path).exists() and Path(f.path).stat().st_size > 0 for f in files)
+
+
+@pytest.fixture(scope="module")
+def big_kb_index(model_and_index, synth_dir, tmp_path_factory):
+    """An 8x synth KB (long enough a build to be hit mid-way) and its undisturbed index."""
+    from otmel.jobs.index import IndexConfig
+    from otmel.jobs.index import run as build_index
+
+    root = tmp_path_factory.mktemp("big-kb")
+    kb = pq.read_table(synth_dir / "kb.parquet")
+    big_kb = pa.concat_tables([kb.set_column(kb.column_names.index("entity_id"), "entity_id",
+                                             pa.array([f"{i}-{e}" for e in kb.column("entity_id").to_pylist()]))
+                               for i in range(8)])
+    pq.write_table(big_kb, root / "kb.parquet")
+    # 4 shards: spread over 3 nodes, at least one builder is on a worker node
+    index_cfg = dict(model=model_and_index[0], kb=str(root / "kb.parquet"), shards=4, batch_size=16)
+    manifest = build_index(IndexConfig(**index_cfg, out=str(root / "undisturbed"))).manifest
+    return index_cfg, manifest, root / "undisturbed"
+
+
+def test_an_index_build_whose_driver_is_killed_is_never_loadable_and_the_rerun_completes_it(ray_local, big_kb_index,
+                                                                                             tmp_path):
+    import signal
+
+    import psutil
+
+    from otmel.entity_index import load_manifest
+    from otmel.jobs.index import IndexConfig
+    from otmel.jobs.index import run as build_index
+
+    index_cfg, undisturbed, _ = big_kb_index
+    cfg = dict(index_cfg, out=str(tmp_path / "index"))
+    driver = _driver("index", "IndexConfig", dict(cfg, address=ray_local.get_runtime_context().gcs_address))
+    try:
+        deadline = time.monotonic() + 300
+        while not any(_has_appended_rows(p.pid) for p in psutil.process_iter(["cmdline"])
+                      if (p.info["cmdline"] or [""])[0].startswith("ray::ShardBuilder")):
+            assert driver.poll() is None and time.monotonic() < deadline, "no builder received rows"
+            time.sleep(0.1)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(60)
+    finally:
+        driver.kill()
+    assert not (tmp_path / "index" / "manifest.json").exists()
+    with pytest.raises(FileNotFoundError):
+        load_manifest(str(tmp_path / "index"))
+    again = build_index(IndexConfig(**cfg)).manifest
+    assert again["count"] == undisturbed["count"]
+    assert [s["files"] for s in again["shards"]] == [s["files"] for s in undisturbed["shards"]]
+
+
+def test_a_node_lost_mid_build_and_mid_link_the_jobs_finish_with_the_same_results(cluster, model_and_index, big_kb_index,
+                                                                                    synth_dir, tmp_path):
+    from otmel.link_output import read_link_output
+
+    c, workers = cluster
+    onnx, _ = model_and_index
+    index_cfg, undisturbed, undisturbed_dir = big_kb_index
+
+    # the index build: a worker node holding a shard builder with rows is removed
+    driver = _driver("index", "IndexConfig", dict(index_cfg, out=str(tmp_path / "disturbed"), address=c.address))
+    try:
+        _remove_worker_node_of(c, workers, driver, "ShardBuilder", _has_appended_rows)
+        out, _ = driver.communicate(timeout=600)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, out[-4000:]
+    assert "rebuilding it" in out  # the node loss hit a builder holding rows: its shard was rebuilt
+    disturbed = json.loads((tmp_path / "disturbed" / "manifest.json").read_text())
+    assert disturbed["count"] == undisturbed["count"] == 8 * pq.read_metadata(synth_dir / "kb.parquet").num_rows
+    assert [s["files"] for s in disturbed["shards"]] == [s["files"] for s in undisturbed["shards"]]
+
+    # the link job: the other worker node, running its actors, is removed mid-job
+    test = write_split_copies(synth_dir, tmp_path / "in", 3)
+    link_out = tmp_path / "out"
+    driver = _driver("link", "LinkConfig", dict(model=onnx, index=str(undisturbed_dir),
+                                                input=str(tmp_path / "in"), output=str(link_out), batch_size=8,
+                                                read_chunk_rows=16, address=c.address))
+    try:
+        staged = lambda pid: (link_out / "_staging").exists() and any((link_out / "_staging").rglob("*.parquet"))  # noqa: E731
+        _remove_worker_node_of(c, workers, driver, None, staged)
+        out, _ = driver.communicate(timeout=600)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, out[-4000:]
+    rows = read_link_output(str(link_out))
+    ids = rows.column("mention_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 3 * test.num_rows
+    assert sorted(p.name for p in link_out.glob("*.parquet")) == sorted({p.name for p in link_out.glob("part-*.parquet")})
+    assert len(list(link_out.glob("part-*.parquet"))) == 3 and not (link_out / "_staging").exists()
+    assert json.loads((link_out / "_SUCCESS.json").read_text())["counts"]["in"] == 3 * test.num_rows
