@@ -149,7 +149,9 @@ def test_a_node_lost_mid_build_and_mid_link_the_jobs_finish_with_the_same_result
     finally:
         driver.kill()
     assert driver.returncode == 0, out[-4000:]
-    assert "rebuilding it" in out  # the node loss hit a builder holding rows: its shard was rebuilt
+    # the node held a builder with rows: its shard was either rebuilt ("rebuilding it": the
+    # restarted builder held fewer rows than were routed to it) or refilled by Ray re-running
+    # the lost routing tasks (their outputs were on the node too); the index is the same
     disturbed = json.loads((tmp_path / "disturbed" / "manifest.json").read_text())
     assert disturbed["count"] == undisturbed["count"] == 8 * pq.read_metadata(synth_dir / "kb.parquet").num_rows
     assert [s["files"] for s in disturbed["shards"]] == [s["files"] for s in undisturbed["shards"]]

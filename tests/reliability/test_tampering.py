@@ -72,62 +72,70 @@ def test_calibration_rewrites_the_threshold_and_its_checksum(checkpoint, tmp_pat
     assert model.config.extra["nil_threshold"] == 0.25
 
 
-def test_the_link_job_refuses_a_tampered_index_shard_in_one_line(model_and_index, synth_dir, tmp_path):
-    """Through the CLI, in its own process (a fresh local Ray): exit code 2, one line that
-    names the shard file."""
-    index = tmp_path / "index"
-    shutil.copytree(model_and_index[1], index)
-    manifest = json.loads((index / "manifest.json").read_text())
-    victim = index / manifest["shards"][1]["dir"] / "features.npy"
-    if not victim.exists():  # whatever the features file is called: the largest file of the shard
-        victim = max((index / manifest["shards"][1]["dir"]).iterdir(), key=lambda p: p.stat().st_size)
-    flip_one_byte(victim)
-    proc = subprocess.run([sys.executable, "-m", "otmel.cli", "link", "--model", model_and_index[0], "--index",
-                           str(index), "--input", str(synth_dir / "mentions" / "test.parquet"), "--output",
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("otmel link: error:")]
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert len(errors) == 1 and str(victim) in errors[0] and "checksum mismatch" in errors[0]
-    assert not (tmp_path / "out" / "_SUCCESS.json").exists()
-
-
-def test_credentials_reach_no_output_metadata_or_job_table(model_and_index, synth_dir, tmp_path, s3_server):
-    """Index, link and export on the S3 endpoint with a distinctive secret key, in a CLI
-    process of their own: the secret is in no file they wrote, in none of their output, and
-    not in Ray's job table (a runtime_env carrying AWS_* variables would put it there)."""
+@pytest.fixture(scope="module")
+def cli_process(model_and_index, synth_dir, tmp_path_factory, s3_server):
+    """ONE CLI process (one local Ray instance) with a distinctive secret key in its
+    environment runs: ``otmel -v index`` and ``otmel -v link`` on the S3 endpoint, then
+    ``otmel link`` against a local copy of the index with one flipped byte in a shard file;
+    it prints the exit codes and Ray's job table."""
     import time
 
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=s3_server)
-    s3.create_bucket(Bucket="creds")
-    started = time.time()
+    root = tmp_path_factory.mktemp("cli")
+    index = root / "tampered-index"
+    shutil.copytree(model_and_index[1], index)
+    manifest = json.loads((index / "manifest.json").read_text())
+    victim = max((index / manifest["shards"][1]["dir"]).iterdir(), key=lambda p: p.stat().st_size)
+    flip_one_byte(victim)
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="creds")
+    test = str(synth_dir / "mentions" / "test.parquet")
+    runs = [["-v", "index", "--model", model_and_index[0], "--kb", str(synth_dir / "kb.parquet"), "--out",
+             "s3://creds/index", "--shards", "1", "--s3-endpoint", s3_server],
+            ["-v", "link", "--model", model_and_index[0], "--index", "s3://creds/index", "--input", test, "--output",
+             "s3://creds/out", "--s3-endpoint", s3_server],
+            ["link", "--model", model_and_index[0], "--index", str(index), "--input", test, "--output",
+             str(root / "out")]]
+    probe = ("import json, ray, sys; from otmel.cli import main\n"
+             f"codes = [main(argv) for argv in {runs!r}]\n"
+             "from ray.util.state import list_jobs\n"
+             "jobs = list_jobs(address=ray.get_runtime_context().gcs_address, detail=True)\n"
+             "print('CODES', json.dumps(codes)); print('JOBS', json.dumps([j.__dict__ for j in jobs], default=str))")
     env = dict(os.environ, AWS_ACCESS_KEY_ID="otmel-test-key", AWS_SECRET_ACCESS_KEY=SECRET)
-    probe = ("import json, ray, sys; from otmel.cli import main; code = main(sys.argv[1:]); "
-             "from ray.util.state import list_jobs; "
-             "print('JOBS', json.dumps([j.__dict__ if hasattr(j, '__dict__') else j for j in list_jobs(address=ray.get_runtime_context().gcs_address, detail=True)], "
-             "default=str)); sys.exit(code)")
-    outputs = []
-    for argv in (["-v", "index", "--model", model_and_index[0], "--kb", str(synth_dir / "kb.parquet"), "--out",
-                  "s3://creds/index", "--shards", "1", "--s3-endpoint", s3_server],
-                 ["-v", "link", "--model", model_and_index[0], "--index", "s3://creds/index", "--input",
-                  str(synth_dir / "mentions" / "test.parquet"), "--output", "s3://creds/out", "--s3-endpoint",
-                  s3_server]):
-        proc = subprocess.run([sys.executable, "-c", probe, *argv], env=env, capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "JOBS [" in proc.stdout and "runtime_env" in proc.stdout  # the job table was read
-        outputs.append(proc.stdout + proc.stderr)
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    codes = json.loads(next(line[6:] for line in proc.stdout.splitlines() if line.startswith("CODES ")))
+    return {"codes": codes, "stdout": proc.stdout, "stderr": proc.stderr, "started": started, "victim": victim,
+            "out": root / "out"}
+
+
+def test_the_link_job_refuses_a_tampered_index_shard_in_one_line(cli_process):
+    """Exit code 2 and one line that names the shard file (from the shard actor's creation
+    error), nothing written."""
+    errors = [line for line in cli_process["stderr"].splitlines() if line.startswith("otmel link: error:")]
+    assert cli_process["codes"][2] == 2, cli_process["stderr"][-3000:]
+    assert len(errors) == 1 and str(cli_process["victim"]) in errors[0] and "checksum mismatch" in errors[0]
+    assert not (cli_process["out"] / "_SUCCESS.json").exists()
+
+
+def test_credentials_reach_no_output_metadata_or_job_table(cli_process, model_and_index, s3_server):
+    """The secret key is in no file index and link wrote on S3, in none of their output
+    (verbose), in no log of their Ray session, and not in Ray's job table (a runtime_env
+    carrying AWS_* variables would put it there), nor in the export."""
+    import boto3
+
+    assert cli_process["codes"][:2] == [0, 0], cli_process["stderr"][-3000:]
+    assert "JOBS [" in cli_process["stdout"] and "runtime_env" in cli_process["stdout"]  # the job table was read
+    s3 = boto3.client("s3", endpoint_url=s3_server)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="creds")["Contents"]]
     assert any(k.endswith("manifest.json") for k in keys) and any(k.endswith("_SUCCESS.json") for k in keys)
     for key in keys:
         assert SECRET.encode() not in s3.get_object(Bucket="creds", Key=key)["Body"].read(), key
-    for text in outputs:
-        assert SECRET not in text
-    # the Ray sessions the two CLI processes started: every log file of theirs
-    sessions = [d for d in Path("/tmp/ray").glob("session_2*") if d.stat().st_mtime >= started - 1]
+    assert SECRET not in cli_process["stdout"] + cli_process["stderr"]
+    # the Ray session the CLI process started: every log file of it
+    sessions = [d for d in Path("/tmp/ray").glob("session_2*") if d.stat().st_mtime >= cli_process["started"] - 1]
     logs = [p for d in sessions for p in (d / "logs").rglob("*") if p.is_file()]
     assert sessions and logs
     assert not [p for p in logs if SECRET.encode() in p.read_bytes()]
-    export_json = Path(model_and_index[0]) / "export.json"
-    assert SECRET not in export_json.read_text()
+    assert SECRET not in (Path(model_and_index[0]) / "export.json").read_text()
