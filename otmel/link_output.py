@@ -23,7 +23,10 @@ Layout of ``OUTPUT``::
   (:func:`is_complete`); anything else is recomputed. A re-run deletes the staging left by
   an interrupted one before linking that input again.
 * Rows are sorted by (input row, mention start, mention id): the same input gives the same
-  file.
+  rows in the same order, with the same links and candidates; scores agree to float
+  rounding (~1e-7), not bit for bit, because the batch a mention is encoded in varies from
+  run to run (Ray Data forms batches in arrival order) and ONNX Runtime's kernels round
+  differently for different batch sizes.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+from link_rows import assert_same_link_rows
 
 OTMEL = str(Path(sys.executable).parent / "otmel")
 NODES, MAX_NODES = 3, 5
@@ -128,14 +128,6 @@ def _rows(out) -> list[dict]:
     return sorted(rows, key=lambda r: r["mention_id"])
 
 
-def _same_rows(a: list[dict], b: list[dict]) -> None:
-    assert [r["mention_id"] for r in a] == [r["mention_id"] for r in b]
-    for x, y in zip(a, b):
-        assert (x["entity_id"], x["status"]) == (y["entity_id"], y["status"]), x["mention_id"]
-        assert [c["entity_id"] for c in x["candidates"]] == [c["entity_id"] for c in y["candidates"]]
-        assert np.allclose([c["score"] for c in x["candidates"]], [c["score"] for c in y["candidates"]], atol=1e-5)
-
-
 def _state(cluster, what: str, **filters) -> list:
     """Ray's state API on the cluster, with that cluster's token in the header (Ray's own
     token loader keeps the first token a process saw)."""
@@ -165,7 +157,7 @@ def test_index_and_link_on_three_nodes_equal_one_node(cluster, one_node, data):
           "--output", data / "out-3", "--candidates", 32, "--workers", 2, "--address", cluster["gcs_address"], env=env)
     index_1, out_1 = one_node
     assert _index_digests(data / "index-3") == _index_digests(index_1)
-    _same_rows(_rows(data / "out-3"), _rows(out_1))
+    assert_same_link_rows(_rows(data / "out-3"), _rows(out_1))
     used = {a.node_id for a in _state(cluster, "actors") if a.class_name.endswith(("ShardServer", "ShardBuilder"))
             or "MapBatches" in (a.class_name or "")}
     assert len(used) >= 2, used
@@ -183,7 +175,7 @@ def test_submit_wait_links_to_s3_and_the_rows_are_right(cluster, one_node, data,
     from otmel.storage import local_copy
 
     with local_copy(out, s3_server) as d:
-        _same_rows(_rows(d), _rows(one_node[1]))
+        assert_same_link_rows(_rows(d), _rows(one_node[1]))
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
         Bucket="otmel-test", Prefix="cluster-out/")["Contents"]]
     assert "cluster-out/_SUCCESS.json" in keys and not any("_staging" in k for k in keys)
@@ -253,7 +245,7 @@ def test_scale_up_adds_nodes_a_job_uses_them_and_clear_lets_them_go(cluster, one
                  "--index", one_node[0], "--input", data / "synth" / "mentions", "--output", data / "out-scaled",
                  "--candidates", 32, "--workers", 4, env=env)
     job_id = proc.stdout.splitlines()[0].strip()
-    _same_rows(_rows(data / "out-scaled"), _rows(one_node[1]))
+    assert_same_link_rows(_rows(data / "out-scaled"), _rows(one_node[1]))
     ray_job = next(j for j in __import__("ray.job_submission", fromlist=["x"]).JobSubmissionClient(
         cluster["dashboard_url"], headers={"Authorization": f"Bearer {Path(cluster['token_file']).read_text()}"}
     ).list_jobs() if j.submission_id == job_id).job_id
