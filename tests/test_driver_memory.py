@@ -37,32 +37,6 @@ INDEX_DRIVER_GROWTH_MB = 12
 LINK_WORKER_GROWTH_MB = 24
 
 
-def _worker_kind(cmdline: list[str]) -> str | None:
-    """What a Ray worker process runs, from its process title (``ray::ShardServer.link``,
-    ``ray::MapWorker(MapBatches(Encode))...``, ``ray::ReadInputs...``); None when idle."""
-    title = (cmdline or [""])[0]
-    if not title.startswith("ray::") or title.startswith("ray::IDLE"):
-        return None
-    return title[5:].split(".")[0].split(" ")[0]
-
-
-def _sample_workers(started: float, peaks: dict[int, float], kinds: dict[int, str]) -> None:
-    import psutil
-
-    for p in psutil.process_iter(["cmdline", "create_time"]):
-        if p.info["create_time"] < started - 0.5:
-            continue
-        kind = _worker_kind(p.info["cmdline"])
-        if kind is None and p.pid not in kinds:
-            continue
-        kinds.setdefault(p.pid, kind)
-        try:
-            anon = next(int(line.split()[1]) for line in open(f"/proc/{p.pid}/status") if line.startswith("RssAnon:"))
-        except (OSError, StopIteration):
-            continue
-        peaks[p.pid] = max(peaks.get(p.pid, 0), anon / 1024)
-
-
 def _peak_rss_mb(module: str, config: str, cfg: dict, workers: dict | None = None) -> tuple[float, dict]:
     """The driver's peak RSS during the job alone: the high-water mark (VmHWM) is reset after
     the imports (``echo 5 > /proc/self/clear_refs``), whose transient peak would otherwise
@@ -75,23 +49,22 @@ def _peak_rss_mb(module: str, config: str, cfg: dict, workers: dict | None = Non
             "hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
             "print(json.dumps({'peak_kb': hwm, "
             "'summary': getattr(r, 'summary', None) or {'count': getattr(r, 'count', None)}}, default=str))")
+    from otmel.worker_memory import WorkerMemory
+
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peaks, kinds = {}, {}
+    memory = WorkerMemory(started)
     try:
         while proc.poll() is None and time.time() - started < 900:
             if workers is not None:
-                _sample_workers(started, peaks, kinds)
+                memory.sample()
             time.sleep(0.25)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
     if workers is not None:
-        for pid, mb in peaks.items():
-            kind = kinds.get(pid)
-            if kind:
-                workers[kind] = max(workers.get(kind, 0), mb)
+        workers.update(memory.by_kind())
     report = json.loads(out.strip().splitlines()[-1])
     return report["peak_kb"] / 1024, report["summary"]
 

@@ -1,0 +1,62 @@
+"""Memory of the Ray worker processes on this machine, measured from outside them.
+
+Used by the memory tests and benchmarks (``tests/test_driver_memory.py``,
+``bench/stream.py``): every Ray worker process started since a given time is sampled, and
+its peak **private** RSS (``RssAnon``) is kept under what it runs (its process title:
+``ray::ShardServer.link`` -> ``ShardServer``, ``ray::MapWorker(MapBatches(Encode))`` ->
+``MapWorker(MapBatches(Encode))``). Not the total RSS or VmHWM: those count the object
+store's shared pages a worker has read, which grow with the data that passed through it
+whatever the worker keeps.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def worker_kind(cmdline: list[str] | None) -> str | None:
+    """What a Ray worker process runs, from its process title; None when idle or not Ray."""
+    title = (cmdline or [""])[0]
+    if not title.startswith("ray::") or title.startswith("ray::IDLE"):
+        return None
+    return title[5:].split(".")[0].split(" ")[0]
+
+
+def private_rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+class WorkerMemory:
+    """Peak private RSS of the Ray workers started after ``since`` (default: now), by kind."""
+
+    def __init__(self, since: float | None = None):
+        self.since = time.time() if since is None else since
+        self.peaks: dict[int, float] = {}
+        self.kinds: dict[int, str | None] = {}
+
+    def sample(self) -> None:
+        import psutil
+
+        for p in psutil.process_iter(["cmdline", "create_time"]):
+            if p.info["create_time"] < self.since - 0.5:
+                continue
+            kind = worker_kind(p.info["cmdline"])
+            if kind is None and p.pid not in self.kinds:
+                continue
+            self.kinds.setdefault(p.pid, kind)
+            mb = private_rss_mb(p.pid)
+            if mb is not None:
+                self.peaks[p.pid] = max(self.peaks.get(p.pid, 0.0), mb)
+
+    def by_kind(self) -> dict[str, float]:
+        """The largest peak of each kind of worker, MB."""
+        out: dict[str, float] = {}
+        for pid, mb in self.peaks.items():
+            kind = self.kinds.get(pid)
+            if kind:
+                out[kind] = max(out.get(kind, 0.0), mb)
+        return out
