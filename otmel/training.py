@@ -162,9 +162,6 @@ def train_epoch(
 
 
 # ---------------------------------------------------------------------------- resumable state
-# checkpoint files' sizes and sha256: otmel.integrity (write_checksums / verify_checksums)
-
-
 def state_digest(state: dict) -> str:
     """sha256 of a (model or optimizer) state dict: every tensor's name, dtype, shape and
     bytes, and every other value as JSON. Equal digests = identical states."""

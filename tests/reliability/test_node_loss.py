@@ -24,11 +24,9 @@ from corpus import write_split_copies
 def cluster(ray_local):
     from ray.cluster_utils import Cluster
 
-    import socket
+    from otmel.cluster_ops import free_port
 
-    with socket.socket() as sock:  # the session's own instance has the default dashboard port
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # the session's own instance has the default dashboard port
     c = Cluster(initialize_head=True, connect=False,
                 head_node_args={"num_cpus": 2, "include_dashboard": True, "dashboard_port": port})
     workers = [c.add_node(num_cpus=2) for _ in range(2)]
