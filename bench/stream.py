@@ -78,7 +78,7 @@ def run_link(cfg: dict) -> dict:
             "print(json.dumps({'driver_peak_mb': hwm / 1024, 'summary': r.summary}, default=str))")
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    memory = WorkerMemory(started)
+    memory = WorkerMemory(started, root_pid=proc.pid)  # the Ray instance this job starts
     while proc.poll() is None:
         memory.sample()
         time.sleep(0.25)

@@ -8,7 +8,8 @@
 Pipeline (DESIGN.md "Data flow"); no row passes through the driver:
 
 1. read: one task per input file (``otmel.link_input``), streamed in chunks of
-   ``read_chunk_rows`` (Parquet by row-group batches, JSONL line by line): posts are exploded
+   ``read_chunk_rows`` rows or ``read_chunk_bytes`` of input, whichever is less (Parquet by
+   row-group batches, JSONL line by line): posts are exploded
    into one row per mention (given spans, or alias detection), bad rows become ``error`` rows,
    nothing dropped;
 2. preprocess (CPU tasks): tokenise, fetch (``image_uri``) and decode/resize images;
@@ -75,6 +76,7 @@ class LinkConfig:
     shard_gpus: float | None = None  # GPU share of a shard actor (None: 0.25 on a GPU cluster, else 0)
     batch_size: int = 64
     read_chunk_rows: int = 1024  # input rows read at a time (a file is streamed, never held whole)
+    read_chunk_bytes: int = 8 << 20  # ... and at most about this much input (rows with inline images)
     detect_mentions: str | None = None  # None | "alias": find mentions in posts without spans
     context_chars: int = 200  # context window around a span (posts)
     min_alias_length: int = 3  # mention detection filters
@@ -103,6 +105,8 @@ class LinkConfig:
 
         parse_pool(self.workers, "--workers")
         parse_pool(self.link_actors, "--link-actors")
+        if self.read_chunk_rows < 1 or self.read_chunk_bytes < 1:
+            raise ValueError("read_chunk_rows and read_chunk_bytes must be >= 1")
         if self.shard_replicas < 1:
             raise ValueError(f"--shard-replicas must be >= 1, got {self.shard_replicas}")
         if self.shard_gpus is not None and not 0 <= self.shard_gpus <= 1:
@@ -205,7 +209,7 @@ def shard_load_error(exc: Exception) -> Exception:
 
 # ---------------------------------------------------------------------------- pipeline steps
 def read_inputs(batch: dict[str, np.ndarray], s3_endpoint: str | None, detector, context_chars: int,
-                chunk_rows: int = 1024):
+                chunk_rows: int = 1024, chunk_bytes: int = 8 << 20):
     """Input file paths -> mention rows, streamed in chunks (a file is never held whole).
 
     ``file_rows`` is -1 on every chunk but a file's last, which carries the file's total: the
@@ -219,7 +223,7 @@ def read_inputs(batch: dict[str, np.ndarray], s3_endpoint: str | None, detector,
 
     for path in batch["path"]:
         total, previous = 0, None
-        for table in iter_mention_rows(str(path), s3_endpoint, detector, context_chars, chunk_rows):
+        for table in iter_mention_rows(str(path), s3_endpoint, detector, context_chars, chunk_rows, chunk_bytes):
             if table.num_rows == 0:
                 continue
             table = sort_rows(table)
@@ -526,7 +530,8 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
     ds = ds.map_batches(read_inputs, batch_size=1, num_cpus=READ_CPUS,
                         fn_kwargs={"s3_endpoint": cfg.s3_endpoint, "detector": detector,
-                                   "context_chars": cfg.context_chars, "chunk_rows": cfg.read_chunk_rows})
+                                   "context_chars": cfg.context_chars, "chunk_rows": cfg.read_chunk_rows,
+                                   "chunk_bytes": cfg.read_chunk_bytes})
     # preprocessing stays on CPU tasks (its own resources keep Ray Data from fusing it into the actors)
     ds = ds.map_batches(preprocess_mentions, batch_size=cfg.batch_size, num_cpus=PREPROCESS_CPUS,
                         fn_kwargs={"preprocessor": preprocessor, "image_policy": policy, "bad_image": cfg.bad_image})

@@ -31,12 +31,31 @@ def private_rss_mb(pid: int) -> float | None:
 
 
 class WorkerMemory:
-    """Peak private RSS of the Ray workers started after ``since`` (default: now), by kind."""
+    """Peak private RSS of the Ray workers started after ``since`` (default: now), by kind;
+    with ``root_pid``, only of the processes descending from it (the Ray instance a driver
+    started, not another one running on the machine)."""
 
-    def __init__(self, since: float | None = None):
+    def __init__(self, since: float | None = None, root_pid: int | None = None):
         self.since = time.time() if since is None else since
+        self.root_pid = root_pid
         self.peaks: dict[int, float] = {}
         self.kinds: dict[int, str | None] = {}
+        self.foreign: set[int] = set()  # Ray workers of another instance
+
+    def _ours(self, p) -> bool:
+        import psutil
+
+        if self.root_pid is None or p.pid in self.kinds:
+            return True
+        if p.pid in self.foreign:
+            return False
+        try:
+            ours = any(q.pid == self.root_pid for q in p.parents())
+        except psutil.Error:
+            return False
+        if not ours:
+            self.foreign.add(p.pid)
+        return ours
 
     def sample(self) -> None:
         import psutil
@@ -46,6 +65,8 @@ class WorkerMemory:
                 continue
             kind = worker_kind(p.info["cmdline"])
             if kind is None and p.pid not in self.kinds:
+                continue
+            if not self._ours(p):
                 continue
             self.kinds.setdefault(p.pid, kind)
             mb = private_rss_mb(p.pid)

@@ -14,6 +14,7 @@ worker kind from 5k to 20k rows).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -53,7 +54,7 @@ def _peak_rss_mb(module: str, config: str, cfg: dict, workers: dict | None = Non
 
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    memory = WorkerMemory(started)
+    memory = WorkerMemory(started, root_pid=os.getpid())  # the session's Ray instance
     try:
         while proc.poll() is None and time.time() - started < 900:
             if workers is not None:

@@ -487,6 +487,24 @@ def test_input_files_are_streamed_in_chunks_with_their_line_and_row_numbers(tmp_
     assert chunks[2].column("source_row").to_pylist() == list(range(2000, 3000))
 
 
+def test_read_chunks_are_bounded_by_bytes_when_rows_carry_images(tmp_path):
+    """A chunk of 1,024 rows of inline images is 64 MB: rows this wide are read fewer at a
+    time (Parquet from the footer's bytes per row, JSONL by line bytes), none lost."""
+    from otmel.link_input import iter_mention_rows
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, 40_000, dtype=np.uint8).tobytes() for _ in range(300)]
+    pq.write_table(pa.table({"mention_id": [str(i) for i in range(300)], "mention": ["a"] * 300, "image": images}),
+                   tmp_path / "wide.parquet", row_group_size=128)
+    chunks = list(iter_mention_rows(str(tmp_path / "wide.parquet"), chunk_rows=1000, chunk_bytes=400_000))
+    assert max(c.num_rows for c in chunks) <= 10 and sum(c.num_rows for c in chunks) == 300
+    assert pa.concat_tables(chunks).column("source_row").to_pylist() == list(range(300))
+    line = json.dumps({"post_id": "p", "text": "x" * 100_000, "mentions": [{"mention": "x", "start": 0, "end": 1}]})
+    (tmp_path / "wide.jsonl").write_text("\n".join(line.replace('"p"', f'"p{i}"') for i in range(50)))
+    chunks = list(iter_mention_rows(str(tmp_path / "wide.jsonl"), chunk_rows=1000, chunk_bytes=250_000))
+    assert [c.num_rows for c in chunks] == [3] * 16 + [2]
+
+
 def test_calibrated_threshold_in_a_checkpoint_gives_nil_rows(trained_run, s3_index, synth_dir, tmp_path, s3_server):
     """calibrate stores its threshold in a checkpoint's config.json; link, given that
     checkpoint and no --nil-threshold, says nil exactly for the mentions scoring below it."""
