@@ -112,9 +112,14 @@ def _tiny_words(kb: pa.Table, mentions: pa.Table, limit: int = 4000) -> list[str
 
 
 def find_latest_checkpoint(run_uri: str, s3_endpoint: str | None = None) -> str | None:
-    """The newest checkpoint dir of a run (by the step in its train_state.json), or None."""
+    """The newest COMPLETE checkpoint dir of a run (by the step in its train_state.json), or
+    None. Complete = its checksums.json is there and every file it lists has its recorded
+    size: a run whose driver was killed mid-upload leaves a checkpoint dir with some files
+    and not others (uploads run in parallel, in no order); that one is skipped, with a
+    warning, and the run resumes from the one before it."""
     import pyarrow.fs as pafs
 
+    from otmel.integrity import CHECKSUMS_FILE
     from otmel.storage import join, resolve
 
     fs, path = resolve(run_uri, s3_endpoint)
@@ -123,14 +128,30 @@ def find_latest_checkpoint(run_uri: str, s3_endpoint: str | None = None) -> str 
     for info in infos:
         if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
             continue
-        state_path = f"{info.path}/{TRAIN_STATE_FILE}"
-        if fs.get_file_info(state_path).type == pafs.FileType.NotFound:
+        files = {i.base_name: i for i in fs.get_file_info(pafs.FileSelector(info.path))}
+        if TRAIN_STATE_FILE not in files:
             continue
-        with fs.open_input_stream(state_path) as f:
+        with fs.open_input_stream(files[TRAIN_STATE_FILE].path) as f:
             step = json.loads(f.read())["step"]
-        if step > best_step:
-            best, best_step = join(run_uri, info.base_name), step
+        if step <= best_step:
+            continue
+        missing = _incomplete_files(fs, files, CHECKSUMS_FILE)
+        if missing:
+            log.warning("skipping checkpoint %s (step %d): incomplete, an interrupted save or upload (%s)",
+                        join(run_uri, info.base_name), step, missing)
+            continue
+        best, best_step = join(run_uri, info.base_name), step
     return best
+
+
+def _incomplete_files(fs, files: dict, checksums_name: str) -> str:
+    """What a checkpoint dir lacks against its checksums.json ('' when complete)."""
+    if checksums_name not in files:
+        return f"no {checksums_name}"
+    with fs.open_input_stream(files[checksums_name].path) as f:
+        table = json.loads(f.read())
+    bad = [name for name, want in sorted(table.items()) if name not in files or files[name].size != want["size"]]
+    return f"{len(bad)} file(s) missing or short: {', '.join(bad[:5])}" if bad else ""
 
 
 def preflight(cfg: TrainConfig) -> dict:

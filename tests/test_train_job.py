@@ -211,6 +211,79 @@ def test_killed_worker_is_restored_from_s3_and_the_run_ends_as_if_uninterrupted(
                          atol=1e-6)
 
 
+def test_killed_driver_then_the_same_command_with_resume_ends_as_if_uninterrupted(trained_run, tmp_path):
+    """The training driver (its own process, as `otmel train`) is SIGKILLed after the first
+    checkpoint is registered; Ray ends its workers with it. The same command with --resume
+    continues from that checkpoint and ends with the uninterrupted run's weights."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    cfg, uninterrupted = trained_run
+    killed = TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "runs"), "name": "killed",
+                            "address": ray.get_runtime_context().gcs_address})
+    code = f"from otmel.jobs.train import TrainConfig, run; run(TrainConfig(**{killed.to_dict()!r}))"
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not _registered_checkpoints(killed.run_uri, None):
+            assert driver.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.2)
+        assert driver.poll() is None  # killed mid-run, not after it
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    with pytest.raises(ValueError, match="--resume"):
+        preflight(killed)  # the same command without --resume is refused, never overwrites
+    result = run(TrainConfig(**{**killed.to_dict(), "resume": True, "address": None}))
+    state = _state(result.latest_checkpoint)
+    steps = _state(uninterrupted.latest_checkpoint)["step"] // 2
+    assert [r["step"] for r in state["resumes"]] == [steps] and state["step"] == 2 * steps
+    _assert_same_weights(_weights(result.latest_checkpoint), _weights(uninterrupted.latest_checkpoint), atol=1e-6)
+
+
+def _newer_copy(src, dst, step: int) -> None:
+    """A complete copy of checkpoint ``src`` claiming ``step`` (its checksums re-recorded)."""
+    import shutil
+
+    from otmel.integrity import write_checksums
+
+    shutil.copytree(src, dst)
+    state = json.loads((dst / "train_state.json").read_text())
+    (dst / "train_state.json").write_text(json.dumps(dict(state, step=step)))
+    write_checksums(dst)
+
+
+def test_resume_skips_a_checkpoint_whose_upload_was_interrupted(trained_run, tmp_path):
+    """A newer checkpoint dir with a file missing or short (a driver killed mid-upload) is
+    not the one a resume restores from: the newest complete one is."""
+    import shutil
+
+    from otmel.jobs.train import find_latest_checkpoint
+
+    _, result = trained_run
+    run_dir = tmp_path / "run"
+    good = run_dir / "checkpoint_a"
+    shutil.copytree(result.latest_checkpoint, good)
+    step = _state(str(good))["step"]
+    for name, damage in (("model.safetensors", "missing"), ("optimizer.pt", "short"), ("checksums.json", "missing")):
+        partial = run_dir / "checkpoint_b"
+        _newer_copy(good, partial, step + 1)
+        if damage == "missing":
+            (partial / name).unlink()
+        else:
+            (partial / name).write_bytes((partial / name).read_bytes()[:100])
+        assert find_latest_checkpoint(str(run_dir)) == str(good), name
+        shutil.rmtree(partial)
+    _newer_copy(good, run_dir / "checkpoint_c", step + 1)
+    assert find_latest_checkpoint(str(run_dir)) == str(run_dir / "checkpoint_c")  # complete: the newest wins
+
+
 # ---------------------------------------------------------------------------- preflight errors
 def _cfg(data, out, **kw):
     return TrainConfig(data=str(data), out=str(out), tiny_clip=True, batch_size=16, **kw)
