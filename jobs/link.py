@@ -517,6 +517,30 @@ def _settings_hash(cfg: LinkConfig, nil_threshold: float | None) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def plan_inputs(cfg: LinkConfig, files: list[str], model_version: str, index_version: str,
+                nil_threshold: float | None) -> tuple[list[str], dict[str, dict], dict[str, dict]]:
+    """Which input files this run links: ``(todo, done, file_meta)``. An input is done when
+    its committed output was written for THIS input (same path, size and mtime), model,
+    index and result settings (``LinkConfig.result_settings`` + the NIL threshold);
+    ``file_meta`` is what each output records to be recognised by a re-run."""
+    from otmel.link_input import input_stamps
+    from otmel.link_output import is_complete, output_name
+    from otmel.storage import join
+
+    stamps = input_stamps(files, cfg.s3_endpoint)
+    expected = {"model_version": model_version, "index_version": index_version,
+                "settings": _settings_hash(cfg, nil_threshold)}
+    file_meta = {f: dict(expected, input=f, input_stamp=stamps[f]) for f in files}
+    todo, done = [], {}
+    for f in files:
+        meta = None if cfg.force else is_complete(join(cfg.output, output_name(f)), file_meta[f], cfg.s3_endpoint)
+        if meta is None:
+            todo.append(f)
+        else:
+            done[f] = meta
+    return todo, done, file_meta
+
+
 def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, use_gpu: bool):
     """Steps 1-3 of the pipeline: read (one task per file) -> preprocess -> encode (actor pool)."""
     import ray.data
@@ -544,25 +568,14 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
 
 def run(cfg: LinkConfig, progress=None) -> LinkResult:
     from otmel.jobs.common import actor_pool, gpu_count, init_ray
-    from otmel.link_input import input_stamps
-    from otmel.link_output import STAGING_DIR, SUCCESS_FILE, is_complete, output_name, write_success
+    from otmel.link_output import STAGING_DIR, SUCCESS_FILE, output_name, write_success
     from otmel.storage import StorageError, delete_dir, delete_file, join, storage_failure
 
     t0 = time.perf_counter()
     pre = preflight(cfg)
     backend, manifest = pre["backend"], pre["manifest"]
-    # an output is complete for THIS input (same path, size and mtime), model, index and settings
-    stamps = input_stamps(pre["files"], cfg.s3_endpoint)
-    expected = {"model_version": backend.model_version, "index_version": pre["index_version"],
-                "settings": _settings_hash(cfg, pre["nil_threshold"])}
-    file_meta = {f: dict(expected, input=f, input_stamp=stamps[f]) for f in pre["files"]}
-    todo, done = [], {}
-    for f in pre["files"]:
-        meta = None if cfg.force else is_complete(join(cfg.output, output_name(f)), file_meta[f], cfg.s3_endpoint)
-        if meta is None:
-            todo.append(f)
-        else:
-            done[f] = meta
+    todo, done, file_meta = plan_inputs(cfg, pre["files"], backend.model_version, pre["index_version"],
+                                        pre["nil_threshold"])
     log.info("linking %d input file(s) (%d already complete, skipped) against index %s (%d entities, %d shard(s)) "
              "-> %s", len(todo), len(done), pre["index_version"][:12], manifest["count"], manifest["num_shards"], cfg.output)
     written: dict[str, dict] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -137,6 +138,60 @@ def test_rerun_skips_complete_outputs_and_forced_rerun_reproduces_them(s3_link, 
     assert forced.summary["files_processed"] == 6
     a, b = read_link_output(cfg.output, s3_server), read_link_output(forced.output, s3_server)
     assert_same_link_rows(a.to_pylist(), b.to_pylist())  # same files (hash names), rows in the same order
+
+
+#: a value other than the s3_link fixture's for every LinkConfig field; True = the field
+#: changes output rows (a re-run recomputes every file), False = it only changes how or
+#: where the work runs (a re-run skips every file). A new field must be added here.
+RERUN_KEY_CASES = {
+    "top_k": (2, True), "candidates": (12, True), "nil_threshold": (0.5, True), "detect_mentions": ("alias", True),
+    "context_chars": (50, True), "min_alias_length": (2, True), "max_alias_entities": (5, True),
+    "bad_image": ("text", True), "allow_image_prefix": (["/data/images"], True), "allow_private_hosts": (True, True),
+    "image_timeout_s": (2.0, True), "max_image_bytes": (1 << 20, True),
+    "workers": ("1-2", False), "link_actors": (1, False), "shard_replicas": (2, False), "shard_gpus": (0.5, False),
+    "batch_size": (8, False), "read_chunk_rows": (16, False), "read_chunk_bytes": (1 << 20, False),
+    "cpus_per_actor": (1.0, False), "gpu": (False, False), "address": ("auto", False),
+    "output": (f"{BUCKET}/out-1/", False),  # the same place spelled with a slash
+}
+
+
+def test_rerun_keys_recompute_exactly_the_files_whose_result_would_change(s3_link, s3_server):
+    """Re-run keys of the committed outputs: every setting that changes output rows, the
+    model, the index, and an input file's size make a re-run recompute (that file, for the
+    input); nothing else does. Checked on the s3_link outputs as the job plans its work."""
+    from otmel.jobs.link import plan_inputs, preflight
+    from otmel.link_input import list_input_files
+
+    cfg, first, _ = s3_link
+    pre = preflight(cfg)
+    files = list_input_files(cfg.input, s3_server)
+    model_v, index_v = pre["backend"].model_version, pre["index_version"]
+
+    def planned(c=cfg, model=model_v, index=index_v):
+        todo, done, _ = plan_inputs(c, files, model, index, c.nil_threshold if c.nil_threshold is not None
+                                    else pre["nil_threshold"])
+        assert sorted(todo + list(done)) == sorted(files)
+        return sorted(todo)
+
+    assert planned() == []  # as committed
+    fields = {f.name for f in dataclasses.fields(LinkConfig)} - {"model", "index", "input", "force", "s3_endpoint"}
+    assert set(RERUN_KEY_CASES) == fields, "classify every LinkConfig field in RERUN_KEY_CASES"
+    for name, (value, changes_rows) in RERUN_KEY_CASES.items():
+        assert getattr(cfg, name) != value, name
+        other = LinkConfig(**{**cfg.to_dict(), name: value})
+        assert planned(other) == (sorted(files) if changes_rows else []), name
+    assert planned(LinkConfig(**{**cfg.to_dict(), "force": True})) == sorted(files)
+    assert planned(model=model_v[:-1] + "x") == sorted(files)  # another model
+    assert planned(index=index_v[:-1] + "x") == sorted(files)  # another index
+    a = cfg.input + "a.parquet"
+    original = _read(a, s3_server)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pq.read_table(pa.BufferReader(original)).slice(1), sink)  # one row fewer: another size
+    _write(a, sink.getvalue().to_pybytes(), s3_server)
+    try:
+        assert planned() == [a]
+    finally:
+        _write(a, original, s3_server)
 
 
 def test_sharded_replicated_index_gives_the_single_shard_results(s3_index, onnx_model, synth_dir, tmp_path,
