@@ -1,16 +1,18 @@
-"""Streaming a 1 GB+ input through the link job: peak memory and throughput.
+"""Streaming inputs of growing size (up to 1 GB+) through the link job: peak memory and throughput.
 
 One run, on this machine: a tiny random KD model exported to ONNX, a 2-shard index of a
-synth KB, and an input of ``--files`` Parquet files (row groups of 1,024 rows) whose
-mentions each carry a distinct ~64 KB JPEG photo (random noise: JPEG cannot shrink it), so
-the input's bytes are real image bytes to fetch, decode and resize, as in a dump of posts.
-The link job runs as its own driver process on a local Ray instance; from outside it the
-bench samples every Ray worker's private RSS (``otmel.worker_memory``) and reads the
-driver's peak RSS over the job (VmHWM, reset after the imports).
+synth KB, and inputs of ``--files`` Parquet files (row groups of 1,024 rows): at each of
+``--gb`` sizes, mentions that each carry a distinct ~64 KB JPEG photo (random noise: JPEG
+cannot shrink it), so the input's bytes are real image bytes to fetch, decode and resize,
+as in a dump of posts; at each of ``--text-rows`` sizes, text-only mentions. Each link job
+runs as its own driver process on a local Ray instance; from outside it the bench samples
+every Ray worker's private RSS (``otmel.worker_memory``) and reads the driver's peak RSS
+over the job (VmHWM, reset after the imports). Memory that does not grow with the input is
+what the columns show.
 
 Writes bench/results/stream.md.
 
-    .venv/bin/python bench/stream.py [--gb 1.05] [--files 8] [--image-kb 64]
+    .venv/bin/python bench/stream.py [--gb 0.26 1.05] [--text-rows 20000 80000] [--files 8] [--image-kb 64]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,25 +45,27 @@ def noise_jpeg(rng: np.random.Generator, kb: int) -> bytes:
     return buf.getvalue()
 
 
-def write_input(template: pa.Table, out: Path, gb: float, files: int, image_kb: int, seed: int = 0) -> dict:
-    """``files`` Parquet files of mentions cycling over ``template`` (new ids), each with its
-    own photo, ``gb`` GB in all."""
+def write_input(template: pa.Table, out: Path, total_rows: int, files: int, image_kb: int, seed: int = 0) -> dict:
+    """``files`` Parquet files of ``total_rows`` mentions in all, cycling over ``template``
+    (new ids), each with its own photo of ``image_kb`` KB (0: text only)."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
-    per_row = image_kb * 1024
-    rows_per_file = int(gb * 1e9 / per_row / files) + 1
+    rows_per_file = -(-total_rows // files)
     base = template.select(["mention_id", "post_id", "mention", "text"])
+    schema = base.schema.append(pa.field("image", pa.binary())) if image_kb else base.schema
     total_bytes, rows = 0, 0
     for f in range(files):
         path = out / f"posts-{f:03d}.parquet"
-        with pq.ParquetWriter(path, base.schema.append(pa.field("image", pa.binary()))) as writer:
+        with pq.ParquetWriter(path, schema) as writer:
             for start in range(0, rows_per_file, 1024):
                 n = min(1024, rows_per_file - start)
                 idx = (np.arange(start, start + n) + f * rows_per_file) % base.num_rows
                 chunk = base.take(pa.array(idx))
                 ids = [f"{f}-{start + i}-{m}" for i, m in enumerate(chunk.column("mention_id").to_pylist())]
                 chunk = chunk.set_column(0, "mention_id", pa.array(ids))
-                chunk = chunk.append_column("image", pa.array([noise_jpeg(rng, image_kb) for _ in range(n)], pa.binary()))
+                if image_kb:
+                    chunk = chunk.append_column("image", pa.array([noise_jpeg(rng, image_kb) for _ in range(n)],
+                                                                  pa.binary()))
                 writer.write_table(chunk, row_group_size=1024)
         total_bytes += path.stat().st_size
         rows += rows_per_file
@@ -102,13 +107,19 @@ def main() -> None:
     from otmel.synth import SYNTH_VOCABULARY, write_synthetic_dataset
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gb", type=float, default=1.05, help="input size, GB (image bytes dominate)")
+    ap.add_argument("--gb", type=float, nargs="+", default=[0.26, 1.05],
+                    help="sizes of the inputs with photos, GB (image bytes dominate)")
+    ap.add_argument("--text-rows", type=int, nargs="+", default=[20_000, 80_000],
+                    help="sizes of the text-only inputs, rows")
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--image-kb", type=int, default=64)
     ap.add_argument("--workers", default="1", help="encode actors (N or MIN-MAX)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "stream.md"))
     args = ap.parse_args()
 
+    runs = [(f"{gb:g} GB, photos", int(gb * 1e9 / (args.image_kb * 1024)) + 1, args.image_kb) for gb in args.gb]
+    runs += [(f"{n // 1000}k rows, text", n, 0) for n in args.text_rows]
+    results = []
     with tempfile.TemporaryDirectory(prefix="otmel-bench-stream-") as tmp_s:
         tmp = Path(tmp_s)
         write_synthetic_dataset(tmp / "synth", n_entities=300, n_mentions=600, seed=0)
@@ -122,40 +133,57 @@ def main() -> None:
         import ray
 
         ray.shutdown()
-        t0 = time.time()
-        data = write_input(pq.read_table(tmp / "synth" / "mentions" / "train.parquet"), tmp / "in", args.gb,
-                           args.files, args.image_kb)
-        print(f"input: {data['rows']:,} mentions in {data['files']} files, {data['bytes'] / 1e9:.2f} GB "
-              f"({time.time() - t0:.0f} s to write)", flush=True)
-        report = run_link(dict(model=str(tmp / "onnx"), index=str(tmp / "index"), input=str(tmp / "in"),
-                               output=str(tmp / "out"), workers=args.workers))
-    s = report["summary"]
-    work = s["link_seconds"] - s["startup_seconds"]
+        template = pq.read_table(tmp / "synth" / "mentions" / "train.parquet")
+        for i, (name, rows, image_kb) in enumerate(runs):
+            t0 = time.time()
+            data = write_input(template, tmp / f"in-{i}", rows, args.files, image_kb)
+            print(f"{name}: {data['rows']:,} mentions in {data['files']} files, {data['bytes'] / 1e9:.2f} GB "
+                  f"({time.time() - t0:.0f} s to write)", flush=True)
+            report = run_link(dict(model=str(tmp / "onnx"), index=str(tmp / "index"), input=str(tmp / f"in-{i}"),
+                                   output=str(tmp / f"out-{i}"), workers=args.workers))
+            results.append((name, data, report))
+            shutil.rmtree(tmp / f"in-{i}")
+            shutil.rmtree(tmp / f"out-{i}")
     lines = [
-        "# Streaming a 1 GB+ input through `otmel link`",
+        "# Streaming inputs of growing size through `otmel link`: peak memory and throughput",
         "",
         f"`{' '.join(['.venv/bin/python', 'bench/stream.py', *sys.argv[1:]])}` on {platform.node()} "
         f"({os.cpu_count()} cores, CPU only), {datetime.date.today()}; tiny random KD model (ONNX), "
-        "2-shard index of a 300-entity synth KB, local Ray instance started by the job.",
+        "2-shard index of a 300-entity synth KB, a local Ray instance started by each job.",
         "",
-        f"Input: {data['rows']:,} mentions in {data['files']} Parquet files (row groups of 1,024 rows), "
-        f"**{data['bytes'] / 1e9:.2f} GB**, each mention with its own ~{args.image_kb} KB JPEG (noise: "
-        "incompressible), decoded and resized to the model's 32 px.",
+        f"Inputs: {args.files} Parquet files each (row groups of 1,024 rows). With photos, every mention "
+        f"carries its own ~{args.image_kb} KB JPEG (noise: incompressible), decoded and resized to the "
+        "model's 32 px; text-only inputs have no image column.",
         "",
-        "| measure | value |",
-        "|---|---:|",
-        f"| mentions linked | {s['counts']['in']:,} (ok {s['counts']['ok']:,}, error {s['counts']['error']:,}) |",
-        f"| job seconds (start-up included) | {s['link_seconds']:.0f} |",
-        f"| start-up (shard actors loaded) | {s['startup_seconds']:.1f} s |",
-        f"| throughput after start-up | {s['counts']['in'] / work:,.0f} mentions/s, "
-        f"{data['bytes'] / 1e6 / work:.1f} MB/s of input |",
-        f"| driver peak RSS (VmHWM over the job) | {report['driver_peak_mb']:.0f} MB |",
+        "| measure | " + " | ".join(name for name, _, _ in results) + " |",
+        "|---|" + "---:|" * len(results),
     ]
-    for kind, mb in sorted(report["workers_peak_mb"].items()):
-        lines.append(f"| peak private RSS, `{kind}` | {mb:.0f} MB |")
+
+    def row(label, cells):
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    row("input", [f"{d['bytes'] / 1e9:.2f} GB" for _, d, _ in results])
+    row("mentions linked (ok / error)", [f"{r['summary']['counts']['in']:,} ({r['summary']['counts']['ok']:,} / "
+                                         f"{r['summary']['counts']['error']:,})" for _, _, r in results])
+    row("job seconds (start-up included)", [f"{r['summary']['link_seconds']:.0f}" for _, _, r in results])
+    row("start-up (shard actors loaded)", [f"{r['summary']['startup_seconds']:.1f} s" for _, _, r in results])
+
+    def rate(d, r):
+        work = r["summary"]["link_seconds"] - r["summary"]["startup_seconds"]
+        return f"{r['summary']['counts']['in'] / work:,.0f} mentions/s, {d['bytes'] / 1e6 / work:.1f} MB/s"
+
+    row("throughput after start-up", [rate(d, r) for _, d, r in results])
+    row("driver peak RSS (VmHWM over the job)", [f"{r['driver_peak_mb']:.0f} MB" for _, _, r in results])
+    kinds = sorted({k for _, _, r in results for k in r["workers_peak_mb"]})
+    for kind in kinds:
+        row(f"peak private RSS, `{kind}`", [f"{r['workers_peak_mb'][kind]:.0f} MB" if kind in r["workers_peak_mb"]
+                                            else "-" for _, _, r in results])
     lines += ["", "Worker figures are the largest peak private RSS (RssAnon, sampled every 0.25 s from "
-              "outside) among the processes of each kind; shared object-store pages are not counted. "
-              "A task worker runs many tasks in turn and is labelled by the first one seen."]
+              "outside) among the processes of each kind of the job's own Ray instance; shared "
+              "object-store pages are not counted. A task worker runs many tasks in turn and is "
+              "labelled by the first one seen. With photos, a read worker's floor is set by the "
+              "input's row groups: Arrow decodes a dictionary-encoded binary column chunk (one "
+              "64 MB row group here) whole before the first batch."]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -214,8 +214,11 @@ def read_inputs(batch: dict[str, np.ndarray], s3_endpoint: str | None, detector,
 
     ``file_rows`` is -1 on every chunk but a file's last, which carries the file's total: the
     driver commits the file's output once its parts hold that many rows, in whatever order
-    they came. Each chunk is in output order (input row, span start, mention id), so every
-    batch cut from it, and every part, is a slice of the file's sorted output.
+    they came. Each chunk is in output order (input row, span start, mention id) and
+    ``file_seq`` numbers a file's rows 0..N-1 in that order: Ray Data forms batches from
+    blocks in arrival order (a batch may hold the end of one chunk and the start of an
+    earlier one), so the link stage writes a batch's rows as runs of consecutive
+    ``file_seq``, each a slice of the file's sorted output (:func:`consecutive_runs`).
     """
     from otmel.link_output import sort_rows
 
@@ -227,6 +230,7 @@ def read_inputs(batch: dict[str, np.ndarray], s3_endpoint: str | None, detector,
             if table.num_rows == 0:
                 continue
             table = sort_rows(table)
+            table = table.append_column("file_seq", pa.array(np.arange(total, total + table.num_rows), pa.int64()))
             if previous is not None:
                 yield previous.append_column("file_rows", pa.array([-1] * previous.num_rows, pa.int64()))
             total += table.num_rows
@@ -249,6 +253,17 @@ def _int_or_none(v) -> int | None:
     except (TypeError, ValueError):
         return None
     return None if f != f else int(f)
+
+
+def consecutive_runs(rows: pa.Table) -> list[pa.Table]:
+    """One input file's rows of a batch -> runs of consecutive ``file_seq``, in order. Each run
+    is a slice of the file's sorted output, so staged parts never interleave and the commit
+    can stream them one after the other."""
+    seq = rows.column("file_seq").to_numpy()
+    order = np.argsort(seq, kind="stable")
+    rows, seq = rows.take(pa.array(order)), seq[order]
+    bounds = [0, *(np.flatnonzero(np.diff(seq) != 1) + 1).tolist(), len(seq)]
+    return [rows.slice(a, b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 class LinkStage:
@@ -281,15 +296,15 @@ class LinkStage:
         table = self.link_rows(batch)
         reports = []
         for f in dict.fromkeys(table.column("source_file").to_pylist()):  # files of this batch, in order
-            rows = table.filter(pc.equal(table.column("source_file"), f))
-            total = int(pc.max(rows.column("file_rows")).as_py())  # -1 unless the file's last chunk
-            reports.append((f, total, write_part(rows, self.output, f, self.s3_endpoint)))
+            for rows in consecutive_runs(table.filter(pc.equal(table.column("source_file"), f))):
+                total = int(pc.max(rows.column("file_rows")).as_py())  # -1 unless the file's last chunk
+                reports.append((f, total, write_part(rows, self.output, f, self.s3_endpoint)))
         ray.get(self.coordinator.add.remote(reports))  # before this batch counts as done
         return {"source_file": np.array([f for f, _, _ in reports], dtype=object),
                 "rows": np.array([p["rows"] for _, _, p in reports], dtype=np.int64)}
 
     def link_rows(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        """The output rows of a batch (``PART_SCHEMA`` + ``source_file`` / ``file_rows``)."""
+        """The output rows of a batch (``PART_SCHEMA`` + ``source_file`` / ``file_rows`` / ``file_seq``)."""
         import ray
 
         from otmel.linking import LINK_MENTION_FEATURES, merge_topk, nil_decision
@@ -346,6 +361,7 @@ class LinkStage:
             "source_file": pa.array(text("source_file"), pa.string()),
             "source_row": pa.array([int(v) for v in batch["source_row"]], pa.int64()),
             "file_rows": pa.array([int(v) for v in batch["file_rows"]], pa.int64()),
+            "file_seq": pa.array([int(v) for v in batch["file_seq"]], pa.int64()),
         })
 
 
