@@ -192,6 +192,8 @@ def _json_record(n: int, raw: bytes | str | object, what: str) -> Record:
         rec = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
     except (ValueError, UnicodeDecodeError) as exc:
         return n, None, f"bad_json: {what} {n} does not parse: {exc}"
+    except RecursionError:
+        return n, None, f"bad_json: {what} {n} is nested too deeply to parse"
     if not isinstance(rec, dict):
         return n, None, f"bad_json: {what} {n} is a JSON {type(rec).__name__}, not an object"
     return n, rec, None
@@ -203,6 +205,70 @@ def parquet_batch_rows(metadata, chunk_rows: int, chunk_bytes: int) -> int:
     widest = max((metadata.row_group(i).total_byte_size / max(1, metadata.row_group(i).num_rows)
                   for i in range(metadata.num_row_groups)), default=0.0)
     return max(1, min(chunk_rows, int(chunk_bytes // widest) if widest > 0 else chunk_rows))
+
+
+#: how pyarrow's S3 layer words a failure of the store or the network (after its retries):
+#: such an OSError is retried by the read task; any other one met while decoding a file's
+#: bytes (a damaged page header, corrupt compressed data) is a problem of the file's content
+STORAGE_ERROR_MARKERS = ("AWS Error", "curlCode", "Connection reset", "Connection refused", "timed out")
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """An error of the storage or the network (retry), not of the bytes read (error rows)."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return isinstance(exc, OSError) and any(m in str(exc) for m in STORAGE_ERROR_MARKERS)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _parquet_records(pf, chunk_rows: int, chunk_bytes: int) -> Iterator[list[Record]]:
+    """A Parquet file's rows, a row group at a time, in batches of ``parquet_batch_rows``. A
+    row group whose data cannot be decoded (its footer entry intact) gives one error record
+    per row it holds (the footer has the count) and the next row group is read: nothing
+    silently dropped, and one damaged page does not cost the rest of the file."""
+    batch_rows = parquet_batch_rows(pf.metadata, chunk_rows, chunk_bytes)
+    first = 0  # file row of the row group's first row
+    for rg in range(pf.metadata.num_row_groups):
+        rg_rows, done = pf.metadata.row_group(rg).num_rows, 0
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], use_threads=False):
+                yield _batch_records(batch, first + done)
+                done += batch.num_rows
+        except (pa.ArrowInvalid, OSError) as exc:
+            if is_storage_error(exc):
+                raise
+            reason = (f"unreadable_row_group: row group {rg} of {pf.metadata.num_row_groups} cannot be decoded: "
+                      f"{_first_line(exc)}")
+            for start in range(done, rg_rows, chunk_rows):
+                yield [(first + i, None, reason) for i in range(start, min(rg_rows, start + chunk_rows))]
+        first += rg_rows
+
+
+def _batch_records(batch: pa.RecordBatch, first: int) -> list[Record]:
+    """A record batch as records; a row holding a string that is not valid UTF-8 (Parquet
+    stores what the writer gave it) becomes an error record, the other rows are kept."""
+    try:
+        return [(first + i, r, None) for i, r in enumerate(batch.to_pylist())]
+    except UnicodeDecodeError:
+        pass
+    out: list[Record] = []
+    for i in range(batch.num_rows):
+        row = batch.slice(i, 1)
+        try:
+            out.append((first + i, row.to_pylist()[0], None))
+        except UnicodeDecodeError as exc:
+            bad = []
+            for name, col in zip(row.schema.names, row.columns):
+                try:
+                    col.to_pylist()
+                except UnicodeDecodeError:
+                    bad.append(name)
+            out.append((first + i, None, f"bad_text: row {first + i} has text that is not valid UTF-8 in "
+                                         f"{', '.join(bad) or 'a column'} ({exc.reason} at byte {exc.start})"))
+    return out
 
 
 def _iter_records(uri: str, s3_endpoint: str | None, chunk_rows: int,
@@ -226,18 +292,11 @@ def _iter_records(uri: str, s3_endpoint: str | None, chunk_rows: int,
                 try:
                     pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=PARQUET_READ_BUFFER)
                 except (pa.ArrowInvalid, OSError) as exc:
-                    yield [(0, None, f"unreadable_file: not a readable Parquet file: {str(exc).splitlines()[0]}")]
+                    if is_storage_error(exc):
+                        raise
+                    yield [(0, None, f"unreadable_file: not a readable Parquet file: {_first_line(exc)}")]
                     return
-                row = 0
-                try:
-                    for batch in pf.iter_batches(batch_size=parquet_batch_rows(pf.metadata, chunk_rows,
-                                                                               chunk_bytes), use_threads=False):
-                        recs = batch.to_pylist()
-                        yield [(row + i, r, None) for i, r in enumerate(recs)]
-                        row += len(recs)
-                except pa.ArrowInvalid as exc:  # corrupt data after a readable footer
-                    yield [(row, None, f"unreadable_file: corrupt Parquet data after row {row}: "
-                                       f"{str(exc).splitlines()[0]}")]
+                yield from _parquet_records(pf, chunk_rows, chunk_bytes)
             return
         with fs.open_input_stream(path) as f:
             if lower.endswith(".json"):  # a JSON array (read whole) or JSON lines
@@ -245,8 +304,8 @@ def _iter_records(uri: str, s3_endpoint: str | None, chunk_rows: int,
                 if data.lstrip()[:1] == b"[":
                     try:
                         items = json.loads(data)
-                    except (ValueError, UnicodeDecodeError) as exc:
-                        yield [(0, None, f"bad_json: the JSON array does not parse: {exc}")]
+                    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+                        yield [(0, None, f"bad_json: the JSON array does not parse: {exc or 'nested too deeply'}")]
                         return
                     for start in range(0, len(items), chunk_rows):
                         yield [_json_record(n, rec, "element") for n, rec in

@@ -559,8 +559,43 @@ def test_input_files_are_streamed_in_chunks_with_their_line_and_row_numbers(tmp_
     pq.write_table(pa.table({"mention_id": [str(i) for i in range(3000)], "mention": ["a"] * 3000}),
                    tmp_path / "y.parquet", row_group_size=700)
     chunks = list(iter_mention_rows(str(tmp_path / "y.parquet"), chunk_rows=1000))
-    assert [c.num_rows for c in chunks] == [1000, 1000, 1000]
-    assert chunks[2].column("source_row").to_pylist() == list(range(2000, 3000))
+    assert [c.num_rows for c in chunks] == [700, 700, 700, 700, 200]  # a row group at a time
+    assert chunks[4].column("source_row").to_pylist() == list(range(2800, 3000))
+
+
+def test_a_bad_value_or_a_damaged_row_group_becomes_error_rows_and_the_rest_of_the_file_is_read(tmp_path):
+    """Invalid UTF-8 in a Parquet string column, a JSONL line nested 100k deep and a Parquet
+    row group whose page header is damaged (footer intact) are content problems, not storage
+    failures: error rows with a reason, one per row lost, and every other row read."""
+    from hostile_files import damage_row_group, deeply_nested_json_line, string_column_with_invalid_utf8
+
+    from otmel.link_input import iter_mention_rows
+
+    def read(path, **kw):
+        return pa.concat_tables(list(iter_mention_rows(str(path), **kw))).to_pylist()
+
+    text = string_column_with_invalid_utf8([b"Paris is nice", b"\xff\xfe broken", b"Rome too"])
+    pq.write_table(pa.table({"mention_id": ["a", "b", "c"], "mention": ["Paris", "x", "Rome"], "text": text}),
+                   tmp_path / "utf.parquet")
+    rows = read(tmp_path / "utf.parquet")
+    assert [r["mention_id"] for r in rows] == ["a", f"{tmp_path / 'utf.parquet'}:1", "c"]
+    assert rows[1]["error"].startswith("bad_text: row 1") and rows[0]["error"] is None and rows[2]["text"] == "Rome too"
+
+    post = json.dumps({"post_id": "p", "text": "hello Paris", "mentions": [{"mention": "Paris", "start": 6, "end": 11}]})
+    (tmp_path / "deep.jsonl").write_bytes(post.encode() + b"\n" + deeply_nested_json_line() + b"\n" + post.encode())
+    rows = read(tmp_path / "deep.jsonl")
+    assert [r["error"] is None for r in rows] == [True, False, True]
+    assert rows[1]["error"].startswith("bad_json: line 2") and "nested" in rows[1]["error"]
+
+    pq.write_table(pa.table({"mention_id": [f"m{i}" for i in range(10)], "mention": ["Paris"] * 10}),
+                   tmp_path / "damaged.parquet", row_group_size=3)
+    assert damage_row_group(tmp_path / "damaged.parquet", 1) == 3
+    rows = read(tmp_path / "damaged.parquet", chunk_rows=2)
+    assert [r["source_row"] for r in rows] == list(range(10))
+    lost = [r for r in rows if r["error"]]
+    assert [r["source_row"] for r in lost] == [3, 4, 5]
+    assert all(r["error"].startswith("unreadable_row_group: row group 1 of") for r in lost)
+    assert [r["mention_id"] for r in rows if not r["error"]] == ["m0", "m1", "m2", "m6", "m7", "m8", "m9"]
 
 
 def test_read_chunks_are_bounded_by_bytes_when_rows_carry_images(tmp_path):

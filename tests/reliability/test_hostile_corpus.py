@@ -1,6 +1,8 @@
 """A hostile corpus linked with ``--bad-image text``: truncated, non-image and
 decompression-bomb images, NUL bytes and non-UTF-8 lines, an empty and a 1 MB text, null and
 wrongly typed fields, a duplicate mention id, reversed and negative spans, broken JSON lines,
+a JSON line nested 100k deep, invalid UTF-8 in a Parquet string column, a Parquet row group
+damaged in storage (footer intact),
 an empty file, a zero-row Parquet and a non-Parquet file named .parquet.
 
 The job stays alive and every input row comes back exactly once, with a status and, for an
@@ -19,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
+from hostile_files import damage_row_group, deeply_nested_json_line, string_column_with_invalid_utf8
 
 from otmel.jobs.link import LinkConfig, run
 from otmel.link_output import read_link_output
@@ -69,17 +73,26 @@ def test_a_hostile_corpus_comes_back_row_for_row_and_bad_images_link_on_text(ray
         json.dumps({"post_id": "q6", "text": "Robert\u0000 in Paris", "mentions": [{"mention": "Robert", "start": 0,
                                                                                    "end": 6}]}).encode(),
         json.dumps({"post_id": None, "text": text, "mentions": [{"mention": "Robert", "start": 0, "end": 6}]}).encode(),
+        deeply_nested_json_line(),
     ]
     (src / "posts.jsonl").write_bytes(b"\n".join(posts) + b"\n")
     (src / "empty.jsonl").write_bytes(b"")
     pq.write_table(pa.table({"mention_id": pa.array([], pa.string()), "mention": pa.array([], pa.string())}),
                    src / "zero.parquet")
     (src / "fake.parquet").write_bytes(b"PAR1 this is not a parquet file at all")
+    # a writer that did not validate its text; a row group damaged in storage (footer intact)
+    pq.write_table(pa.table({"mention_id": ["u0", "u1", "u2"], "mention": [good[i]["mention"] for i in range(3)],
+                             "text": string_column_with_invalid_utf8([good[0]["text"].encode(), b"\xff\xfe broken",
+                                                                      good[2]["text"].encode()])}),
+                   src / "badutf8.parquet")
+    pq.write_table(pa.table({"mention_id": [f"d{i}" for i in range(6)], "mention": [g["mention"] for g in good[:6]],
+                             "text": [g["text"] for g in good[:6]]}), src / "damaged.parquet", row_group_size=2)
+    damage_row_group(src / "damaged.parquet", 1)
 
     r = run(LinkConfig(model=model, index=index, input=str(src), output=str(tmp_path / "out"), top_k=3,
                        candidates=16, bad_image="text"))
     out = read_link_output(r.output).to_pylist()
-    assert r.summary["counts"]["in"] == len(out) == 9 + 7 + 1
+    assert r.summary["counts"]["in"] == len(out) == 9 + 8 + 1 + 3 + 6
     assert all(x["status"] in LINK_STATUSES for x in out)
     assert all(x["error"] for x in out if x["status"] == "error")
     assert all(x["error"] is None for x in out if x["status"] != "error")
@@ -104,9 +117,16 @@ def test_a_hostile_corpus_comes_back_row_for_row_and_bad_images_link_on_text(ray
     assert by_id["q6:0-6"]["status"] in ("ok", "nil")
     assert by_id[f"{posts_uri}:7"]["error"].startswith("missing_id")
     assert by_id[f"{src / 'fake.parquet'}:0"]["error"].startswith("unreadable_file")
+    assert by_id[f"{posts_uri}:8"]["error"].startswith("bad_json")  # nested 100k deep
+    assert by_id[f"{src / 'badutf8.parquet'}:1"]["error"].startswith("bad_text")
+    assert by_id["u0"]["status"] in ("ok", "nil") and by_id["u2"]["status"] in ("ok", "nil")
+    damaged = str(src / "damaged.parquet")
+    assert [by_id[f"{damaged}:{i}"]["error"].split(":")[0] for i in (2, 3)] == ["unreadable_row_group"] * 2
+    assert all(by_id[f"d{i}"]["status"] in ("ok", "nil") for i in (0, 1, 4, 5))
     # every input file has its output (the empty ones an empty one)
     assert set(r.summary["files"]) == {str(src / n) for n in
-                                       ("mentions.parquet", "posts.jsonl", "empty.jsonl", "zero.parquet", "fake.parquet")}
+                                       ("mentions.parquet", "posts.jsonl", "empty.jsonl", "zero.parquet", "fake.parquet",
+                                        "badutf8.parquet", "damaged.parquet")}
 
 
 def test_the_pixel_cap_refuses_a_bomb_before_decoding():
