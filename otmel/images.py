@@ -12,6 +12,7 @@ normalise) lives elsewhere and calls this.
 from __future__ import annotations
 
 import io
+import math
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -23,11 +24,17 @@ class ImageDecodeError(ValueError):
     """Bytes that are not a decodable image (the message says why)."""
 
 
-def decode_image(data: bytes | bytearray | memoryview, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes | bytearray | memoryview, max_pixels: int = MAX_PIXELS,
+                 min_edge: int | None = None) -> Image.Image:
     """Decode encoded image bytes (JPEG, PNG, GIF, WebP, ...) to a fully loaded RGB image.
 
     Raises :class:`ImageDecodeError` for empty, corrupt or truncated data and for images of
     more than ``max_pixels`` pixels. Multi-frame images (GIF, TIFF) give their first frame.
+
+    With ``min_edge`` (the size a model will resize the shortest edge to, with margin), a
+    large image is decoded small: JPEG at a reduced DCT scale (``draft``: never below
+    ``min_edge``), any format shrunk by an integer box reduction right after decoding, so a
+    batch holds small images, not full-resolution ones (see :func:`shrink_for_model`).
     """
     if data is None or len(data) == 0:
         raise ImageDecodeError("empty image bytes")
@@ -43,14 +50,36 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int = MAX_PIX
             raise ImageDecodeError(f"image of {width}x{height} pixels exceeds the cap of {max_pixels} pixels")
         if width == 0 or height == 0:
             raise ImageDecodeError(f"image of {width}x{height} pixels is empty")
+        if min_edge and img.format == "JPEG" and min(width, height) >= 2 * min_edge:
+            scale = min_edge / min(width, height)
+            img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
         img.load()
-        img = ImageOps.exif_transpose(img)
+        img = ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img  # a copy only when rotated
     except ImageDecodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow's format plugins raise OSError, SyntaxError,
         # struct.error, IndexError, ... on corrupt or hostile bytes: all mean "not decodable"
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
-    return _to_rgb(img)
+    return shrink_for_model(_to_rgb(img), min_edge) if min_edge else _to_rgb(img)
+
+
+def shrink_for_model(img: Image.Image, min_edge: int) -> Image.Image:
+    """A decoded image reduced for a model that resizes its shortest edge to at most
+    ``min_edge / 2`` and keeps a centred square: the long side is cut to twice the short one
+    around the centre (the square the model keeps, with margin), then an integer box
+    reduction keeps the shortest edge >= ``min_edge``. Pixels after this: at most
+    2 x (2 x min_edge)^2 per image, whatever the input's size."""
+    w, h = img.size
+    short = min(w, h)
+    if max(w, h) > 2 * short:
+        if w > h:
+            left = (w - 2 * short) // 2
+            img = img.crop((left, 0, left + 2 * short, h))
+        else:
+            top = (h - 2 * short) // 2
+            img = img.crop((0, top, w, top + 2 * short))
+    factor = short // min_edge
+    return img.reduce(factor) if factor >= 2 else img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

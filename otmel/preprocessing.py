@@ -92,6 +92,12 @@ class Preprocessor:
         self.entity_template = entity_template
         crop = image_processor.crop_size
         self.image_size = int(crop if isinstance(crop, int) else crop["height"])
+        # images are decoded small when the processor resizes the shortest edge then keeps a
+        # centred crop (CLIP's): twice the target edge keeps the final resize a real
+        # downsampling, within PIXEL_TOLERANCE of decoding at full size
+        size = getattr(image_processor, "size", None)
+        edge = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+        self.decode_edge = 2 * int(edge) if edge and getattr(image_processor, "do_center_crop", False) else None
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, text_length: int = 40, **templates) -> "Preprocessor":
@@ -146,8 +152,8 @@ class Preprocessor:
             if data is None or len(data) == 0:
                 warn[i] = "missing_image: no image given"
                 continue
-            try:
-                decoded.append(decode_image(bytes(data)))
+            try:  # one image at a time, shrunk as it is decoded: a batch never holds full-size images
+                decoded.append(decode_image(bytes(data), min_edge=self.decode_edge))
                 where.append(i)
             except ImageDecodeError as exc:
                 warn[i] = f"bad_image: {exc}"
