@@ -87,6 +87,55 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_kge(args) -> int:
+    """otmel kge train | evaluate | embed: OTKGE entity embeddings (single process)."""
+    import json
+
+    from otmel.kge.training import KGETrainConfig, entity_embeddings, load_checkpoint, train
+
+    if args.kge_command == "train":
+        cfg = KGETrainConfig(triples=args.triples, out=args.out, model=args.model, modalities=args.modalities,
+                             fusion=args.fusion, features=args.features, entity_map=args.entity_map, dim=args.dim,
+                             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                             loss=args.loss, reg=args.reg, negatives=args.negatives, eval_every=args.eval_every,
+                             seed=args.seed, s3_endpoint=args.s3_endpoint)
+        progress = (lambda e: print(f"epoch {e['epoch'] + 1}/{cfg.epochs}: loss {e['loss']:.4f}"
+                                    + (f", valid MRR {e['valid']['mrr']:.4f}" if "valid" in e else ""),
+                                    file=sys.stderr, flush=True))  # stdout: the metrics JSON only
+        metrics = train(cfg, progress=progress)
+        skipped = metrics["data"]["skipped"]
+        if skipped:
+            print(f"skipped triples: {json.dumps(skipped)}", file=sys.stderr)
+        print(json.dumps(metrics["test"]))
+        return 0
+    if args.kge_command == "evaluate":
+        from otmel.kge.data import load_triples
+        from otmel.kge.evaluation import evaluate
+
+        model, entities, rels = load_checkpoint(args.checkpoint, args.s3_endpoint)
+        data = load_triples(args.triples, args.s3_endpoint)
+        if data.entities != entities or data.relations != rels:
+            raise ValueError(f"{args.triples}: its training triples give other entities/relations than the "
+                             f"checkpoint was trained on ({len(data.entities)}/{len(data.relations)} vs "
+                             f"{len(entities)}/{len(rels)})")
+        if args.split not in data.splits:
+            raise ValueError(f"{args.triples}: no {args.split} split")
+        print(json.dumps(evaluate(model, data, args.split)))
+        return 0
+    from otmel.storage import write_bytes
+
+    model, entities, _ = load_checkpoint(args.checkpoint, args.s3_endpoint)
+    table = entity_embeddings(model, entities)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(args.out, sink.getvalue().to_pybytes(), args.s3_endpoint)
+    _print(f"wrote {table.num_rows} entity embeddings of {table.schema.field('vector').type.list_size} dims to {args.out}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from otmel.exporters.onnx import ExportConfig, ExportError, export
 
@@ -279,6 +328,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the checkpoint's own (kd exports its attention path; --mode ot its OT teacher)")
     s.add_argument("--s3-endpoint", default=None)
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("kge", help="OTKGE multimodal KG embeddings: train | evaluate | embed")
+    kge = s.add_subparsers(dest="kge_command", required=True)
+    k = kge.add_parser("train", help="train on KG triples (train/valid/test files); prints the filtered test metrics")
+    k.add_argument("--triples", required=True, help="directory with train, valid, test (head<TAB>relation<TAB>tail)")
+    k.add_argument("--out", required=True, help="checkpoint directory (local or s3://)")
+    k.add_argument("--model", default="complex", choices=["complex", "rotate", "transe"])
+    k.add_argument("--modalities", default="structure", choices=["structure", "ling", "visual", "all"])
+    k.add_argument("--fusion", default="ot", choices=["ot", "mean", "concat"])
+    k.add_argument("--features", default=None, help="Parquet: entity_id + ling / visual vectors")
+    k.add_argument("--entity-map", default=None, help="name<TAB>entity_id lines, when triples use other names")
+    k.add_argument("--dim", type=int, default=400, help="reals per entity embedding (ComplEx/RotatE: even)")
+    k.add_argument("--epochs", type=int, default=50)
+    k.add_argument("--batch-size", type=int, default=1000)
+    k.add_argument("--lr", type=float, default=0.1)
+    k.add_argument("--optimizer", default="adagrad", choices=["adagrad", "adam"])
+    k.add_argument("--loss", default="ce", choices=["ce", "logistic"],
+                   help="ce: 1-N cross-entropy (strong baseline); logistic: the paper's eq. 6 with negatives")
+    k.add_argument("--reg", type=float, default=0.05, help="N3 regularisation weight")
+    k.add_argument("--negatives", type=int, default=64, help="logistic loss: corrupted tails per triple")
+    k.add_argument("--eval-every", type=int, default=5, help="epochs between validation MRRs (best kept); 0: none")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--s3-endpoint", default=None)
+    k = kge.add_parser("evaluate", help="filtered MRR and H@1/3/10 of a checkpoint on a split")
+    k.add_argument("--checkpoint", required=True)
+    k.add_argument("--triples", required=True)
+    k.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    k.add_argument("--s3-endpoint", default=None)
+    k = kge.add_parser("embed", help="write the unified entity embeddings (entity_id, vector) as Parquet")
+    k.add_argument("--checkpoint", required=True)
+    k.add_argument("--out", required=True, help="Parquet file URI (local or s3://)")
+    k.add_argument("--s3-endpoint", default=None)
+    s.set_defaults(func=cmd_kge)
 
     s = sub.add_parser("evaluate", help="H@1/3/5 and MRR of a checkpoint on a dataset split")
     s.add_argument("--checkpoint", required=True)
