@@ -68,3 +68,15 @@ def test_nothing_a_user_loads_from_elsewhere_is_unpickled():
     planted = ("import pickle, torch, numpy as np\npickle.loads(b)\ntorch.load(p)\n"
                "torch.load(p, weights_only=False)\nnp.load(p, allow_pickle=True)\ntorch.load(p, weights_only=True)\n")
     assert [f.split(" ")[0] for f in _unsafe_loads(planted, "x")] == ["x:2", "x:3", "x:4", "x:5"]
+
+
+def test_the_kge_package_runs_without_ray():
+    """otmel.kge is single-process by design (DESIGN: no Ray import in the KGE modules)."""
+    offenders = []
+    for path in sorted((Path(otmel.__file__).parent / "kge").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}:{node.lineno} imports {n}" for n in names
+                          if n == "ray" or n.startswith(("ray.", "otmel.jobs"))]
+    assert not offenders, offenders
