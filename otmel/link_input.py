@@ -225,25 +225,46 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _parquet_records(pf, chunk_rows: int, chunk_bytes: int) -> Iterator[list[Record]]:
-    """A Parquet file's rows, a row group at a time, in batches of ``parquet_batch_rows``. A
-    row group whose data cannot be decoded (its footer entry intact) gives one error record
-    per row it holds (the footer has the count) and the next row group is read: nothing
-    silently dropped, and one damaged page does not cost the rest of the file."""
+    """A Parquet file's rows, a row group at a time, in batches of ``parquet_batch_rows``.
+
+    A row group whose data cannot be decoded (its footer entry intact) gives one error
+    record per row it holds (the footer has the count) and the next row group is read:
+    nothing silently dropped, and one damaged page does not cost the rest of the file. A
+    storage error while reading one (a response body that breaks off mid-object: the SDK
+    retries requests, not bodies) re-reads that row group from where it stopped, up to
+    ``TRANSFER_ATTEMPTS`` times with backoff, before it fails the read task (which Ray
+    retries in turn)."""
+    import time
+
+    from otmel.storage import TRANSFER_ATTEMPTS
+
     batch_rows = parquet_batch_rows(pf.metadata, chunk_rows, chunk_bytes)
     first = 0  # file row of the row group's first row
     for rg in range(pf.metadata.num_row_groups):
         rg_rows, done = pf.metadata.row_group(rg).num_rows, 0
-        try:
-            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], use_threads=False):
-                yield _batch_records(batch, first + done)
-                done += batch.num_rows
-        except (pa.ArrowInvalid, OSError) as exc:
-            if is_storage_error(exc):
-                raise
-            reason = (f"unreadable_row_group: row group {rg} of {pf.metadata.num_row_groups} cannot be decoded: "
-                      f"{_first_line(exc)}")
-            for start in range(done, rg_rows, chunk_rows):
-                yield [(first + i, None, reason) for i in range(start, min(rg_rows, start + chunk_rows))]
+        for attempt in range(TRANSFER_ATTEMPTS):
+            try:
+                skip = done  # rows of this row group already yielded by an earlier attempt
+                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], use_threads=False):
+                    if skip >= batch.num_rows:
+                        skip -= batch.num_rows
+                        continue
+                    batch, skip = batch.slice(skip), 0
+                    yield _batch_records(batch, first + done)
+                    done += batch.num_rows
+                break
+            except (pa.ArrowInvalid, OSError) as exc:
+                if is_storage_error(exc):
+                    if attempt + 1 >= TRANSFER_ATTEMPTS:
+                        raise
+                    log.warning("row group %d: %s; reading it again from row %d", rg, _first_line(exc), done)
+                    time.sleep(0.2 * 4 ** attempt)
+                    continue
+                reason = (f"unreadable_row_group: row group {rg} of {pf.metadata.num_row_groups} cannot be decoded: "
+                          f"{_first_line(exc)}")
+                for start in range(done, rg_rows, chunk_rows):
+                    yield [(first + i, None, reason) for i in range(start, min(rg_rows, start + chunk_rows))]
+                break
         first += rg_rows
 
 
