@@ -78,7 +78,8 @@ def _mentions(test: pa.Table, rows: int) -> pa.Table:
                              for r in range(reps)]).slice(0, rows)
 
 
-def test_link_driver_memory_is_flat_in_the_input_size(ray_local, s3_index, onnx_model, synth_dir, tmp_path, s3_server):
+def test_link_driver_memory_is_flat_in_the_input_size(ray_local, s3_index, onnx_model, synth_dir, tmp_path, s3_server,
+                                                      record_property):
     test = pq.read_table(synth_dir / "mentions" / "test.parquet")
     peaks, workers = {}, {}
     for rows in (5_000, 20_000):
@@ -93,6 +94,8 @@ def test_link_driver_memory_is_flat_in_the_input_size(ray_local, s3_index, onnx_
         peaks[rows], summary = _peak_rss_mb("otmel.jobs.link", "LinkConfig", cfg, workers[rows])
         assert summary["counts"]["in"] == rows and summary["counts"]["ok"] + summary["counts"]["nil"] == rows
     print("link driver peak RSS MB", peaks, "workers", workers)
+    record_property("driver_peak_mb", {k: round(v) for k, v in peaks.items()})  # figures for docs/reliability.md
+    record_property("worker_peak_mb", {n: {k: round(v) for k, v in w.items()} for n, w in workers.items()})
     assert peaks[20_000] - peaks[5_000] < LINK_DRIVER_GROWTH_MB, peaks
     # every kind of worker was seen in both runs, and none grows with the input
     kinds = set(workers[5_000]) & set(workers[20_000])

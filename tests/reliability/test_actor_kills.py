@@ -47,7 +47,7 @@ def _kill_through_ray(actor_id: str) -> None:
 
 
 def test_killed_shard_encode_and_link_actors_are_restarted_and_every_row_is_linked_once(model_and_index, synth_dir,
-                                                                                         tmp_path):
+                                                                                         tmp_path, record_property):
     from otmel.jobs.link import LinkConfig, run
     from otmel.link_output import read_link_output
 
@@ -80,7 +80,9 @@ def test_killed_shard_encode_and_link_actors_are_restarted_and_every_row_is_link
     link = _alive("LinkStage")[0]
     os.kill(link.pid, signal.SIGKILL)
     killed["link pid"] = link.pid
+    t0 = time.monotonic()
     thread.join(600)
+    record_property("seconds_after_last_kill", round(time.monotonic() - t0, 1))  # figures for docs/reliability.md
     assert "error" not in outcome, outcome.get("error")
     r = outcome["result"]
     rows = read_link_output(str(out))

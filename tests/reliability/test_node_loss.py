@@ -101,7 +101,7 @@ def big_kb_index(model_and_index, synth_dir, tmp_path_factory):
 
 
 def test_an_index_build_whose_driver_is_killed_is_never_loadable_and_the_rerun_completes_it(ray_local, big_kb_index,
-                                                                                             tmp_path):
+                                                                                             tmp_path, record_property):
     import signal
 
     import psutil
@@ -126,13 +126,15 @@ def test_an_index_build_whose_driver_is_killed_is_never_loadable_and_the_rerun_c
     assert not (tmp_path / "index" / "manifest.json").exists()
     with pytest.raises(FileNotFoundError):
         load_manifest(str(tmp_path / "index"))
+    t0 = time.monotonic()
     again = build_index(IndexConfig(**cfg)).manifest
+    record_property("rerun_seconds", round(time.monotonic() - t0, 1))  # figures for docs/reliability.md
     assert again["count"] == undisturbed["count"]
     assert [s["files"] for s in again["shards"]] == [s["files"] for s in undisturbed["shards"]]
 
 
 def test_a_node_lost_mid_build_and_mid_link_the_jobs_finish_with_the_same_results(cluster, model_and_index, big_kb_index,
-                                                                                    synth_dir, tmp_path):
+                                                                                    synth_dir, tmp_path, record_property):
     from otmel.link_output import read_link_output
 
     c, workers = cluster
@@ -143,7 +145,9 @@ def test_a_node_lost_mid_build_and_mid_link_the_jobs_finish_with_the_same_result
     driver = _driver("index", "IndexConfig", dict(index_cfg, out=str(tmp_path / "disturbed"), address=c.address))
     try:
         _remove_worker_node_of(c, workers, driver, "ShardBuilder", _has_appended_rows)
+        t0 = time.monotonic()
         out, _ = driver.communicate(timeout=600)
+        record_property("index_seconds_after_node_loss", round(time.monotonic() - t0, 1))
     finally:
         driver.kill()
     assert driver.returncode == 0, out[-4000:]
@@ -163,13 +167,16 @@ def test_a_node_lost_mid_build_and_mid_link_the_jobs_finish_with_the_same_result
     try:
         staged = lambda pid: (link_out / "_staging").exists() and any((link_out / "_staging").rglob("*.parquet"))  # noqa: E731
         _remove_worker_node_of(c, workers, driver, None, staged)
+        t0 = time.monotonic()
         out, _ = driver.communicate(timeout=600)
+        record_property("link_seconds_after_node_loss", round(time.monotonic() - t0, 1))
     finally:
         driver.kill()
     assert driver.returncode == 0, out[-4000:]
     rows = read_link_output(str(link_out))
     ids = rows.column("mention_id").to_pylist()
     assert len(ids) == len(set(ids)) == 3 * test.num_rows
+    record_property("link_rows_lost_duplicated", [3 * test.num_rows - len(set(ids)), len(ids) - len(set(ids))])
     assert sorted(p.name for p in link_out.glob("*.parquet")) == sorted({p.name for p in link_out.glob("part-*.parquet")})
     assert len(list(link_out.glob("part-*.parquet"))) == 3 and not (link_out / "_staging").exists()
     assert json.loads((link_out / "_SUCCESS.json").read_text())["counts"]["in"] == 3 * test.num_rows

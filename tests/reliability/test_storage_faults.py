@@ -54,7 +54,7 @@ def _sorted_rows(out: str, endpoint: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["mention_id"])
 
 
-def test_transient_faults_are_retried_and_the_output_equals_a_healthy_run(on_s3, s3_server):
+def test_transient_faults_are_retried_and_the_output_equals_a_healthy_run(on_s3, s3_server, record_property):
     clean = run(LinkConfig(**on_s3, output=f"s3://{BUCKET}/faults/out-clean", s3_endpoint=s3_server))
     faults = Faults(rate=0.15, seed=1, delay_s=0.2)
     with FaultProxy(s3_server, faults) as proxy:
@@ -62,6 +62,9 @@ def test_transient_faults_are_retried_and_the_output_equals_a_healthy_run(on_s3,
     # every kind of fault happened, on reads and on writes
     assert set(faults.injected) == {"slowdown", "internal", "reset", "delay"}, faults.injected
     assert sum(faults.injected.values()) >= 20, faults.injected
+    record_property("faults_injected", dict(faults.injected))  # figures for docs/reliability.md
+    record_property("calls_forwarded", faults.forwarded)
+    record_property("seconds_clean_flaky", [round(clean.summary["link_seconds"], 1), round(flaky.summary["link_seconds"], 1)])
     assert_same_link_rows(_sorted_rows(flaky.output, s3_server), _sorted_rows(clean.output, s3_server))
     keys = _keys(s3_server, "faults/out-flaky/")
     assert not [k for k in keys if "_staging" in k], keys
