@@ -68,13 +68,19 @@ def synth_kg(n_entities: int = 500, seed: int = 0, branching: int = 4, n_roots: 
 
 
 def write_synth_kg(out: str | Path, n_entities: int = 500, seed: int = 0, valid: float = 0.08, test: float = 0.08,
-                   pair_split: bool = False, feature_dim: int = 32, signal: bool = True, noise: float = 0.5) -> dict:
+                   pair_split: bool = False, feature_dim: int = 32, signal: bool = True, noise: float = 0.5,
+                   n_triples: int | None = None) -> dict:
     """Write ``train``/``valid``/``test`` and ``features.parquet`` (entity_id, ling, visual)
-    under ``out``; returns counts."""
+    under ``out``; returns counts. ``n_triples``: keep about that many triples (whole
+    inverse pairs, drawn at random), e.g. WN9-IMG's 14k for 7k entities."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed + 1)
     ids, parent, triples = synth_kg(n_entities, seed)
+    if n_triples is not None and n_triples < len(triples):
+        keys = np.array(sorted({t[3] for t in triples}))
+        keep = set(rng.choice(keys, size=max(1, n_triples // 2), replace=False).tolist())
+        triples = [t for t in triples if t[3] in keep]
     if pair_split:
         keys = np.array(sorted({t[3] for t in triples}))
         rng.shuffle(keys)
