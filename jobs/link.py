@@ -49,6 +49,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from otmel.link_input import DEFAULT_CHUNK_ROWS, READ_CHUNK_BYTES
+
 log = logging.getLogger(__name__)
 
 #: CPUs of a preprocess task (distinct from the actors' so Ray Data does not fuse the two steps)
@@ -75,8 +77,8 @@ class LinkConfig:
     shard_replicas: int = 1  # actors per index shard, each with its own copy (queries spread over them)
     shard_gpus: float | None = None  # GPU share of a shard actor (None: 0.25 on a GPU cluster, else 0)
     batch_size: int = 64
-    read_chunk_rows: int = 1024  # input rows read at a time (a file is streamed, never held whole)
-    read_chunk_bytes: int = 8 << 20  # ... and at most about this much input (rows with inline images)
+    read_chunk_rows: int = DEFAULT_CHUNK_ROWS  # input rows read at a time (a file is streamed, never held whole)
+    read_chunk_bytes: int = READ_CHUNK_BYTES  # ... and at most about this much input (rows with inline images)
     detect_mentions: str | None = None  # None | "alias": find mentions in posts without spans
     context_chars: int = 200  # context window around a span (posts)
     min_alias_length: int = 3  # mention detection filters
@@ -209,7 +211,7 @@ def shard_load_error(exc: Exception) -> Exception:
 
 # ---------------------------------------------------------------------------- pipeline steps
 def read_inputs(batch: dict[str, np.ndarray], s3_endpoint: str | None, detector, context_chars: int,
-                chunk_rows: int = 1024, chunk_bytes: int = 8 << 20):
+                chunk_rows: int = DEFAULT_CHUNK_ROWS, chunk_bytes: int = READ_CHUNK_BYTES):
     """Input file paths -> mention rows, streamed in chunks (a file is never held whole).
 
     ``file_rows`` is -1 on every chunk but a file's last, which carries the file's total: the

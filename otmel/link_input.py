@@ -207,19 +207,6 @@ def parquet_batch_rows(metadata, chunk_rows: int, chunk_bytes: int) -> int:
     return max(1, min(chunk_rows, int(chunk_bytes // widest) if widest > 0 else chunk_rows))
 
 
-#: how pyarrow's S3 layer words a failure of the store or the network (after its retries):
-#: such an OSError is retried by the read task; any other one met while decoding a file's
-#: bytes (a damaged page header, corrupt compressed data) is a problem of the file's content
-STORAGE_ERROR_MARKERS = ("AWS Error", "curlCode", "Connection reset", "Connection refused", "timed out")
-
-
-def is_storage_error(exc: BaseException) -> bool:
-    """An error of the storage or the network (retry), not of the bytes read (error rows)."""
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    return isinstance(exc, OSError) and any(m in str(exc) for m in STORAGE_ERROR_MARKERS)
-
-
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -236,7 +223,7 @@ def _parquet_records(pf, chunk_rows: int, chunk_bytes: int) -> Iterator[list[Rec
     retries in turn)."""
     import time
 
-    from otmel.storage import TRANSFER_ATTEMPTS
+    from otmel.storage import TRANSFER_ATTEMPTS, is_storage_error, retry_delay
 
     batch_rows = parquet_batch_rows(pf.metadata, chunk_rows, chunk_bytes)
     first = 0  # file row of the row group's first row
@@ -258,7 +245,7 @@ def _parquet_records(pf, chunk_rows: int, chunk_bytes: int) -> Iterator[list[Rec
                     if attempt + 1 >= TRANSFER_ATTEMPTS:
                         raise
                     log.warning("row group %d: %s; reading it again from row %d", rg, _first_line(exc), done)
-                    time.sleep(0.2 * 4 ** attempt)
+                    time.sleep(retry_delay(attempt))
                     continue
                 reason = (f"unreadable_row_group: row group {rg} of {pf.metadata.num_row_groups} cannot be decoded: "
                           f"{_first_line(exc)}")
@@ -273,23 +260,25 @@ def _batch_records(batch: pa.RecordBatch, first: int) -> list[Record]:
     stores what the writer gave it) becomes an error record, the other rows are kept."""
     try:
         return [(first + i, r, None) for i, r in enumerate(batch.to_pylist())]
+    except UnicodeDecodeError:  # find the row(s): the slow path, only for such a batch
+        return [_row_record(batch.slice(i, 1), first + i) for i in range(batch.num_rows)]
+
+
+def _row_record(row: pa.RecordBatch, n: int) -> Record:
+    try:
+        return n, row.to_pylist()[0], None
+    except UnicodeDecodeError as exc:
+        bad = [name for name, col in zip(row.schema.names, row.columns) if not _decodes(col)]
+        return n, None, (f"bad_text: row {n} has text that is not valid UTF-8 in {', '.join(bad) or 'a column'} "
+                         f"({exc.reason} at byte {exc.start})")
+
+
+def _decodes(col: pa.Array) -> bool:
+    try:
+        col.to_pylist()
+        return True
     except UnicodeDecodeError:
-        pass
-    out: list[Record] = []
-    for i in range(batch.num_rows):
-        row = batch.slice(i, 1)
-        try:
-            out.append((first + i, row.to_pylist()[0], None))
-        except UnicodeDecodeError as exc:
-            bad = []
-            for name, col in zip(row.schema.names, row.columns):
-                try:
-                    col.to_pylist()
-                except UnicodeDecodeError:
-                    bad.append(name)
-            out.append((first + i, None, f"bad_text: row {first + i} has text that is not valid UTF-8 in "
-                                         f"{', '.join(bad) or 'a column'} ({exc.reason} at byte {exc.start})"))
-    return out
+        return False
 
 
 def _iter_records(uri: str, s3_endpoint: str | None, chunk_rows: int,
@@ -303,7 +292,7 @@ def _iter_records(uri: str, s3_endpoint: str | None, chunk_rows: int,
     """
     import pyarrow.parquet as pq
 
-    from otmel.storage import StorageError, resolve
+    from otmel.storage import StorageError, is_storage_error, resolve
 
     fs, path = resolve(uri, s3_endpoint)
     lower = uri.lower()

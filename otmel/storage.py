@@ -78,6 +78,24 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
+#: how pyarrow's S3 layer words a failure of the store or the network (after its retries):
+#: such an OSError is worth retrying; any other one met while decoding a file's bytes (a
+#: damaged page header, corrupt compressed data) is a problem of the file's content
+STORAGE_ERROR_MARKERS = ("AWS Error", "curlCode", "Connection reset", "Connection refused", "timed out")
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """An error of the storage or the network (retry), not of the bytes read."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return isinstance(exc, OSError) and any(m in str(exc) for m in STORAGE_ERROR_MARKERS)
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait before re-running a broken-off transfer (attempt 0, 1, ...)."""
+    return 0.2 * 4 ** attempt
+
+
 def _whole_retry(fn, remote: bool):
     """``fn()``, re-run from the start when a remote transfer breaks off (not when the
     object does not exist), with a short backoff."""
@@ -92,7 +110,7 @@ def _whole_retry(fn, remote: bool):
             if attempt + 1 >= (TRANSFER_ATTEMPTS if remote else 1) or "not found" in str(exc).lower():
                 raise
             log.warning("transfer failed (%s), retrying it whole", str(exc).splitlines()[0] if str(exc) else exc)
-            time.sleep(0.2 * 4 ** attempt)
+            time.sleep(retry_delay(attempt))
 
 
 def _wrap(uri: str, exc: Exception) -> StorageError:

@@ -37,6 +37,7 @@ class KGData:
     relations: list[str]
     splits: dict[str, np.ndarray]
     skipped: dict[str, Counter] = field(default_factory=dict)  # split -> reason -> count
+    _filters: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_entities(self) -> int:
@@ -52,7 +53,12 @@ class KGData:
     def filters(self) -> tuple[dict[tuple[int, int], np.ndarray], dict[tuple[int, int], np.ndarray]]:
         """Every known true tail of (head, relation) and true head of (relation, tail) over all
         splits: the filtered setting ranks a test triple only against corrupted triples that
-        are not true."""
+        are not true. Built once (every validation of a run asks for them)."""
+        if self._filters is None:
+            self._filters = self._build_filters()
+        return self._filters
+
+    def _build_filters(self):
         tails: dict[tuple[int, int], set] = {}
         heads: dict[tuple[int, int], set] = {}
         for arr in self.splits.values():
@@ -161,9 +167,6 @@ def with_reciprocals(triples: np.ndarray, num_relations: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- modal features
-MODALITY_COLUMNS = {"ling": "ling", "visual": "visual"}
-
-
 @dataclass
 class EntityFeatures:
     """Per-entity feature matrices aligned with a :class:`KGData` entity list; ``present``
@@ -193,7 +196,7 @@ def load_features(uri: str, entities: list[str], modalities: tuple[str, ...],
     rows = np.array([index.get(e, -1) for e in ids], dtype=np.int64)
     matrices, present = {}, {}
     for m in modalities:
-        col = MODALITY_COLUMNS[m]
+        col = m  # the Parquet column is named after the modality
         if col not in table.column_names:
             raise KGFormatError(f"{uri}: no {col!r} column for --modalities including {m}")
         values = table.column(col).to_pylist()

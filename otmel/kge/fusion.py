@@ -109,9 +109,7 @@ class Fusion(nn.Module):
         return out
 
     def forward(self, structural: Tensor, features: dict[str, Tensor]) -> Tensor:
-        parts = self.aligned(structural, features)
+        parts, lam = self.aligned(structural, features), self.lambdas()
         if self.kind == "concat":
-            lam = self.lambdas()
             return torch.cat([w * p for w, p in zip(lam * len(parts), parts)], dim=-1)
-        lam = self.lambdas()
         return sum(w * p for w, p in zip(lam, parts))

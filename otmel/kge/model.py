@@ -64,12 +64,9 @@ class KGEModel(nn.Module):
                                                         for k in self.used}, cfg.ot_epsilon, cfg.ot_iters)
         out_dim = self.fusion.out_dim if self.fusion is not None else cfg.dim
         self.relation = nn.Embedding(2 * cfg.num_relations, relations.relation_dim(cfg.model, out_dim))
-        if cfg.model == "rotate":
+        if cfg.model == "rotate":  # phases
             nn.init.uniform_(self.relation.weight, -np.pi, np.pi)
-        elif cfg.model == "complex":
-            # ComplEx: near (1 + 0i) would make every relation the identity; the recipe's small init
-            nn.init.normal_(self.relation.weight, std=cfg.init_scale)
-        else:
+        else:  # the recipe's small init (ComplEx, TransE)
             nn.init.normal_(self.relation.weight, std=cfg.init_scale)
 
     def features(self) -> dict[str, Tensor]:

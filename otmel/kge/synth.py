@@ -27,9 +27,10 @@ RELATIONS = ("hypernym", "hyponym", "member_of", "has_member", "similar_to", "pa
              "derived_from", "derives")
 
 
-def synth_kg(n_entities: int = 500, seed: int = 0, branching: int = 4, n_roots: int = 8) -> tuple[list[str], np.ndarray, list[tuple]]:
-    """(entity ids, parent array (-1 for roots), triples as (h, r, t) names, each with its
-    inverse's index for pair splits as the 4th element)."""
+def synth_kg(n_entities: int = 500, seed: int = 0, branching: int = 4,
+             n_roots: int = 8) -> tuple[list[str], np.ndarray, np.ndarray, list[tuple]]:
+    """(entity ids, parent array (-1 for roots), root array, triples as (h, r, t) names, each
+    with its inverse's index for pair splits as the 4th element)."""
     rng = np.random.default_rng(seed)
     ids = [f"E{i:06d}" for i in range(n_entities)]
     parent = np.full(n_entities, -1, dtype=np.int64)
@@ -64,7 +65,7 @@ def synth_kg(n_entities: int = 500, seed: int = 0, branching: int = 4, n_roots: 
     for k, (r, inv, a, b) in enumerate(pairs):
         triples.append((ids[a], r, ids[b], k))
         triples.append((ids[b], inv, ids[a], k))
-    return ids, parent, triples
+    return ids, parent, root, triples
 
 
 def write_synth_kg(out: str | Path, n_entities: int = 500, seed: int = 0, valid: float = 0.08, test: float = 0.08,
@@ -76,7 +77,7 @@ def write_synth_kg(out: str | Path, n_entities: int = 500, seed: int = 0, valid:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed + 1)
-    ids, parent, triples = synth_kg(n_entities, seed)
+    ids, parent, root, triples = synth_kg(n_entities, seed)
     if n_triples is not None and n_triples < len(triples):
         keys = np.array(sorted({t[3] for t in triples}))
         keep = set(rng.choice(keys, size=max(1, n_triples // 2), replace=False).tolist())
@@ -98,10 +99,6 @@ def write_synth_kg(out: str | Path, n_entities: int = 500, seed: int = 0, valid:
         lines = [f"{h}\t{r}\t{t}" for (h, r, t, _), s in zip(triples, split_of) if s == split]
         (out / split).write_text("\n".join(lines) + "\n")
         counts[split] = len(lines)
-    root = np.arange(n_entities)
-    for i in range(n_entities):
-        while parent[root[i]] >= 0:
-            root[i] = parent[root[i]]
     G = rng.normal(size=(n_entities, feature_dim)).astype(np.float32)
     H = rng.normal(size=(n_entities, feature_dim)).astype(np.float32)
     if signal:
