@@ -268,6 +268,7 @@ def export(cfg: ExportConfig) -> dict:
             "assignment": method,
             "precision": precision,
             "nil_threshold": (model.config.extra or {}).get("nil_threshold"),
+            "coherence": (model.config.extra or {}).get("coherence"),
             "opset": cfg.opset,
             "text_length": model.config.text_length,
             "image_size": model.encoder.clip.config.vision_config.image_size,

@@ -88,6 +88,7 @@ class OnnxBackend:
         self.config = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
         self.model_version = self.meta.get("model_version", "")
         self.nil_threshold = self.meta.get("nil_threshold")
+        self.coherence = self.meta.get("coherence")
         self.batch_size = batch_size
         opts = session_options(threads)
         prov = providers(prefer_gpu)

@@ -88,6 +88,8 @@ class LinkConfig:
     allow_private_hosts: bool = False  # http(s) image_uri on private/loopback/link-local hosts
     image_timeout_s: float = 10.0
     max_image_bytes: int = 20 * 1024 * 1024
+    kge_embeddings: str | None = None  # entity_id + vector Parquet (`otmel kge embed`): collective disambiguation
+    coherence_weight: float | None = None  # W of otmel.coherence (None = the weight calibrated for these embeddings)
     force: bool = False  # recompute inputs whose output is already complete
     cpus_per_actor: float = 0.5  # fractional: on small machines read tasks must still get CPUs
     gpu: bool | None = None  # None = a GPU per encode actor when the cluster has one
@@ -113,6 +115,10 @@ class LinkConfig:
             raise ValueError(f"--shard-replicas must be >= 1, got {self.shard_replicas}")
         if self.shard_gpus is not None and not 0 <= self.shard_gpus <= 1:
             raise ValueError(f"--shard-gpus must be a share of one GPU in [0, 1], got {self.shard_gpus}")
+        if self.coherence_weight is not None and self.kge_embeddings is None:
+            raise ValueError("--coherence-weight needs --kge-embeddings (the entity vectors coherence is computed from)")
+        if self.coherence_weight is not None and not (self.coherence_weight >= 0 and np.isfinite(self.coherence_weight)):
+            raise ValueError(f"--coherence-weight must be a finite number >= 0, got {self.coherence_weight}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -376,13 +382,15 @@ class CommitTracker:
     parts with the same first and last sort key and row count hold the same rows; any other
     overlap is an error (rows would be duplicated)."""
 
-    def __init__(self, cfg: "LinkConfig", file_meta: dict[str, dict]):
+    def __init__(self, cfg: "LinkConfig", file_meta: dict[str, dict], vectors=None, coherence: dict | None = None):
         import ray
 
         from otmel.link_output import commit_output_file
 
         self.cfg = cfg
         self.file_meta = file_meta
+        self.vectors = vectors  # ObjectRef of the KGE EntityVectors (None: no coherence)
+        self.coherence = coherence
         self.parts: dict[str, dict[tuple, dict]] = {}  # file -> (first, last, rows) -> part
         self.have: Counter = Counter()
         self.total: dict[str, int] = {}
@@ -412,7 +420,8 @@ class CommitTracker:
 
     def _start(self, f: str) -> None:
         parts = list(self.parts.pop(f, {}).values())
-        ref = self.commit.remote(parts, self.cfg.output, f, self.file_meta[f], self.cfg.s3_endpoint)
+        ref = self.commit.remote(parts, self.cfg.output, f, self.file_meta[f], self.cfg.s3_endpoint, self.vectors,
+                                 self.coherence)
         self.pending[ref] = f
 
     def poll(self, timeout: float = 0) -> None:
@@ -448,8 +457,8 @@ class CommitCoordinator:
     from the dataset's output would commit files long after their rows are done). A commit
     failure is kept and raised to the driver, not to the link actor that happened to report."""
 
-    def __init__(self, cfg: "LinkConfig", file_meta: dict[str, dict]):
-        self.tracker = CommitTracker(cfg, file_meta)
+    def __init__(self, cfg: "LinkConfig", file_meta: dict[str, dict], vectors=None, coherence: dict | None = None):
+        self.tracker = CommitTracker(cfg, file_meta, vectors, coherence)
         self.failure: BaseException | None = None
         self.announced: set[str] = set()
 
@@ -482,14 +491,51 @@ class CommitCoordinator:
         return self.tracker.finish(todo), self.tracker.retried_parts
 
 
-def start_commit_coordinator(cfg: "LinkConfig", file_meta: dict[str, dict]):
+def start_commit_coordinator(cfg: "LinkConfig", file_meta: dict[str, dict], vectors=None,
+                             coherence: dict | None = None, nil_threshold: float | None = None):
     """The coordinator actor, pinned to this (the driver's) node: it lives and dies with the
-    driver (no restart: its counts would be lost; the re-run resumes from the committed files)."""
+    driver (no restart: its counts would be lost; the re-run resumes from the committed files).
+    With coherence, its commit tasks re-score each file's rows with the KGE ``vectors``."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(CommitCoordinator).options(num_cpus=0, scheduling_strategy=here).remote(cfg, file_meta)
+    settings = None if coherence is None else {"weight": coherence["weight"], "nil_threshold": nil_threshold}
+    return ray.remote(CommitCoordinator).options(num_cpus=0, scheduling_strategy=here).remote(
+        cfg, file_meta, vectors, settings)
+
+
+def _vectors_and_summary(uri: str, s3_endpoint: str | None):
+    from otmel.coherence import load_entity_vectors
+
+    vectors = load_entity_vectors(uri, s3_endpoint)
+    return vectors, {"entities": len(vectors), "dim": int(vectors.vectors.shape[1]), "version": vectors.version}
+
+
+def load_coherence_vectors(coherence: dict | None, s3_endpoint: str | None):
+    """The KGE vectors read by a task into the object store (the driver never holds them;
+    commit tasks on every node read them without a copy); None without coherence. Fails
+    the job here, in one line, on an unusable file or one changed since it was planned."""
+    if coherence is None:
+        return None
+    import ray
+
+    from otmel.coherence import EmbeddingsError
+
+    vectors, summary = ray.remote(_vectors_and_summary).options(num_cpus=0.1, num_returns=2).remote(
+        coherence["embeddings"], s3_endpoint)
+    try:
+        info = ray.get(summary)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if exc.cause is not None else exc
+        raise EmbeddingsError(str(cause).strip().splitlines()[-1]) from None
+    if info["version"] != coherence["version"]:
+        raise EmbeddingsError(f"{coherence['embeddings']} changed while the job started (version {coherence['version']} "
+                              f"-> {info['version']})")
+    coherence.update(entities=info["entities"], dim=info["dim"])
+    log.info("coherence: %d KGE entity vectors (dim %d) from %s, weight %s", info["entities"], info["dim"],
+             coherence["embeddings"], coherence["weight"])
+    return vectors
 
 
 # ---------------------------------------------------------------------------- driver
@@ -523,23 +569,57 @@ def preflight(cfg: LinkConfig) -> dict:
     dims = probe_model(backend)
     check_compatible(manifest, backend.model_version, dims["retrieval_query"][0], where=f"index {cfg.index}")
     threshold = cfg.nil_threshold if cfg.nil_threshold is not None else backend.nil_threshold
+    coherence = None
+    if cfg.kge_embeddings is not None:
+        coherence, threshold = resolve_coherence(cfg, backend)
     if threshold is None:
         log.warning("no NIL threshold (none given, none calibrated in the model): every mention with a candidate "
                     "is linked; run `otmel calibrate` to calibrate one")
     return {"files": files, "backend": backend, "manifest": manifest, "index_version": index_version_of(manifest),
-            "nil_threshold": threshold, "detector": load_detector(cfg, cfg.index, manifest)}
+            "nil_threshold": threshold, "coherence": coherence, "detector": load_detector(cfg, cfg.index, manifest)}
 
 
-def _settings_hash(cfg: LinkConfig, nil_threshold: float | None) -> str:
+def resolve_coherence(cfg: LinkConfig, backend) -> tuple[dict, float | None]:
+    """(coherence settings, NIL threshold on the coherence-adjusted score) for
+    ``--kge-embeddings``: W is ``--coherence-weight`` or the weight ``otmel calibrate
+    --kge-embeddings`` stored in the model for THESE embeddings (their content hash); the
+    threshold is ``--nil-threshold`` or the one calibrated with that W."""
+    from otmel.coherence import embeddings_version
+
+    version = embeddings_version(cfg.kge_embeddings, cfg.s3_endpoint)
+    stored = backend.coherence if (backend.coherence or {}).get("embeddings_version") == version else None
+    if cfg.coherence_weight is None and stored is None:
+        raise ValueError(f"no coherence weight calibrated for {cfg.kge_embeddings} (version {version}) in the "
+                         f"model: run `otmel calibrate --kge-embeddings {cfg.kge_embeddings}` or pass --coherence-weight")
+    weight = cfg.coherence_weight if cfg.coherence_weight is not None else stored["weight"]
+    if cfg.nil_threshold is not None:
+        threshold = cfg.nil_threshold
+    elif stored is not None and stored["weight"] == weight:
+        threshold = stored["nil_threshold"]
+    else:
+        threshold = None
+        log.warning("no NIL threshold calibrated for coherence weight %s: every mention with a candidate is linked "
+                    "(pass --nil-threshold, or calibrate with --kge-embeddings)", weight)
+    if stored is not None and stored.get("top_k") not in (None, cfg.top_k):
+        log.warning("the coherence weight was calibrated re-ordering the top %s candidates; this job writes the top %d",
+                    stored["top_k"], cfg.top_k)
+    return {"embeddings": cfg.kge_embeddings, "version": version, "weight": float(weight)}, threshold
+
+
+def _settings_hash(cfg: LinkConfig, nil_threshold: float | None, coherence: dict | None = None) -> str:
     settings = dict(cfg.result_settings(), nil_threshold=nil_threshold)
+    if coherence is not None:  # the embeddings by content, not by URI
+        settings["coherence"] = {"version": coherence["version"], "weight": coherence["weight"]}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def plan_inputs(cfg: LinkConfig, files: list[str], model_version: str, index_version: str,
-                nil_threshold: float | None) -> tuple[list[str], dict[str, dict], dict[str, dict]]:
+                nil_threshold: float | None,
+                coherence: dict | None = None) -> tuple[list[str], dict[str, dict], dict[str, dict]]:
     """Which input files this run links: ``(todo, done, file_meta)``. An input is done when
     its committed output was written for THIS input (same path, size and mtime), model,
-    index and result settings (``LinkConfig.result_settings`` + the NIL threshold);
+    index and result settings (``LinkConfig.result_settings`` + the NIL threshold + the
+    coherence embeddings' version and weight);
     ``file_meta`` is what each output records to be recognised by a re-run."""
     from otmel.link_input import input_stamps
     from otmel.link_output import is_complete, output_name
@@ -547,7 +627,7 @@ def plan_inputs(cfg: LinkConfig, files: list[str], model_version: str, index_ver
 
     stamps = input_stamps(files, cfg.s3_endpoint)
     expected = {"model_version": model_version, "index_version": index_version,
-                "settings": _settings_hash(cfg, nil_threshold)}
+                "settings": _settings_hash(cfg, nil_threshold, coherence)}
     file_meta = {f: dict(expected, input=f, input_stamp=stamps[f]) for f in files}
     todo, done = [], {}
     for f in files:
@@ -593,7 +673,7 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
     pre = preflight(cfg)
     backend, manifest = pre["backend"], pre["manifest"]
     todo, done, file_meta = plan_inputs(cfg, pre["files"], backend.model_version, pre["index_version"],
-                                        pre["nil_threshold"])
+                                        pre["nil_threshold"], pre["coherence"])
     log.info("linking %d input file(s) (%d already complete, skipped) against index %s (%d entities, %d shard(s)) "
              "-> %s", len(todo), len(done), pre["index_version"][:12], manifest["count"], manifest["num_shards"], cfg.output)
     written: dict[str, dict] = {}
@@ -607,7 +687,8 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
         init_ray(cfg.address)
         import ray
 
-        coordinator = start_commit_coordinator(cfg, file_meta)
+        vectors = load_coherence_vectors(pre["coherence"], cfg.s3_endpoint)
+        coordinator = start_commit_coordinator(cfg, file_meta, vectors, pre["coherence"], pre["nil_threshold"])
         use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
         actors = start_shard_actors(cfg, manifest, use_gpu)
         startup = time.perf_counter() - t_work
@@ -672,6 +753,7 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
         "index_version": pre["index_version"],
         "nil_threshold": pre["nil_threshold"],
         "settings": dict(cfg.result_settings(), nil_threshold=pre["nil_threshold"]),
+        "coherence": pre["coherence"],
         "pools": {"encode": str(cfg.workers), "link": str(cfg.link_actors), "shard_replicas": cfg.shard_replicas},
         "shard_batches": shard_batches,
     }

@@ -27,6 +27,7 @@ class Backend(Protocol):
     model_version: str
     config: dict
     nil_threshold: float | None
+    coherence: dict | None  # otmel calibrate --kge-embeddings: weight, nil_threshold, embeddings_version
 
     def encode(self, inputs: dict[str, np.ndarray], feature_names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]: ...
 
@@ -50,6 +51,7 @@ class TorchBackend:
         self.model_version = model_version or version_of(model)
         self.config = model.config.to_dict()
         self.nil_threshold = (model.config.extra or {}).get("nil_threshold")
+        self.coherence = (model.config.extra or {}).get("coherence")
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path) -> "TorchBackend":

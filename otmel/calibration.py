@@ -10,6 +10,15 @@ With G = mentions whose gold entity is in the index:
 (a NIL answer for a mention whose gold is outside the KB is never a wrong link). The T of
 maximal F1 is stored as ``nil_threshold`` in the model: ``export.json`` of an ONNX export, or
 ``config.json`` ``extra`` of a checkpoint (metadata: the model_version does not change).
+
+With ``--kge-embeddings`` (collective disambiguation, :mod:`otmel.coherence`) the dev
+mentions keep their top-k candidates and their posts: coh(i, c) is computed once, the
+coherence weight W is the one of highest top-1 accuracy over the mentions whose gold is in
+the index (on a grid W = 0 and 41 values from 0.01 to 100 times the dev lists' mean score
+spread, top-1 minus top-k: coh is a cosine in [-1, 1], W is in score units; ties go to the
+smaller W), and a second NIL threshold is calibrated on S = S_O + W coh. Both go into the
+model as ``coherence`` with the embeddings' content hash; ``nil_threshold`` stays the one
+for linking without coherence.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ class CalibrateConfig:
     batch_size: int = 64
     s3_endpoint: str | None = None
     write: bool = True
+    kge_embeddings: str | None = None  # also choose the coherence weight for these KGE vectors
+    top_k: int = 5  # candidates kept per mention for coherence (= otmel link --top-k)
 
 
 def best_threshold(top_scores: np.ndarray, top1_correct: np.ndarray, gold_in_kb: int) -> dict:
@@ -71,7 +82,8 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         check_compatible(manifest, backend.model_version, where=f"index {cfg.index}")
         linkers = [ShardLinker(s, backend) for s in shards]
         indexed = {e for s in shards for e in s.entity_ids}
-        scores, top1, gold = [], [], []
+        keep = cfg.top_k if cfg.kge_embeddings else 1
+        scores, ids, gold, posts, mention_ids = [], [], [], [], []
         for start in range(0, mentions.num_rows, cfg.batch_size):
             rows = mentions.slice(start, cfg.batch_size).to_pydict()
             batch = backend.preprocessor.mentions(rows)
@@ -79,36 +91,89 @@ def calibrate(cfg: CalibrateConfig) -> dict:
             if not len(sel):
                 continue
             feats = backend.encode({k: getattr(batch, k)[sel] for k in MODEL_INPUTS}, LINK_MENTION_FEATURES)
-            result = link_locally(linkers, feats, cfg.candidates, 1)
-            scores.append(result.scores[:, 0])
-            top1.extend(result.entity_ids[:, 0].tolist())
+            result = link_locally(linkers, feats, cfg.candidates, keep)
+            scores.extend(result.scores.tolist())
+            ids.extend(result.entity_ids.tolist())
             gold.extend(rows["gold_entity_id"][i] for i in sel)
-    top_scores = np.concatenate(scores).astype(np.float64)
+            posts.extend(rows["post_id"][i] if "post_id" in rows else None for i in sel)
+            mention_ids.extend(rows["mention_id"][i] for i in sel)
+    lists = [[(e, s) for e, s in zip(r, sc) if e is not None] for r, sc in zip(ids, scores)]
     gold_known = np.array([g is not None and g in indexed for g in gold])
-    correct = np.array([t is not None and t == g for t, g in zip(top1, gold)])
-    result = best_threshold(top_scores, correct, int(gold_known.sum()))
+    result = _threshold_of(lists, gold, int(gold_known.sum()))
     result.update(mentions=len(gold), nil_gold=int((~gold_known).sum()), split=cfg.split)
+    stored = {"nil_threshold": result["nil_threshold"]}
+    if cfg.kge_embeddings:
+        result["coherence"] = calibrate_coherence(lists, gold, posts, mention_ids, gold_known, cfg)
+        stored["coherence"] = {k: result["coherence"][k] for k in ("weight", "nil_threshold", "embeddings",
+                                                                   "embeddings_version", "top_k")}
     if cfg.write:
-        result["stored_in"] = store_threshold(cfg.model, result["nil_threshold"], cfg.s3_endpoint)
+        result["stored_in"] = store_calibration(cfg.model, stored, cfg.s3_endpoint)
     log.info("NIL threshold %.4f: F1 %.4f (no threshold: %.4f)", result["nil_threshold"], result["f1"],
              result["f1_no_threshold"])
     return result
 
 
-def store_threshold(model_uri: str, threshold: float, s3_endpoint: str | None = None) -> str:
-    """Write the threshold into export.json (ONNX dir) or config.json extra (checkpoint)."""
+def _threshold_of(lists: list[list[tuple]], gold: list, gold_in_kb: int) -> dict:
+    """:func:`best_threshold` of candidate lists [(entity id, score)], best first."""
+    top_scores = np.array([lst[0][1] if lst else -np.inf for lst in lists], dtype=np.float64)
+    correct = np.array([bool(lst) and lst[0][0] == g for lst, g in zip(lists, gold)])
+    has = np.isfinite(top_scores)
+    return best_threshold(top_scores[has], correct[has], gold_in_kb)
+
+
+def calibrate_coherence(lists: list[list[tuple]], gold: list, posts: list, mention_ids: list, gold_known: np.ndarray,
+                        cfg: CalibrateConfig) -> dict:
+    """The coherence weight of highest dev top-1 accuracy, and the NIL threshold for it."""
+    from otmel.coherence import coherence, load_entity_vectors, post_tops
+
+    vectors = load_entity_vectors(cfg.kge_embeddings, cfg.s3_endpoint)
+    tops = post_tops(posts, mention_ids, [[e for e, _ in lst] for lst in lists])
+    coh = []
+    for lst, post, mention in zip(lists, posts, mention_ids):
+        others = [] if post is None else [e for m, e in tops.get(str(post), ()) if m != str(mention)]
+        coh.append(coherence([e for e, _ in lst], others, vectors))
+    spread = [lst[0][1] - lst[-1][1] for lst in lists if len(lst) > 1]
+    scale = float(np.mean(spread)) if spread and np.mean(spread) > 0 else 1.0
+    grid = [0.0] + (scale * np.geomspace(0.01, 100, 41)).tolist()
+
+    def rescored(w: float) -> list[list[tuple]]:
+        out = []
+        for lst, c in zip(lists, coh):
+            s = [(e, sc + w * ck) for (e, sc), ck in zip(lst, c)]
+            out.append(sorted(s, key=lambda x: (-x[1], str(x[0]))))
+        return out
+
+    def h1(lsts: list[list[tuple]]) -> float:
+        hits = sum(bool(lst) and lst[0][0] == g for lst, g, known in zip(lsts, gold, gold_known) if known)
+        return hits / max(1, int(gold_known.sum()))
+
+    accuracy = [h1(rescored(w)) for w in grid]
+    best = int(np.argmax(accuracy))  # the first of the best: the smallest W
+    weight = grid[best]
+    with_weight = _threshold_of(rescored(weight), gold, int(gold_known.sum()))
+    in_posts = sum(len(v) > 1 for v in tops.values())
+    log.info("coherence weight %.4g: dev H@1 %.4f (without %.4f) over %d posts of several mentions",
+             weight, accuracy[best], accuracy[0], in_posts)
+    return {"weight": weight, "h1": accuracy[best], "h1_without": accuracy[0], "nil_threshold": with_weight["nil_threshold"],
+            "f1": with_weight["f1"], "embeddings": cfg.kge_embeddings, "embeddings_version": vectors.version,
+            "top_k": cfg.top_k, "posts_with_several_mentions": in_posts, "vectors": len(vectors)}
+
+
+def store_calibration(model_uri: str, values: dict, s3_endpoint: str | None = None) -> str:
+    """Write calibrated values (``nil_threshold``, ``coherence``) into export.json (ONNX dir)
+    or config.json extra (checkpoint)."""
     from otmel.integrity import CHECKSUMS_FILE, digest_entry
     from otmel.storage import exists, join, read_bytes, write_bytes
 
     export_json = join(model_uri, "export.json")
     if exists(export_json, s3_endpoint):
         meta = json.loads(read_bytes(export_json, s3_endpoint))
-        meta["nil_threshold"] = threshold
+        meta.update(values)
         target, body = export_json, meta
     else:
         config_json = join(model_uri, "config.json")
         body = json.loads(read_bytes(config_json, s3_endpoint))
-        body.setdefault("extra", {})["nil_threshold"] = threshold
+        body.setdefault("extra", {}).update(values)
         target = config_json
     if not target.startswith("s3://"):
         target = str(Path(target))

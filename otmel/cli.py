@@ -88,7 +88,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_kge(args) -> int:
-    """otmel kge train | evaluate | embed: OTKGE entity embeddings (single process)."""
+    """otmel kge train | features | evaluate | embed: OTKGE entity embeddings (single process)."""
     import json
 
     from otmel.kge.training import KGETrainConfig, entity_embeddings, load_checkpoint, train
@@ -107,6 +107,15 @@ def cmd_kge(args) -> int:
         if skipped:
             print(f"skipped triples: {json.dumps(skipped)}", file=sys.stderr)
         print(json.dumps(metrics["test"]))
+        return 0
+    if args.kge_command == "features":
+        from otmel.kge.clip_features import encode_kb_features
+
+        r = encode_kb_features(args.model, args.kb, args.out, args.batch_size, args.s3_endpoint,
+                               tuple(args.allow_image_prefix or ()), progress=log.info)
+        print(json.dumps({"entities": r.entities, "without_image": r.without_image, "skipped": dict(r.skipped),
+                          "bad_images": dict(r.bad_images), "ling_dim": r.ling_dim, "visual_dim": r.visual_dim,
+                          "out": args.out}))
         return 0
     if args.kge_command == "evaluate":
         from otmel.kge.data import load_triples
@@ -207,7 +216,8 @@ def cmd_link(args) -> int:
                      allow_image_prefix=args.allow_image_prefix or [], allow_private_hosts=args.allow_private_hosts,
                      image_timeout_s=args.image_timeout, force=args.force, address=args.address,
                      link_actors=args.link_actors, shard_replicas=args.shard_replicas, shard_gpus=args.shard_gpus,
-                     gpu=args.gpu, s3_endpoint=args.s3_endpoint)
+                     gpu=args.gpu, s3_endpoint=args.s3_endpoint, kge_embeddings=args.kge_embeddings,
+                     coherence_weight=args.coherence_weight)
     _print(summary_line(run(cfg, progress=log.info)))
     return 0
 
@@ -216,12 +226,18 @@ def cmd_calibrate(args) -> int:
     from otmel.calibration import CalibrateConfig, calibrate
 
     cfg = CalibrateConfig(model=args.model, index=args.index, data=args.data, split=args.split,
-                          candidates=args.candidates, s3_endpoint=args.s3_endpoint, write=not args.dry_run)
+                          candidates=args.candidates, s3_endpoint=args.s3_endpoint, write=not args.dry_run,
+                          kge_embeddings=args.kge_embeddings, top_k=args.top_k)
     r = calibrate(cfg)
     _print(f"NIL threshold {r['nil_threshold']:.4f} on {r['mentions']} {args.split} mentions "
            f"({r['nil_gold']} with a gold entity outside the KB): F1 {r['f1']:.4f} (precision {r['precision']:.4f}, "
-           f"recall {r['recall']:.4f}) vs F1 {r['f1_no_threshold']:.4f} without a threshold"
-           + (f"; stored in {r['stored_in']}" if r.get("stored_in") else " (not stored: --dry-run)"))
+           f"recall {r['recall']:.4f}) vs F1 {r['f1_no_threshold']:.4f} without a threshold")
+    if "coherence" in r:
+        c = r["coherence"]
+        _print(f"coherence weight {c['weight']:.4g}: top-1 accuracy {c['h1']:.4f} vs {c['h1_without']:.4f} without "
+               f"({c['posts_with_several_mentions']} posts with several mentions); NIL threshold with it "
+               f"{c['nil_threshold']:.4f} (F1 {c['f1']:.4f})")
+    _print(f"stored in {r['stored_in']}" if r.get("stored_in") else "not stored (--dry-run)")
     return 0
 
 
@@ -329,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--s3-endpoint", default=None)
     s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("kge", help="OTKGE multimodal KG embeddings: train | evaluate | embed")
+    s = sub.add_parser("kge", help="OTKGE multimodal KG embeddings: train | features | evaluate | embed")
     kge = s.add_subparsers(dest="kge_command", required=True)
     k = kge.add_parser("train", help="train on KG triples (train/valid/test files); prints the filtered test metrics")
     k.add_argument("--triples", required=True, help="directory with train, valid, test (head<TAB>relation<TAB>tail)")
@@ -350,6 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--negatives", type=int, default=64, help="logistic loss: corrupted tails per triple")
     k.add_argument("--eval-every", type=int, default=5, help="epochs between validation MRRs (best kept); 0: none")
     k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--s3-endpoint", default=None)
+    k = kge.add_parser("features", help="ling / visual entity features from the otmel CLIP encoder over a KB "
+                                        "(the --features file of kge train)")
+    k.add_argument("--model", required=True, help="otmel checkpoint or ONNX export dir (local or s3://)")
+    k.add_argument("--kb", required=True, help="KB Parquet: entity_id, name, attributes, image / image_uri")
+    k.add_argument("--out", required=True, help="Parquet file URI: entity_id, ling, visual")
+    k.add_argument("--batch-size", type=int, default=64)
+    k.add_argument("--allow-image-prefix", action="append", default=None, metavar="DIR",
+                   help="local directory whose files image_uri may name (repeatable)")
     k.add_argument("--s3-endpoint", default=None)
     k = kge.add_parser("evaluate", help="filtered MRR and H@1/3/10 of a checkpoint on a split")
     k.add_argument("--checkpoint", required=True)
@@ -395,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=5, help="candidates written per mention")
     s.add_argument("--candidates", type=int, default=20, metavar="K", help="retrieved per shard, then reranked")
     s.add_argument("--nil-threshold", type=float, default=None, help="default: the calibrated value of the model")
+    s.add_argument("--kge-embeddings", default=None, metavar="URI",
+                   help="collective disambiguation: entity vectors (otmel kge embed) of the KB; each candidate's score "
+                        "gains W x its mean cosine to the other mentions' top candidates in the post")
+    s.add_argument("--coherence-weight", type=float, default=None, metavar="W",
+                   help="W (default: the weight otmel calibrate --kge-embeddings stored for these embeddings)")
     s.add_argument("--detect-mentions", choices=["alias"], default=None,
                    help="find mentions in posts without spans by KB name/alias matching")
     s.add_argument("--context-chars", type=int, default=200, help="context window around a span")
@@ -419,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="dataset dir with kb.parquet and mentions/SPLIT.parquet")
     s.add_argument("--split", default="dev", choices=["train", "dev", "test"])
     s.add_argument("--candidates", type=int, default=20)
+    s.add_argument("--kge-embeddings", default=None, metavar="URI",
+                   help="also choose the coherence weight for these KGE vectors (otmel kge embed); "
+                        "the dev mentions' post_id groups them")
+    s.add_argument("--top-k", type=int, default=5, help="with --kge-embeddings: candidates re-ordered per mention "
+                                                         "(use the link job's --top-k)")
     s.add_argument("--dry-run", action="store_true", help="print the threshold, store nothing")
     s.add_argument("--s3-endpoint", default=None)
     s.set_defaults(func=cmd_calibrate)

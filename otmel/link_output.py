@@ -110,11 +110,17 @@ def write_part(table: pa.Table, out_uri: str, input_uri: str, s3_endpoint: str |
 
 # ---------------------------------------------------------------------------- commit
 def commit_output_file(parts: list[dict], out_uri: str, input_uri: str, meta: dict,
-                       s3_endpoint: str | None = None) -> dict:
+                       s3_endpoint: str | None = None, vectors=None, coherence: dict | None = None) -> dict:
     """Stream an input file's staged ``parts`` (the metadata :func:`write_part` returned) into
     its final output file, atomically, then delete its staging directory. ``meta`` (input,
     stamp, versions, settings) goes into the footer with the row and status counts.
-    Returns the footer metadata. Runs on a worker: memory is one part at a time."""
+    Returns the footer metadata. Runs on a worker: memory is one part at a time.
+
+    With KGE ``vectors`` (:class:`otmel.coherence.EntityVectors`) and ``coherence``
+    (``weight``, ``nil_threshold``), the rows are re-scored by their post's other mentions
+    (:mod:`otmel.coherence`): the parts are read three times (each mention's top-1 by
+    post, the statuses coherence gives for the footer's counts, the rows to write), still
+    one part in memory at a time."""
     from otmel.storage import StorageError, delete_dir, join, read_parquet, resolve
 
     ordered = sorted(parts, key=lambda p: _key(p["first_key"]))
@@ -128,6 +134,10 @@ def commit_output_file(parts: list[dict], out_uri: str, input_uri: str, meta: di
     rows = sum(p["rows"] for p in ordered)
     meta = dict(meta, rows=rows, counts={s: int(counts.get(s, 0)) for s in LINK_STATUSES},
                 errors_by_reason=dict(reasons), written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    tops = None
+    if vectors is not None:
+        tops, after = _coherence_passes(ordered, vectors, coherence, s3_endpoint)
+        meta["counts"] = after  # the statuses as written, after coherence (errors do not change)
     schema = LINK_OUTPUT_SCHEMA.with_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
     # written whole inside the (hidden) staging directory, then moved into place in one step:
     # a rename locally, one server-side copy on S3, so the final name only ever holds a
@@ -142,6 +152,10 @@ def commit_output_file(parts: list[dict], out_uri: str, input_uri: str, meta: di
             writer.write_table(schema.empty_table())
         for p in ordered:  # one part in memory at a time
             t = read_parquet(p["part"], s3_endpoint).select(LINK_OUTPUT_SCHEMA.names).cast(LINK_OUTPUT_SCHEMA)
+            if tops is not None:
+                from otmel.coherence import apply_to_rows
+
+                t = apply_to_rows(t, tops, vectors, coherence["weight"], coherence.get("nil_threshold"))
             writer.write_table(t)
             written += t.num_rows
     if written != rows:
@@ -152,6 +166,29 @@ def commit_output_file(parts: list[dict], out_uri: str, input_uri: str, meta: di
         raise StorageError(f"{final}: could not move the committed output into place: {exc}") from exc
     delete_dir(staging_uri(out_uri, input_uri), s3_endpoint)
     return meta
+
+
+#: the columns coherence reads to find each mention's post and candidates
+POST_COLUMNS = ["mention_id", "post_id", "candidates", "status"]
+
+
+def _coherence_passes(parts: list[dict], vectors, coherence: dict,
+                      s3_endpoint: str | None) -> tuple[dict[str, list], dict[str, int]]:
+    """The footer needs the status counts before the rows are written: pass 1 collects each
+    post's top-1s, pass 2 counts the statuses coherence gives (the write is pass 3).
+    Returns (post -> [(mention id, top-1)], status counts)."""
+    from otmel.coherence import apply_to_rows, post_tops_of_table
+    from otmel.storage import read_parquet
+
+    tops: dict[str, list] = {}
+    for p in parts:  # a post's rows may be in any part of the file
+        for post, pairs in post_tops_of_table(read_parquet(p["part"], s3_endpoint, POST_COLUMNS)).items():
+            tops.setdefault(post, []).extend(pairs)
+    counts: Counter = Counter()
+    for p in parts:
+        t = read_parquet(p["part"], s3_endpoint, POST_COLUMNS + ["entity_id", "score"])
+        counts.update(status_counts(apply_to_rows(t, tops, vectors, coherence["weight"], coherence.get("nil_threshold"))))
+    return tops, {s: int(counts.get(s, 0)) for s in LINK_STATUSES}
 
 
 def _key(k: list) -> tuple:

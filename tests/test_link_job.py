@@ -167,14 +167,16 @@ def test_rerun_keys_recompute_exactly_the_files_whose_result_would_change(s3_lin
     files = list_input_files(cfg.input, s3_server)
     model_v, index_v = pre["backend"].model_version, pre["index_version"]
 
-    def planned(c=cfg, model=model_v, index=index_v):
+    def planned(c=cfg, model=model_v, index=index_v, coherence=None):
         todo, done, _ = plan_inputs(c, files, model, index, c.nil_threshold if c.nil_threshold is not None
-                                    else pre["nil_threshold"])
+                                    else pre["nil_threshold"], coherence)
         assert sorted(todo + list(done)) == sorted(files)
         return sorted(todo)
 
     assert planned() == []  # as committed
-    fields = {f.name for f in dataclasses.fields(LinkConfig)} - {"model", "index", "input", "force", "s3_endpoint"}
+    # the KGE embeddings count by content and their weight as resolved (given or calibrated): below
+    fields = {f.name for f in dataclasses.fields(LinkConfig)} - {"model", "index", "input", "force", "s3_endpoint",
+                                                                 "kge_embeddings", "coherence_weight"}
     assert set(RERUN_KEY_CASES) == fields, "classify every LinkConfig field in RERUN_KEY_CASES"
     for name, (value, changes_rows) in RERUN_KEY_CASES.items():
         assert getattr(cfg, name) != value, name
@@ -183,6 +185,14 @@ def test_rerun_keys_recompute_exactly_the_files_whose_result_would_change(s3_lin
     assert planned(LinkConfig(**{**cfg.to_dict(), "force": True})) == sorted(files)
     assert planned(model=model_v[:-1] + "x") == sorted(files)  # another model
     assert planned(index=index_v[:-1] + "x") == sorted(files)  # another index
+    coherent = {"embeddings": "s3://b/emb.parquet", "version": "0123456789abcdef", "weight": 1.0}
+    assert planned(coherence=coherent) == sorted(files)  # coherence on
+    for changed in ({"version": "fedcba9876543210"}, {"weight": 2.0}):  # other vectors, another weight
+        first_plan = plan_inputs(cfg, files, model_v, index_v, pre["nil_threshold"], coherent)[2]
+        other_plan = plan_inputs(cfg, files, model_v, index_v, pre["nil_threshold"], {**coherent, **changed})[2]
+        assert all(first_plan[f]["settings"] != other_plan[f]["settings"] for f in files), changed
+    moved = plan_inputs(cfg, files, model_v, index_v, pre["nil_threshold"], {**coherent, "embeddings": "/elsewhere"})[2]
+    assert all(moved[f]["settings"] == first_plan[f]["settings"] for f in files)  # the same vectors elsewhere
     a = cfg.input + "a.parquet"
     original = _read(a, s3_server)
     sink = pa.BufferOutputStream()

@@ -62,12 +62,12 @@ def test_an_onnx_export_with_one_flipped_byte_is_refused_naming_the_file(model_a
 
 
 def test_calibration_rewrites_the_threshold_and_its_checksum(checkpoint, tmp_path):
-    from otmel.calibration import store_threshold
+    from otmel.calibration import store_calibration
     from otmel.factory import load_model
 
     copy = tmp_path / "ckpt"
     shutil.copytree(checkpoint, copy)
-    store_threshold(str(copy), 0.25)
+    store_calibration(str(copy), {"nil_threshold": 0.25})
     model, _ = load_model(copy)
     assert model.config.extra["nil_threshold"] == 0.25
 
