@@ -12,13 +12,12 @@ import pytest
 import torch
 
 from otmel.kge.data import KGFormatError, load_features, load_triples
+from otmel.kge.synth import write_synth_kg
 from otmel.kge.training import KGETrainConfig, load_checkpoint, train
 
 
 @pytest.fixture(scope="module")
 def kg(tmp_path_factory):
-    from otmel.kge.synth import write_synth_kg
-
     d = tmp_path_factory.mktemp("kg")
     write_synth_kg(d, n_entities=300, seed=0)
     return d
@@ -118,6 +117,28 @@ def test_ot_fusion_trains_and_differs_from_mean_fusion(kg, tmp_path):
     _, model = build(KGETrainConfig(triples=str(kg), out=str(tmp_path / "x"), modalities="all", fusion="ot",
                                     features=str(kg / "features.parquet"), dim=64))
     assert model.fusion.kind == "ot" and model.entity_table().shape == (300, 64)
+
+
+def test_ot_fusion_of_features_that_carry_signal_beats_random_features_on_a_sparse_kg(tmp_path, record_property):
+    """2,000 entities, 4,000 triples (pair split: a test triple's inverse is withheld too):
+    the structure alone sees ~2 training triples per entity. Features that describe an
+    entity and its parent / root (``write_synth_kg(signal=True)``) more than double the
+    filtered test MRR of the same OT fusion over random features, and the fusion learns to
+    weight them more. (On a dense KG the structure alone is as good: bench/results/kge.md.)
+    Catches features misaligned with their entities and a fusion that ignores them."""
+    runs = {}
+    for signal in (True, False):
+        kg = tmp_path / str(signal)
+        write_synth_kg(kg, n_entities=2000, n_triples=4000, pair_split=True, signal=signal, seed=0)
+        runs[signal] = train(KGETrainConfig(triples=str(kg), out=str(kg / "ckpt"), model="complex", modalities="all",
+                                            fusion="ot", features=str(kg / "features.parquet"), dim=64, epochs=30,
+                                            batch_size=500, eval_every=10, seed=0))
+    signal, noise = runs[True], runs[False]
+    record_property("mrr_signal_features", round(signal["test"]["mrr"], 3))
+    record_property("mrr_random_features", round(noise["test"]["mrr"], 3))
+    assert signal["test"]["mrr"] >= 1.5 * noise["test"]["mrr"], (signal["test"], noise["test"])
+    modal = lambda run: run["lambdas"]["ling"] + run["lambdas"]["visual"]  # noqa: E731
+    assert modal(signal) >= modal(noise) + 0.05, (signal["lambdas"], noise["lambdas"])
 
 
 def test_the_papers_logistic_loss_with_negative_sampling_trains(kg, tmp_path):

@@ -10,9 +10,12 @@ triples are split at random (so a test triple's inverse is usually in train, as 
 WN9-IMG); with True a triple and its inverse land in the same split, so the structure alone
 cannot answer from the inverse and features that carry signal help.
 
-Features (``signal`` True): ``ling[e] = G[e] + G[parent(e)] + noise`` and ``visual[e] =
-H[e] + H[root(e)] + noise`` with random Gaussian G, H: entities close in the graph are close
-in feature space. With ``signal`` False the vectors are random.
+Features (``signal`` True), like a gloss that describes an entity and names its class:
+``ling[e] = [G[e], G[parent(e)]] + noise`` and ``visual[e] = [H[e], H[root(e)]] + noise``
+(two halves, concatenated) with random Gaussian G, H: the second half of a child's vector is
+the first half of its parent's, a linear pattern a relation embedding can read (a SUM
+G[e] + G[parent] made siblings, parents and children alike look alike and did not help).
+With ``signal`` False the vectors are random Gaussians of the same size.
 """
 
 from __future__ import annotations
@@ -99,14 +102,16 @@ def write_synth_kg(out: str | Path, n_entities: int = 500, seed: int = 0, valid:
         lines = [f"{h}\t{r}\t{t}" for (h, r, t, _), s in zip(triples, split_of) if s == split]
         (out / split).write_text("\n".join(lines) + "\n")
         counts[split] = len(lines)
-    G = rng.normal(size=(n_entities, feature_dim)).astype(np.float32)
-    H = rng.normal(size=(n_entities, feature_dim)).astype(np.float32)
+    half = feature_dim // 2
+    G = rng.normal(size=(n_entities, half)).astype(np.float32)
+    H = rng.normal(size=(n_entities, half)).astype(np.float32)
     if signal:
         par = np.where(parent >= 0, parent, np.arange(n_entities))
-        ling = G + G[par] + noise * rng.normal(size=G.shape)
-        visual = H + H[root] + noise * rng.normal(size=H.shape)
+        ling = np.concatenate([G, G[par]], axis=1) + noise * rng.normal(size=(n_entities, 2 * half))
+        visual = np.concatenate([H, H[root]], axis=1) + noise * rng.normal(size=(n_entities, 2 * half))
     else:
-        ling, visual = G, H
+        ling = rng.normal(size=(n_entities, 2 * half))
+        visual = rng.normal(size=(n_entities, 2 * half))
     pq.write_table(pa.table({"entity_id": ids, "ling": [v.tolist() for v in ling.astype(np.float32)],
                              "visual": [v.tolist() for v in visual.astype(np.float32)]}), out / "features.parquet")
     counts["entities"] = n_entities
