@@ -773,6 +773,8 @@ def summary_line(result: LinkResult) -> str:
     s = result.summary
     c = s["counts"]
     rate = f", {s['mentions_per_second']:.1f} mentions/s" if s["mentions_per_second"] else ""
+    if s.get("coherence"):
+        rate += f", coherence weight {s['coherence']['weight']:.4g} ({s['coherence']['embeddings']})"
     return (f"linked {c['in']} mention rows: ok {c['ok']}, nil {c['nil']}, no_mention {c['no_mention']}, "
             f"error {c['error']} ({s['files_processed']} file(s) processed, {s['files_skipped_complete']} skipped as "
             f"complete{rate}); output: {s['output']} ({result.success_uri})")

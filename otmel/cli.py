@@ -136,12 +136,25 @@ def cmd_kge(args) -> int:
     model, entities, _ = load_checkpoint(args.checkpoint, args.s3_endpoint)
     table = entity_embeddings(model, entities)
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    coverage = ""
+    if args.kb:  # keep the KB's entities; say which of each side the other lacks
+        from otmel.storage import read_parquet
+
+        kb_ids = set(read_parquet(args.kb, args.s3_endpoint, ["entity_id"]).column("entity_id").to_pylist())
+        in_kb = pc.is_in(table.column("entity_id"), value_set=pa.array(sorted(e for e in kb_ids if e is not None),
+                                                                      pa.string()))
+        kg_only = table.num_rows - pc.sum(in_kb).as_py()
+        table = table.filter(in_kb)
+        coverage = (f"; {len(kb_ids) - table.num_rows} of {len(kb_ids)} KB entities are not in the KG (no vector: "
+                    f"no coherence for them), {kg_only} KG entities are not in the KB (left out)")
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     write_bytes(args.out, sink.getvalue().to_pybytes(), args.s3_endpoint)
-    _print(f"wrote {table.num_rows} entity embeddings of {table.schema.field('vector').type.list_size} dims to {args.out}")
+    _print(f"wrote {table.num_rows} entity embeddings of {table.schema.field('vector').type.list_size} dims to "
+           f"{args.out}{coverage}")
     return 0
 
 
@@ -384,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     k = kge.add_parser("embed", help="write the unified entity embeddings (entity_id, vector) as Parquet")
     k.add_argument("--checkpoint", required=True)
     k.add_argument("--out", required=True, help="Parquet file URI (local or s3://)")
+    k.add_argument("--kb", default=None, metavar="KB_URI",
+                   help="keep only this KB's entities and report the KB entities without a vector and the KG "
+                        "entities outside the KB")
     k.add_argument("--s3-endpoint", default=None)
     s.set_defaults(func=cmd_kge)
 

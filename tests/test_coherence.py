@@ -144,7 +144,11 @@ def related(synth_dir, tmp_path_factory):
     counts = write_related_posts(synth_dir / "kb.parquet", root / "data", n_posts=240, team_size=4, seed=3)
     assert main(["kge", "train", "--triples", str(root / "data" / "triples"), "--out", str(root / "kge"),
                  "--dim", "32", "--epochs", "60", "--batch-size", "200", "--eval-every", "0"]) == 0
-    assert main(["kge", "embed", "--checkpoint", str(root / "kge"), "--out", str(root / "emb.parquet")]) == 0
+    assert main(["kge", "embed", "--checkpoint", str(root / "kge"), "--out", str(root / "emb.parquet"),
+                 "--kb", str(synth_dir / "kb.parquet")]) == 0
+    ids = pq.read_table(root / "emb.parquet").column("entity_id").to_pylist()
+    kb_ids = pq.read_table(synth_dir / "kb.parquet").column("entity_id").to_pylist()
+    assert sorted(ids) == sorted(kb_ids)  # the team nodes (KG only) are left out
     return root, counts
 
 
