@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--model", default="complex", choices=["complex", "rotate", "transe"])
     k.add_argument("--modalities", default="structure", choices=["structure", "ling", "visual", "all"])
     k.add_argument("--fusion", default="ot", choices=["ot", "mean", "concat"])
-    k.add_argument("--features", default=None, help="Parquet: entity_id + ling / visual vectors")
+    k.add_argument("--features", default=None, help="*.parquet: entity_id + ling / visual vectors (otmel kge features); or a directory of "
+                        "ling.npy / visual.npy whose rows entities.txt names")
     k.add_argument("--entity-map", default=None, help="name<TAB>entity_id lines, when triples use other names")
     k.add_argument("--dim", type=int, default=400, help="reals per entity embedding (ComplEx/RotatE: even)")
     k.add_argument("--epochs", type=int, default=50)

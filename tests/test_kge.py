@@ -174,6 +174,20 @@ def test_unknown_relations_and_duplicates_are_counted_and_bad_feature_files_refu
     assert np.array_equal(feats.matrices["ling"][0], [1.0, 0.0])
     with pytest.raises(KGFormatError, match="visual"):
         load_features(str(tmp_path / "ok.parquet"), data.entities, ("ling", "visual"))
+    # the .npy form: a directory of matrices whose rows entities.txt names
+    npy = tmp_path / "npy"
+    npy.mkdir()
+    (npy / "entities.txt").write_text("c\nx\na\n")
+    np.save(npy / "ling.npy", np.array([[3.0, 1.0], [9.0, 9.0], [1.0, 2.0]], dtype=np.float32))
+    feats = load_features(str(npy), data.entities, ("ling",))
+    assert feats.unknown_ids == 1 and feats.present["ling"].tolist() == [True, False, True]
+    assert np.array_equal(feats.matrices["ling"], [[1.0, 2.0], [0.0, 0.0], [3.0, 1.0]])
+    np.save(npy / "visual.npy", np.zeros((2, 4), dtype=np.float32))  # 2 rows for 3 ids
+    with pytest.raises(KGFormatError, match="rows must match the entity list"):
+        load_features(str(npy), data.entities, ("ling", "visual"))
+    (npy / "entities.txt").unlink()
+    with pytest.raises(KGFormatError, match="needs entities.txt"):
+        load_features(str(npy), data.entities, ("ling",))
 
 
 def test_cli_train_evaluate_embed(kg, tmp_path, capsys):

@@ -177,15 +177,52 @@ class EntityFeatures:
     unknown_ids: int = 0  # feature rows whose entity_id is not in the KG
 
 
+#: a features DIRECTORY (the .npy form): the entity id of each matrix row, one per line
+NPY_ENTITIES = "entities.txt"
+
+
+def _npy_features(uri: str, modalities: tuple[str, ...], s3_endpoint: str | None):
+    """A directory with ``entities.txt`` (row order) and ``<modality>.npy`` (rows x dims) as
+    the table :func:`load_features` reads."""
+    import io
+
+    import pyarrow as pa
+
+    from otmel.storage import join, read_bytes
+
+    try:
+        ids = read_bytes(join(uri, NPY_ENTITIES), s3_endpoint).decode().splitlines()
+    except FileNotFoundError:
+        raise KGFormatError(f"{uri}: a features directory needs {NPY_ENTITIES} (the entity id of each .npy row); a Parquet file's name ends in .parquet") from None
+    columns = {"entity_id": pa.array(ids, pa.string())}
+    for m in modalities:
+        try:
+            matrix = np.load(io.BytesIO(read_bytes(join(uri, f"{m}.npy"), s3_endpoint)), allow_pickle=False)
+        except FileNotFoundError:
+            raise KGFormatError(f"{uri}: no {m}.npy for --modalities including {m}") from None
+        except ValueError as exc:
+            raise KGFormatError(f"{uri}/{m}.npy: not a numeric .npy array ({exc})") from None
+        if matrix.ndim != 2 or matrix.shape[0] != len(ids):
+            raise KGFormatError(f"{uri}/{m}.npy: shape {matrix.shape}, expected ({len(ids)} rows of {NPY_ENTITIES}, "
+                                f"dims): rows must match the entity list")
+        columns[m] = pa.FixedSizeListArray.from_arrays(pa.array(matrix.astype(np.float32).reshape(-1)), matrix.shape[1])
+    return pa.table(columns)
+
+
 def load_features(uri: str, entities: list[str], modalities: tuple[str, ...],
                   s3_endpoint: str | None = None) -> EntityFeatures:
     """A Parquet file with ``entity_id`` and one list<float> column per modality (``ling``,
-    ``visual``), all vectors of a column the same length. Entities without a row get zeros
-    (counted); rows of entities not in the KG are counted and ignored; a missing column, a
-    duplicate id or vectors of different lengths are errors."""
+    ``visual``), all vectors of a column the same length; or a directory of ``<modality>.npy``
+    matrices whose rows ``entities.txt`` names (one id per line, in row order). Entities
+    without a row get zeros (counted); rows of entities not in the KG are counted and
+    ignored; a missing column, a duplicate id, vectors of different lengths or a matrix
+    whose rows do not match the entity list are errors."""
     from otmel.storage import read_parquet
 
-    table = read_parquet(uri, s3_endpoint)
+    if uri.rstrip("/").endswith(".parquet"):
+        table = read_parquet(uri, s3_endpoint)
+    else:
+        table = _npy_features(uri, modalities, s3_endpoint)
     if "entity_id" not in table.column_names:
         raise KGFormatError(f"{uri}: no entity_id column")
     ids = [str(x) for x in table.column("entity_id").to_pylist()]
