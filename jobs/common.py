@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from otmel.image_fetch import fetch_images
 from otmel.preprocessing import MODEL_INPUTS  # the encoder inputs the preprocess step produces
 
 log = logging.getLogger(__name__)
@@ -101,35 +102,6 @@ def gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count()
-
-
-def fetch_images(images: list, uris: list, policy) -> tuple[list, list[str | None]]:
-    """Image bytes per row: the ``image`` cell, else ``image_uri`` fetched under ``policy``.
-
-    Returns (bytes or None per row, fetch error or None per row). Rows carry one image (the
-    link job's read step has already taken a post's first).
-    """
-    from otmel.image_fetch import ImageFetchError, fetch_image
-
-    out, errors = [], []
-    fetched: dict[str, tuple[bytes | None, str | None]] = {}  # a post's mentions share its image: fetch once
-    for data, uri in zip(images, uris):
-        if data is not None and len(data):
-            out.append(bytes(data))
-            errors.append(None)
-        elif uri:
-            uri = str(uri)
-            if uri not in fetched:
-                try:
-                    fetched[uri] = (fetch_image(uri, policy), None)
-                except ImageFetchError as exc:
-                    fetched[uri] = (None, f"bad_image: {uri}: {exc}")
-            out.append(fetched[uri][0])
-            errors.append(fetched[uri][1])
-        else:
-            out.append(None)
-            errors.append(None)
-    return out, errors
 
 
 class Preprocess:

@@ -252,7 +252,7 @@ class ShardBuilder:
         ids, the rows routed to this actor)."""
         import shutil
 
-        from otmel.entity_index import sha256_of
+        from otmel.storage import sha256_of
         from otmel.storage import join, upload_dir
 
         entry = self.writer.close(factory, train_size, shapes)

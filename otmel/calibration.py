@@ -124,24 +124,19 @@ def _threshold_of(lists: list[list[tuple]], gold: list, gold_in_kb: int) -> dict
 def calibrate_coherence(lists: list[list[tuple]], gold: list, posts: list, mention_ids: list, gold_known: np.ndarray,
                         cfg: CalibrateConfig) -> dict:
     """The coherence weight of highest dev top-1 accuracy, and the NIL threshold for it."""
-    from otmel.coherence import coherence, load_entity_vectors, post_tops
+    from otmel.coherence import load_entity_vectors, mention_coherence, post_tops, reorder
 
     vectors = load_entity_vectors(cfg.kge_embeddings, cfg.s3_endpoint)
-    tops = post_tops(posts, mention_ids, [[e for e, _ in lst] for lst in lists])
-    coh = []
-    for lst, post, mention in zip(lists, posts, mention_ids):
-        others = [] if post is None else [e for m, e in tops.get(str(post), ()) if m != str(mention)]
-        coh.append(coherence([e for e, _ in lst], others, vectors))
+    ids = [[e for e, _ in lst] for lst in lists]
+    scores = [[s for _, s in lst] for lst in lists]
+    tops = post_tops(posts, mention_ids, ids)
+    coh = mention_coherence(posts, mention_ids, ids, tops, vectors)  # once for the whole grid
     spread = [lst[0][1] - lst[-1][1] for lst in lists if len(lst) > 1]
     scale = float(np.mean(spread)) if spread and np.mean(spread) > 0 else 1.0
     grid = [0.0] + (scale * np.geomspace(0.01, 100, 41)).tolist()
 
     def rescored(w: float) -> list[list[tuple]]:
-        out = []
-        for lst, c in zip(lists, coh):
-            s = [(e, sc + w * ck) for (e, sc), ck in zip(lst, c)]
-            out.append(sorted(s, key=lambda x: (-x[1], str(x[0]))))
-        return out
+        return [list(zip(i, s)) for i, s in zip(*reorder(ids, scores, coh, w))]
 
     def h1(lsts: list[list[tuple]]) -> float:
         hits = sum(bool(lst) and lst[0][0] == g for lst, g, known in zip(lsts, gold, gold_known) if known)

@@ -44,10 +44,6 @@ import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
-#: read when hashing an embeddings file
-_HASH_CHUNK = 8 << 20
-
-
 class EmbeddingsError(ValueError):
     """A KGE embeddings file that cannot be used (the message says why)."""
 
@@ -76,28 +72,33 @@ class EntityVectors:
         return np.where(found, pos, -1).astype(np.int64)
 
 
-def embeddings_version(uri: str, s3_endpoint: str | None = None) -> str:
-    """The content hash of an embeddings file, read in chunks (never held whole)."""
-    from otmel.storage import resolve
+def _missing(uri: str) -> EmbeddingsError:
+    return EmbeddingsError(f"{uri}: no such KGE embeddings file (write one with `otmel kge embed`)")
 
-    fs, path = resolve(uri, s3_endpoint)
-    digest = hashlib.sha256()
-    try:
-        with fs.open_input_stream(path) as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
-    except FileNotFoundError:
-        raise EmbeddingsError(f"{uri}: no such KGE embeddings file (write one with `otmel kge embed`)") from None
-    return digest.hexdigest()[:16]
+
+def embeddings_version(uri: str, s3_endpoint: str | None = None) -> str:
+    """The content hash of an embeddings file (streamed: the driver never holds the file)."""
+    from otmel.storage import exists, sha256_of
+
+    if not exists(uri, s3_endpoint):
+        raise _missing(uri)
+    return sha256_of(uri, s3_endpoint)[:16]
 
 
 def load_entity_vectors(uri: str, s3_endpoint: str | None = None) -> EntityVectors:
-    """Read ``entity_id`` + ``vector`` Parquet (``otmel kge embed``). Duplicate ids, vectors
-    of other lengths or non-finite values are errors; all-zero vectors are dropped, counted."""
-    from otmel.storage import read_parquet
+    """Read ``entity_id`` + ``vector`` Parquet (``otmel kge embed``), its version hashed from
+    the same bytes. Duplicate ids, vectors of other lengths or non-finite values are errors;
+    all-zero vectors are dropped, counted."""
+    import pyarrow.parquet as pq
 
-    version = embeddings_version(uri, s3_endpoint)
-    table = read_parquet(uri, s3_endpoint)
+    from otmel.storage import read_bytes
+
+    try:
+        data = read_bytes(uri, s3_endpoint)
+    except FileNotFoundError:
+        raise _missing(uri) from None
+    version = hashlib.sha256(data).hexdigest()[:16]
+    table = pq.read_table(pa.BufferReader(data))
     missing = {"entity_id", "vector"} - set(table.column_names)
     if missing:
         raise EmbeddingsError(f"{uri}: KGE embeddings need columns entity_id and vector; missing {sorted(missing)}")
@@ -155,23 +156,36 @@ def coherence(candidate_ids: list, others: list[str], vectors: EntityVectors) ->
     return out
 
 
-def rescore(post_ids, mention_ids, candidate_ids: list[list], candidate_scores: list[list],
-            tops: dict[str, list[tuple[str, str]]], vectors: EntityVectors,
+def mention_coherence(post_ids, mention_ids, candidate_ids: list[list], tops: dict[str, list[tuple[str, str]]],
+                      vectors: EntityVectors) -> list[np.ndarray]:
+    """coh(i, c) of every mention's candidates (it does not depend on W: calibration
+    computes it once for its whole grid)."""
+    out = []
+    for post, mention, ids in zip(post_ids, mention_ids, candidate_ids):
+        others = [] if post is None else [e for m, e in tops.get(str(post), ()) if m != str(mention)]
+        out.append(coherence(ids, others, vectors))
+    return out
+
+
+def reorder(candidate_ids: list[list], candidate_scores: list[list], coh: list[np.ndarray],
             weight: float) -> tuple[list[list], list[list]]:
     """Each mention's candidates re-ordered by S = S_O + W * coh (ties by entity id);
     returns (ids, scores) lists in the new order."""
     new_ids, new_scores = [], []
-    for post, mention, ids, scores in zip(post_ids, mention_ids, candidate_ids, candidate_scores):
-        if not ids:
-            new_ids.append(ids)
-            new_scores.append(scores)
-            continue
-        others = [] if post is None else [e for m, e in tops.get(str(post), ()) if m != str(mention)]
-        s = np.asarray(scores, dtype=np.float64) + weight * coherence(ids, others, vectors)
+    for ids, scores, c in zip(candidate_ids, candidate_scores, coh):
+        s = np.asarray(scores, dtype=np.float64) + weight * c
         order = sorted(range(len(ids)), key=lambda k: (-s[k], str(ids[k])))
         new_ids.append([ids[k] for k in order])
         new_scores.append([float(s[k]) for k in order])
     return new_ids, new_scores
+
+
+def rescore(post_ids, mention_ids, candidate_ids: list[list], candidate_scores: list[list],
+            tops: dict[str, list[tuple[str, str]]], vectors: EntityVectors,
+            weight: float) -> tuple[list[list], list[list]]:
+    """:func:`reorder` by the coherence of each mention's post (:func:`mention_coherence`)."""
+    return reorder(candidate_ids, candidate_scores,
+                   mention_coherence(post_ids, mention_ids, candidate_ids, tops, vectors), weight)
 
 
 # ---------------------------------------------------------------------------- link output rows
@@ -192,8 +206,8 @@ def apply_to_rows(table: pa.Table, tops: dict[str, list[tuple[str, str]]], vecto
     live = [i for i, s in enumerate(status) if s in ("ok", "nil") and rows[i]]
     if not live:
         return table
-    ids, scores = rescore([table.column("post_id")[i].as_py() for i in live],
-                          [table.column("mention_id")[i].as_py() for i in live],
+    posts, mentions = table.column("post_id").to_pylist(), table.column("mention_id").to_pylist()
+    ids, scores = rescore([posts[i] for i in live], [mentions[i] for i in live],
                           [[c["entity_id"] for c in rows[i]] for i in live],
                           [[c["score"] for c in rows[i]] for i in live], tops, vectors, weight)
     entity = table.column("entity_id").to_pylist()

@@ -257,21 +257,6 @@ class ShardWriter:
         return order
 
 
-def sha256_of(uri: str, s3_endpoint: str | None = None, chunk: int = 1 << 22) -> str:
-    """sha256 of a file anywhere (local or s3://), streamed: what storage really holds."""
-    from otmel.storage import StorageError, resolve
-
-    fs, path = resolve(uri, s3_endpoint)
-    h = hashlib.sha256()
-    try:
-        with fs.open_input_stream(path) as f:
-            while block := f.read(chunk):
-                h.update(block)
-    except OSError as exc:
-        raise StorageError(f"{uri}: {exc}") from exc
-    return h.hexdigest()
-
-
 def index_version_of(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 

@@ -376,3 +376,31 @@ def fetch_image(uri: str, policy: ImagePolicy) -> bytes:
     except Exception as exc:  # noqa: BLE001 - the contract: one error type, one line, per row
         log.debug("image %s: unexpected error", uri, exc_info=True)
         raise ImageFetchError(_one_line(f"fetch failed: {type(exc).__name__}: {exc}")) from None
+
+
+def fetch_images(images: list, uris: list, policy) -> tuple[list, list[str | None]]:
+    """Image bytes per row: the ``image`` cell, else ``image_uri`` fetched under ``policy``
+    (the index and link jobs' preprocess step, ``otmel kge features``).
+
+    Returns (bytes or None per row, fetch error or None per row). Rows carry one image (the
+    link job's read step has already taken a post's first).
+    """
+    out, errors = [], []
+    fetched: dict[str, tuple[bytes | None, str | None]] = {}  # a post's mentions share its image: fetch once
+    for data, uri in zip(images, uris):
+        if data is not None and len(data):
+            out.append(bytes(data))
+            errors.append(None)
+        elif uri:
+            uri = str(uri)
+            if uri not in fetched:
+                try:
+                    fetched[uri] = (fetch_image(uri, policy), None)
+                except ImageFetchError as exc:
+                    fetched[uri] = (None, f"bad_image: {uri}: {exc}")
+            out.append(fetched[uri][0])
+            errors.append(fetched[uri][1])
+        else:
+            out.append(None)
+            errors.append(None)
+    return out, errors

@@ -9,6 +9,7 @@ instead of hanging.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -164,6 +165,19 @@ def read_bytes(uri: str, s3_endpoint: str | None = None) -> bytes:
         if "not found" in str(exc).lower() or "does not exist" in str(exc).lower():
             raise FileNotFoundError(f"{uri}: no such file") from exc
         raise _wrap(uri, exc) from exc
+
+
+def sha256_of(uri: str, s3_endpoint: str | None = None, chunk: int = 1 << 22) -> str:
+    """sha256 of a file anywhere (local or s3://), streamed: what storage really holds."""
+    fs, path = resolve(uri, s3_endpoint)
+    h = hashlib.sha256()
+    try:
+        with fs.open_input_stream(path) as f:
+            while block := f.read(chunk):
+                h.update(block)
+    except OSError as exc:
+        raise StorageError(f"{uri}: {exc}") from exc
+    return h.hexdigest()
 
 
 def write_bytes(uri: str, data: bytes, s3_endpoint: str | None = None) -> None:

@@ -42,28 +42,6 @@ class FeatureReport:
     visual_dim: int = 0
 
 
-def _images(rows: dict, policy) -> tuple[list, list[str | None]]:
-    from otmel.image_fetch import ImageFetchError, fetch_image
-
-    images, errors = [], []
-    n = len(rows["entity_id"])
-    for data, uri in zip(rows.get("image", [None] * n), rows.get("image_uri", [None] * n)):
-        if data:
-            images.append(bytes(data))
-            errors.append(None)
-        elif uri:
-            try:
-                images.append(fetch_image(str(uri), policy))
-                errors.append(None)
-            except ImageFetchError as exc:
-                images.append(None)
-                errors.append(f"bad_image: {uri}: {exc}")
-        else:
-            images.append(None)
-            errors.append(None)
-    return images, errors
-
-
 def encode_kb_features(model_uri: str, kb_uri: str, out_uri: str, batch_size: int = 64,
                        s3_endpoint: str | None = None, allow_image_prefix: tuple[str, ...] = (),
                        progress=None) -> FeatureReport:
@@ -71,7 +49,7 @@ def encode_kb_features(model_uri: str, kb_uri: str, out_uri: str, batch_size: in
     import pyarrow.parquet as pq
 
     from otmel.backend import load_backend
-    from otmel.image_fetch import ImagePolicy
+    from otmel.image_fetch import ImagePolicy, fetch_images
     from otmel.preprocessing import MODEL_INPUTS
     from otmel.storage import resolve, write_bytes
 
@@ -89,7 +67,7 @@ def encode_kb_features(model_uri: str, kb_uri: str, out_uri: str, batch_size: in
         for record_batch in kb.iter_batches(batch_size=batch_size, columns=columns):
             rows = record_batch.to_pydict()
             n = len(rows["entity_id"])
-            images, fetch_errors = _images(rows, policy)
+            images, fetch_errors = fetch_images(rows.get("image", [None] * n), rows.get("image_uri", [None] * n), policy)
             batch = backend.preprocessor.entities({"name": rows["name"], "attributes": rows.get("attributes", [None] * n),
                                                    "image": images})
             keep = [i for i in range(n) if rows["entity_id"][i] not in (None, "") and batch.ok[i]]
