@@ -33,12 +33,23 @@ def worker_env() -> dict[str, str]:
             if (k.startswith("AWS_") and k not in AWS_SECRETS) or k.startswith("OTMEL_")}
 
 
+#: set by Ray's job supervisor in the environment of a submitted job's driver (`otmel submit`)
+JOB_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
 def ray_address(address: str | None) -> str:
-    """Where a job runs: ``--address`` if given; else the cluster of the Ray job this process
-    is (``RAY_ADDRESS``, set by Ray's job supervisor: ``otmel submit``); else a NEW local
-    instance. Never ``None``: ``ray.init()`` would silently join whatever cluster a
-    ``ray start`` left running on this machine."""
-    return address or os.environ.get("RAY_ADDRESS") or "local"
+    """Where a job runs: ``--address`` if given (``auto``: the cluster running on this machine,
+    or RAY_ADDRESS's); else, in the driver of a submitted Ray job, that job's cluster (its
+    supervisor sets ``RAY_ADDRESS`` and :data:`JOB_DRIVER_ENV`); else a NEW local instance.
+    A ``RAY_ADDRESS`` exported in a user's shell is not followed without ``--address``: the
+    embedded default must not join (and die with) whatever other cluster runs on the machine.
+    Never ``None``: ``ray.init()`` would silently join a cluster a ``ray start`` left running.
+    """
+    if address:
+        return address
+    if os.environ.get("RAY_ADDRESS") and os.environ.get(JOB_DRIVER_ENV):
+        return os.environ["RAY_ADDRESS"]
+    return "local"
 
 
 def parse_pool(spec: int | str, what: str = "--workers") -> tuple[int, int]:
@@ -73,6 +84,26 @@ def actor_pool(spec: int | str, what: str = "--workers"):
 TARGET_BLOCK_BYTES = 8 * 1024 * 1024
 
 
+def connect_ray(address: str | None, **init_kwargs) -> None:
+    """``ray.init`` for a job (see :func:`ray_address`); logs at start whether the job
+    started its own local instance or joined a cluster."""
+    import ray
+
+    where = ray_address(address)
+    if where == "local" and os.environ.get("RAY_ADDRESS"):
+        # the local instance's processes inherit this environment: none of them may follow it
+        log.info("RAY_ADDRESS=%s ignored (no --address): pass --address auto to join that cluster",
+                 os.environ.pop("RAY_ADDRESS"))
+    ray.init(address=where, **init_kwargs)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if where == "local":
+        log.info("started a local Ray instance (%g CPUs; the embedded default: --address auto or HOST:PORT "
+                 "joins a cluster)", cpus)
+    else:
+        log.info("joined the Ray cluster at %s (%d node(s), %g CPUs)", ray.get_runtime_context().gcs_address,
+                 len([n for n in ray.nodes() if n.get("Alive")]), cpus)
+
+
 def init_ray(address: str | None, log_to_driver: bool = True) -> None:
     """Join ``address`` (a cluster) or start a local instance, unless Ray is already up
     (see :func:`ray_address`).
@@ -83,7 +114,7 @@ def init_ray(address: str | None, log_to_driver: bool = True) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=ray_address(address), runtime_env={"env_vars": worker_env()}, log_to_driver=log_to_driver)
+        connect_ray(address, runtime_env={"env_vars": worker_env()}, log_to_driver=log_to_driver)
     ctx = __import__("ray.data", fromlist=["DataContext"]).DataContext.get_current()
     # blocks may finish in any order: the jobs' outputs do not depend on it (link parts are
     # re-sorted at commit, index shards sorted by entity id), and in-order delivery would make

@@ -482,7 +482,7 @@ def run(cfg: TrainConfig, ray_init_kwargs: dict | None = None) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     from otmel.factory import create_model
-    from otmel.jobs.common import ray_address, worker_env
+    from otmel.jobs.common import connect_ray, worker_env
     from otmel.storage import resolve
 
     checks = preflight(cfg)
@@ -506,7 +506,7 @@ def run(cfg: TrainConfig, ray_init_kwargs: dict | None = None) -> TrainResult:
         # give them the driver's AWS settings (credentials: see worker_env)
         kwargs = dict(ray_init_kwargs or {})
         kwargs.setdefault("runtime_env", {"env_vars": worker_env()})
-        ray.init(address=ray_address(cfg.address), **kwargs)
+        connect_ray(cfg.address, **kwargs)
     # the raw pairs, once, in the object store: each worker's per-epoch pipeline reads its rows
     pairs_ref = ray.put(pairs)
     fs, storage_path = resolve(cfg.out, cfg.s3_endpoint)

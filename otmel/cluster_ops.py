@@ -1,5 +1,5 @@
 """Cluster operations on Ray's own machinery: submit otmel commands as Ray jobs (Jobs API),
-watch and stop them, ask the autoscaler for capacity (``ray.autoscaler.sdk``), and a local
+watch and stop them, ask the autoscaler for capacity and hold it (:func:`scale`), and a local
 multi-node cluster on this machine for trying all of it (Ray's fake multi-node provider).
 
 Addresses: the Jobs API is the head's dashboard port (``http://HEAD:8265``); scaling talks
@@ -278,43 +278,141 @@ def scale_bundles(cpus: int | None, gpus: int | None, bundles: str | None) -> li
     return out
 
 
-def _satisfied(bundles: list[dict], nodes: list[dict]) -> bool:
-    """Can the alive nodes place every bundle (first fit, largest first)?"""
-    free = [dict(n.get("Resources", {})) for n in nodes]
+def _placement(bundles: list[dict], nodes: list[dict]) -> tuple[list[str], bool]:
+    """First fit of ``bundles`` (largest first) on the alive nodes: the nodes used by the
+    bundles that fit, and whether all did."""
+    free = [(n["NodeID"], dict(n.get("Resources", {}))) for n in nodes]
+    used: list[str] = []
+    complete = True
     for b in sorted(bundles, key=lambda b: -sum(b.values())):
-        for f in free:
+        for node_id, f in free:
             if all(f.get(k, 0) >= v for k, v in b.items()):
                 for k, v in b.items():
                     f[k] -= v
+                if node_id not in used:
+                    used.append(node_id)
                 break
         else:
-            return False
-    return True
+            complete = False
+    return used, complete
+
+
+#: Ray namespace of the hold actors and internal-KV key of the request `otmel scale` made
+HOLD_NAMESPACE = "otmel-scale"
+REQUEST_KEY = b"otmel-scale/request"
+
+
+class CapacityHold:
+    """A detached actor that does nothing: a node with an actor on it is not idle, so the
+    autoscaler does not remove it. Takes no CPU (jobs can use the whole node)."""
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+def _request_slot() -> list[dict]:
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return json.loads(raw) if raw else []
+
+
+def _merge_request(add: list[dict], remove: list[dict]) -> list[dict]:
+    """The cluster's request slot with ``remove`` taken out (one bundle per bundle, those
+    still there) and ``add`` put in: other requesters' bundles stay."""
+    from ray.autoscaler.sdk import request_resources
+
+    current = _request_slot()
+    for b in remove:
+        if b in current:
+            current.remove(b)
+    merged = current + [dict(b) for b in add]
+    request_resources(bundles=merged)
+    return merged
+
+
+def _holds() -> list:
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a.get("namespace") == HOLD_NAMESPACE]
+    return [ray.get_actor(n, namespace=HOLD_NAMESPACE) for n in names]
+
+
+def _hold(node_id: str):
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return ray.remote(num_cpus=0)(CapacityHold).options(
+        name=f"hold-{node_id}", namespace=HOLD_NAMESPACE, lifetime="detached", get_if_exists=True,
+        max_restarts=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
 
 
 def scale(address: str, cpus: int | None = None, gpus: int | None = None, bundles: str | None = None,
           clear: bool = False, timeout: float = 300.0, token_file: str | None = None, out=sys.stdout) -> int:
-    """Ask the autoscaler for capacity (or release it); print the nodes before and after."""
+    """Ask the autoscaler for capacity (or release it); print the nodes before and after.
+
+    Ray keeps one resource request per cluster, a slot that every ``request_resources`` call
+    overwrites (ray-project/ray#13534), and since Ray 2.5x Ray Data's ``AutoscalingCoordinator``
+    (a detached actor that lives on once any Ray Data job has run) rewrites that slot every
+    20 s with the requests of the jobs it knows. A request alone would therefore vanish within
+    20 s and the autoscaler would remove the new nodes as idle. So the request only brings the
+    nodes up (written merged into the slot, re-written while waiting if someone overwrote it);
+    what keeps them is a hold: a detached zero-CPU actor on each node the request needs (a
+    node with an actor is never idle; the actor takes no resources a job could use).
+    ``--clear`` removes the holds and this command's bundles from the slot; the nodes leave
+    after the cluster's idle timeout. A held node that dies is not replaced.
+    """
     _connect(address, token_file)
-    from ray.autoscaler.sdk import request_resources
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
 
     print(f"before: {describe_nodes(alive_nodes())}", file=out, flush=True)
+    previous = json.loads(_internal_kv_get(REQUEST_KEY) or b"[]")
     if clear:
-        request_resources(bundles=[])
-        print("request cleared: idle worker nodes leave after the cluster's idle timeout", file=out)
+        holds = _holds()
+        for actor in holds:
+            ray.kill(actor, no_restart=True)
+        _merge_request([], previous)
+        _internal_kv_put(REQUEST_KEY, b"[]", overwrite=True)
+        print(f"request cleared ({len(holds)} node hold(s) released): idle worker nodes leave after the cluster's "
+              "idle timeout", file=out)
         print(f"now: {describe_nodes(alive_nodes())}", file=out)
         return 0
     wanted = scale_bundles(cpus, gpus, bundles)
-    request_resources(bundles=wanted)
+    for actor in _holds():  # a new request replaces the last one
+        ray.kill(actor, no_restart=True)
+    written = _merge_request(wanted, previous)
+    _internal_kv_put(REQUEST_KEY, json.dumps(wanted).encode(), overwrite=True)
     deadline = time.monotonic() + timeout
-    while not _satisfied(wanted, nodes := alive_nodes()):
+    held: dict[str, object] = {}
+    while True:
+        # hold each node as soon as the request needs it (a node idle past the idle timeout
+        # before its hold is up would be removed once the request slot is overwritten)
+        placed, complete = _placement(wanted, nodes := alive_nodes())
+        for node_id in placed:
+            if node_id not in held:
+                held[node_id] = _hold(node_id)
+        if complete:
+            try:
+                ray.get([held[n].node_id.remote() for n in placed], timeout=60)
+                break
+            except ray.exceptions.RayError:  # a node went before its hold was up: place again
+                held = {n: h for n, h in held.items() if n in {x["NodeID"] for x in alive_nodes()}}
         if time.monotonic() > deadline:
             print(f"after {timeout:.0f} s: {describe_nodes(nodes)}", file=out)
             raise ClusterError(f"the autoscaler did not provide {len(wanted)} bundle(s) within {timeout:.0f} s "
                                "(max_workers reached, no node type fits, or the provider is slow); the request stays "
                                "until `otmel scale --clear`")
+        if _request_slot() != written:  # overwritten (Ray Data's coordinator): put ours back in
+            written = _merge_request(wanted, [])
         time.sleep(1.0)
-    print(f"after: {describe_nodes(nodes)}", file=out)
+    for node_id in set(held) - set(placed):  # held on the way, not needed by the final placement
+        ray.kill(held[node_id], no_restart=True)
+    print(f"after: {describe_nodes(nodes)}; {len(placed)} node(s) held until `otmel scale --clear`", file=out)
     return 0
 
 

@@ -146,6 +146,40 @@ def _alive_nodes(cluster) -> list:
     return [n for n in _state(cluster, "nodes") if n.state == "ALIVE"]
 
 
+def test_without_address_a_job_has_its_own_ray_while_another_cluster_comes_and_goes(data, one_node):
+    """The embedded default is embedded (issue 14). Another Ray cluster runs on the machine and
+    the shell exports RAY_ADDRESS for it (as its users do): `otmel link --address auto` joins
+    it and says so; without --address the job starts its own local instance and says so, the
+    other cluster is stopped mid-job (by its own shutdown: `ray stop` would kill every Ray on
+    the machine), and the job still writes every row."""
+    from ray.cluster_utils import Cluster
+
+    other = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    try:
+        env = _env(RAY_AUTH_MODE="disabled", RAY_ADDRESS=other.address)
+        args = ["link", "--model", data / "onnx", "--index", one_node[0], "--input", data / "synth" / "mentions",
+                "--candidates", 32]
+        joined = otmel(*args, "--output", data / "out-auto", "--address", "auto", env=env)
+        assert f"joined the Ray cluster at {other.address}" in joined.stderr, joined.stderr[-2000:]
+        assert_same_link_rows(_rows(data / "out-auto"), _rows(one_node[1]))
+
+        proc = subprocess.Popen([OTMEL, *map(str, args), "--output", str(data / "out-own")], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "started a local Ray instance" in line:
+                break
+        assert any("RAY_ADDRESS" in line and "ignored" in line for line in seen), "".join(seen)[-3000:]
+        other.shutdown()
+        assert proc.poll() is None, "the job ended before the other cluster was stopped"
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, "".join(seen)[-2000:] + err[-3000:]
+        assert_same_link_rows(_rows(data / "out-own"), _rows(one_node[1]))
+    finally:
+        other.shutdown()
+
+
 def test_index_and_link_on_three_nodes_equal_one_node(cluster, one_node, data):
     """--address HEAD:PORT: same shard files (sha256) and the same rows as on one node; the
     work ran on more than one node."""
@@ -241,6 +275,11 @@ def test_scale_up_adds_nodes_a_job_uses_them_and_clear_lets_them_go(cluster, one
     assert f"before: {NODES} node(s)" in up.stdout and f"after: {MAX_NODES} node(s)" in up.stdout, up.stdout
     new = {n.node_id for n in _alive_nodes(cluster)} - before
     assert len(new) == MAX_NODES - NODES
+    # Ray Data's AutoscalingCoordinator, left by the earlier link jobs, rewrites the cluster's
+    # one resource request every 20 s: the new nodes must outlive that and the 6 s idle timeout
+    assert any(a.name == "AutoscalingCoordinator" and a.state == "ALIVE" for a in _state(cluster, "actors"))
+    time.sleep(30)
+    assert new <= {n.node_id for n in _alive_nodes(cluster)}, "the scaled-up nodes were removed while requested"
     proc = otmel("submit", "--address", cluster["dashboard_url"], "--wait", "link", "--", "--model", data / "onnx",
                  "--index", one_node[0], "--input", data / "synth" / "mentions", "--output", data / "out-scaled",
                  "--candidates", 32, "--workers", 4, env=env)
@@ -253,5 +292,5 @@ def test_scale_up_adds_nodes_a_job_uses_them_and_clear_lets_them_go(cluster, one
              {a.node_id for a in _state(cluster, "actors", job_id=ray_job)}
     assert ran_on & new, (ran_on, new)
     down = otmel("scale", "--address", cluster["gcs_address"], "--clear", env=env)
-    assert "request cleared" in down.stdout
+    assert "request cleared" in down.stdout and f"{MAX_NODES} node hold(s) released" in down.stdout, down.stdout
     _wait_for_nodes(cluster, NODES, "idle nodes were not removed after --clear")  # back to min_workers (which nodes stay is the autoscaler's choice)
