@@ -185,6 +185,31 @@ class Preprocess:
         return out
 
 
+def encode_threads(cpus: float, pool_size: int, node_cpus: int) -> int:
+    """Intra-op threads of a CPU encode actor: the CPUs it was given (``--cpus-per-actor``),
+    whole. A fractional share (the default 0.5, which leaves Ray room for the read and
+    preprocess tasks on small machines) stands for "the node's cores, shared by the pool":
+    ``node_cpus // pool_size`` threads, at least 1. The encoder is nearly all of a link's
+    time at real model size (bench/results), so the pool must keep every core busy; the
+    light tasks beside it take their turns from the OS."""
+    if cpus >= 1:
+        return int(cpus)
+    return max(1, int(node_cpus) // max(1, int(pool_size)))
+
+
+def node_cpus() -> int:
+    """CPUs Ray registered for the node this process runs on (the process's cores outside Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return max(1, len(os.sched_getaffinity(0)))
+    here = ray.get_runtime_context().get_node_id()
+    for n in ray.nodes():
+        if n.get("NodeID") == here:
+            return max(1, int(n.get("Resources", {}).get("CPU", 1)))
+    return 1
+
+
 class Encode:
     """Encoder actor: loads the model once (ONNX Runtime or PyTorch), encodes the usable rows.
 
@@ -193,13 +218,16 @@ class Encode:
     """
 
     def __init__(self, model_uri: str, feature_names: tuple[str, ...], s3_endpoint: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, cpus: float | None = None, pool_size: int = 1):
         import torch
 
         from otmel.backend import load_backend
 
+        if threads is None and cpus is not None:  # on CPU: follow the CPUs the actor was given
+            threads = encode_threads(cpus, pool_size, node_cpus())
         if threads:
             torch.set_num_threads(threads)
+        self.threads = threads
         self.backend = load_backend(model_uri, s3_endpoint, threads=threads)
         self.feature_names = tuple(feature_names)
 

@@ -644,7 +644,7 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
     import ray.data
 
     from otmel.image_fetch import ImagePolicy
-    from otmel.jobs.common import Encode, actor_pool
+    from otmel.jobs.common import Encode, actor_pool, parse_pool
     from otmel.linking import LINK_MENTION_FEATURES
 
     policy = ImagePolicy(allowed_prefixes=tuple(cfg.allow_image_prefix), allow_private_hosts=cfg.allow_private_hosts,
@@ -661,7 +661,9 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
                           num_cpus=cfg.cpus_per_actor,
                           num_gpus=1 if use_gpu else 0,
                           fn_constructor_kwargs={"model_uri": cfg.model, "feature_names": LINK_MENTION_FEATURES,
-                                                 "s3_endpoint": cfg.s3_endpoint, "threads": None if use_gpu else 1})
+                                                 "s3_endpoint": cfg.s3_endpoint,
+                                                 "cpus": None if use_gpu else cfg.cpus_per_actor,
+                                                 "pool_size": parse_pool(cfg.workers)[1]})
 
 
 def run(cfg: LinkConfig, progress=None) -> LinkResult:
