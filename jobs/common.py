@@ -218,13 +218,13 @@ class Encode:
     """
 
     def __init__(self, model_uri: str, feature_names: tuple[str, ...], s3_endpoint: str | None = None,
-                 threads: int | None = None, cpus: float | None = None, pool_size: int = 1):
+                 cpus: float | None = None, pool_size: int = 1):
         import torch
 
         from otmel.backend import load_backend
 
-        if threads is None and cpus is not None:  # on CPU: follow the CPUs the actor was given
-            threads = encode_threads(cpus, pool_size, node_cpus())
+        # on CPU (``cpus`` given) the threads follow the CPUs the actor was given; on GPU the runtime's
+        threads = None if cpus is None else encode_threads(cpus, pool_size, node_cpus())
         if threads:
             torch.set_num_threads(threads)
         self.threads = threads
@@ -245,6 +245,17 @@ class Encode:
             full[sel] = arr
             out[name] = full
         return out
+
+
+def encode_step(ds, cfg, feature_names: tuple[str, ...], use_gpu: bool):
+    """The encode actor pool of a job (``cfg``: an index or link config) on dataset ``ds``:
+    ``--workers`` actors of ``--cpus-per-actor`` CPUs, or one GPU each on a GPU cluster."""
+    return ds.map_batches(Encode, batch_size=cfg.batch_size, compute=actor_pool(cfg.workers),
+                          num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0,
+                          fn_constructor_kwargs={"model_uri": cfg.model, "feature_names": feature_names,
+                                                 "s3_endpoint": cfg.s3_endpoint,
+                                                 "cpus": None if use_gpu else cfg.cpus_per_actor,
+                                                 "pool_size": parse_pool(cfg.workers)[1]})
 
 
 def probe_model(backend) -> dict[str, list[int]]:

@@ -181,7 +181,7 @@ def encoded_entities(cfg: IndexConfig, files: list[str], preprocessor, use_gpu: 
 
     from otmel.entity_index import STORED_FEATURES
     from otmel.image_fetch import ImagePolicy
-    from otmel.jobs.common import Encode, actor_pool, parse_pool
+    from otmel.jobs.common import encode_step
     from otmel.storage import resolve
 
     fs, _ = resolve(files[0], cfg.s3_endpoint)
@@ -197,12 +197,7 @@ def encoded_entities(cfg: IndexConfig, files: list[str], preprocessor, use_gpu: 
     # preprocessing on CPU tasks (its own resources keep Ray Data from fusing it into the actors)
     ds = ds.map_batches(preprocess_entities, batch_size=cfg.batch_size, num_cpus=0.25,
                         fn_kwargs={"preprocessor": preprocessor, "image_policy": policy, "bad_image": "text"})
-    return ds.map_batches(
-        Encode, batch_size=cfg.batch_size, compute=actor_pool(cfg.workers), num_cpus=cfg.cpus_per_actor,
-        num_gpus=1 if use_gpu else 0,
-        fn_constructor_kwargs={"model_uri": cfg.model, "feature_names": STORED_FEATURES,
-                               "s3_endpoint": cfg.s3_endpoint, "cpus": None if use_gpu else cfg.cpus_per_actor,
-                               "pool_size": parse_pool(cfg.workers)[1]})
+    return encode_step(ds, cfg, STORED_FEATURES, use_gpu)
 
 
 #: CPU share of a shard-builder actor (S of them run beside the encode pool)

@@ -644,7 +644,7 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
     import ray.data
 
     from otmel.image_fetch import ImagePolicy
-    from otmel.jobs.common import Encode, actor_pool, parse_pool
+    from otmel.jobs.common import encode_step
     from otmel.linking import LINK_MENTION_FEATURES
 
     policy = ImagePolicy(allowed_prefixes=tuple(cfg.allow_image_prefix), allow_private_hosts=cfg.allow_private_hosts,
@@ -657,13 +657,7 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
     # preprocessing stays on CPU tasks (its own resources keep Ray Data from fusing it into the actors)
     ds = ds.map_batches(preprocess_mentions, batch_size=cfg.batch_size, num_cpus=PREPROCESS_CPUS,
                         fn_kwargs={"preprocessor": preprocessor, "image_policy": policy, "bad_image": cfg.bad_image})
-    return ds.map_batches(Encode, batch_size=cfg.batch_size, compute=actor_pool(cfg.workers),
-                          num_cpus=cfg.cpus_per_actor,
-                          num_gpus=1 if use_gpu else 0,
-                          fn_constructor_kwargs={"model_uri": cfg.model, "feature_names": LINK_MENTION_FEATURES,
-                                                 "s3_endpoint": cfg.s3_endpoint,
-                                                 "cpus": None if use_gpu else cfg.cpus_per_actor,
-                                                 "pool_size": parse_pool(cfg.workers)[1]})
+    return encode_step(ds, cfg, LINK_MENTION_FEATURES, use_gpu)
 
 
 def run(cfg: LinkConfig, progress=None) -> LinkResult:

@@ -334,12 +334,15 @@ def _merge_request(add: list[dict], remove: list[dict]) -> list[dict]:
     return merged
 
 
-def _holds() -> list:
+def _release_holds() -> int:
+    """Kill every hold actor; how many there were."""
     import ray
 
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a.get("namespace") == HOLD_NAMESPACE]
-    return [ray.get_actor(n, namespace=HOLD_NAMESPACE) for n in names]
+    for name in names:
+        ray.kill(ray.get_actor(name, namespace=HOLD_NAMESPACE), no_restart=True)
+    return len(names)
 
 
 def _hold(node_id: str):
@@ -373,18 +376,15 @@ def scale(address: str, cpus: int | None = None, gpus: int | None = None, bundle
     print(f"before: {describe_nodes(alive_nodes())}", file=out, flush=True)
     previous = json.loads(_internal_kv_get(REQUEST_KEY) or b"[]")
     if clear:
-        holds = _holds()
-        for actor in holds:
-            ray.kill(actor, no_restart=True)
+        released = _release_holds()
         _merge_request([], previous)
         _internal_kv_put(REQUEST_KEY, b"[]", overwrite=True)
-        print(f"request cleared ({len(holds)} node hold(s) released): idle worker nodes leave after the cluster's "
+        print(f"request cleared ({released} node hold(s) released): idle worker nodes leave after the cluster's "
               "idle timeout", file=out)
         print(f"now: {describe_nodes(alive_nodes())}", file=out)
         return 0
     wanted = scale_bundles(cpus, gpus, bundles)
-    for actor in _holds():  # a new request replaces the last one
-        ray.kill(actor, no_restart=True)
+    _release_holds()  # a new request replaces the last one
     written = _merge_request(wanted, previous)
     _internal_kv_put(REQUEST_KEY, json.dumps(wanted).encode(), overwrite=True)
     deadline = time.monotonic() + timeout
@@ -401,7 +401,8 @@ def scale(address: str, cpus: int | None = None, gpus: int | None = None, bundle
                 ray.get([held[n].node_id.remote() for n in placed], timeout=60)
                 break
             except ray.exceptions.RayError:  # a node went before its hold was up: place again
-                held = {n: h for n, h in held.items() if n in {x["NodeID"] for x in alive_nodes()}}
+                alive = {x["NodeID"] for x in alive_nodes()}
+                held = {n: h for n, h in held.items() if n in alive}
         if time.monotonic() > deadline:
             print(f"after {timeout:.0f} s: {describe_nodes(nodes)}", file=out)
             raise ClusterError(f"the autoscaler did not provide {len(wanted)} bundle(s) within {timeout:.0f} s "
