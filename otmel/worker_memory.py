@@ -2,11 +2,13 @@
 
 Used by the memory tests and benchmarks (``tests/test_driver_memory.py``,
 ``bench/stream.py``): every Ray worker process started since a given time is sampled, and
-its peak **private** RSS (``RssAnon``) is kept under what it runs (its process title:
-``ray::ShardServer.link`` -> ``ShardServer``, ``ray::MapWorker(MapBatches(Encode))`` ->
-``MapWorker(MapBatches(Encode))``). Not the total RSS or VmHWM: those count the object
-store's shared pages a worker has read, which grow with the data that passed through it
-whatever the worker keeps.
+its peak **private** RSS (``RssAnon``) is kept under what it runs AT THAT SAMPLE (its process
+title: ``ray::ShardServer.link`` -> ``ShardServer``, ``ray::MapWorker(MapBatches(Encode))``
+-> ``MapWorker(MapBatches(Encode))``). Ray reuses a task worker for tasks of other kinds: the
+worker that ran a file's read task goes on to run preprocess tasks, so filing its samples
+under the first kind seen would charge the preprocessing's memory to the read. Not the total
+RSS or VmHWM: those count the object store's shared pages a worker has read, which grow with
+the data that passed through it whatever the worker keeps.
 """
 
 from __future__ import annotations
@@ -38,14 +40,14 @@ class WorkerMemory:
     def __init__(self, since: float | None = None, root_pid: int | None = None):
         self.since = time.time() if since is None else since
         self.root_pid = root_pid
-        self.peaks: dict[int, float] = {}
-        self.kinds: dict[int, str | None] = {}
+        self.peaks: dict[tuple[int, str], float] = {}  # (pid, kind) -> MB
+        self.seen: set[int] = set()  # workers of this instance seen running something
         self.foreign: set[int] = set()  # Ray workers of another instance
 
     def _ours(self, p) -> bool:
         import psutil
 
-        if self.root_pid is None or p.pid in self.kinds:
+        if self.root_pid is None or p.pid in self.seen:
             return True
         if p.pid in self.foreign:
             return False
@@ -64,20 +66,16 @@ class WorkerMemory:
             if p.info["create_time"] < self.since - 0.5:
                 continue
             kind = worker_kind(p.info["cmdline"])
-            if kind is None and p.pid not in self.kinds:
+            if kind is None or not self._ours(p):  # idle (between tasks) or not this instance's
                 continue
-            if not self._ours(p):
-                continue
-            self.kinds.setdefault(p.pid, kind)
+            self.seen.add(p.pid)
             mb = private_rss_mb(p.pid)
             if mb is not None:
-                self.peaks[p.pid] = max(self.peaks.get(p.pid, 0.0), mb)
+                self.peaks[p.pid, kind] = max(self.peaks.get((p.pid, kind), 0.0), mb)
 
     def by_kind(self) -> dict[str, float]:
-        """The largest peak of each kind of worker, MB."""
+        """The largest peak of each kind of work, MB (over the workers that ran it)."""
         out: dict[str, float] = {}
-        for pid, mb in self.peaks.items():
-            kind = self.kinds.get(pid)
-            if kind:
-                out[kind] = max(out.get(kind, 0.0), mb)
+        for (_, kind), mb in self.peaks.items():
+            out[kind] = max(out.get(kind, 0.0), mb)
         return out

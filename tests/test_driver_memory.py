@@ -36,6 +36,11 @@ INDEX_DRIVER_GROWTH_MB = 12
 #: coordinator ~0; with Ray Data's default 128 MiB blocks the encode actor grew +154 and the
 #: link actor +81 (a block held the whole input file).
 LINK_WORKER_GROWTH_MB = 24
+#: ... except the preprocess tasks' workers: each runs one 1,024-row batch after another and
+#: its allocator warms up over the first ones (measured +26 MB from 5k to 20k rows and +10 MB
+#: more to 60k, flattening); a worker that kept its output batches would add 12 KB per row
+#: (the (3, 32, 32) float32 pixels of every text-only row), +184 MB over the 15k extra rows.
+LINK_PREPROCESS_GROWTH_MB = 48
 
 
 def _peak_rss_mb(module: str, config: str, cfg: dict, workers: dict | None = None) -> tuple[float, dict]:
@@ -100,9 +105,11 @@ def test_link_driver_memory_is_flat_in_the_input_size(ray_local, s3_index, onnx_
     # every kind of worker was seen in both runs, and none grows with the input
     kinds = set(workers[5_000]) & set(workers[20_000])
     assert {"ShardServer", "CommitCoordinator"} <= kinds and any("Encode" in k for k in kinds) \
-        and any("LinkStage" in k for k in kinds) and any("read_inputs" in k for k in kinds), workers
+        and any("LinkStage" in k for k in kinds) and any("read_inputs" in k for k in kinds) \
+        and any("preprocess_mentions" in k for k in kinds), workers
     growth = {k: round(workers[20_000][k] - workers[5_000][k], 1) for k in kinds}
-    assert max(growth.values()) < LINK_WORKER_GROWTH_MB, (growth, workers)
+    allowed = {k: LINK_PREPROCESS_GROWTH_MB if "preprocess_mentions" in k else LINK_WORKER_GROWTH_MB for k in kinds}
+    assert all(growth[k] < allowed[k] for k in kinds), (growth, workers)
 
 
 def test_index_driver_memory_is_flat_in_the_kb_size(ray_local, onnx_model, synth_dir, tmp_path):
