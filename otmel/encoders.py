@@ -78,6 +78,22 @@ def tiny_clip_config(
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
 
 
+def vit_b32_clip_config(vocab_size: int = 49408, eos_token_id: int = 1, bos_token_id: int = 0):
+    """The exact architecture of ``openai/clip-vit-base-patch32`` (ViT-B/32: text tower 12 x
+    512 with 8 heads and 77 positions, vision tower 12 x 768 with 12 heads, 224 px images in
+    32 px patches = 50 visual tokens, projection 512), for random weights: speed and memory do
+    not depend on the weights, so benchmarks build it where the pretrained weights cannot be
+    downloaded (``bench/* --size base``)."""
+    from transformers import CLIPConfig
+
+    text = dict(vocab_size=vocab_size, hidden_size=512, intermediate_size=2048, projection_dim=512,
+                num_hidden_layers=12, num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
+                eos_token_id=eos_token_id, bos_token_id=bos_token_id, pad_token_id=eos_token_id)
+    vision = dict(hidden_size=768, intermediate_size=3072, projection_dim=512, num_hidden_layers=12,
+                  num_attention_heads=12, image_size=224, patch_size=32, hidden_act="quick_gelu")
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=512)
+
+
 def _byte_alphabet() -> list[str]:
     """The 256 printable stand-ins of byte-level BPE (GPT-2 / CLIP convention)."""
     printable = (
@@ -235,5 +251,6 @@ __all__ = [
     "build_tiny_tokenizer",
     "load_clip",
     "tiny_clip_config",
+    "vit_b32_clip_config",
     "tiny_image_processor",
 ]
