@@ -98,6 +98,11 @@ class OnnxBackend:
         # the exporter drops graph inputs a mode does not use (e.g. has_image when images are
         # not masked), so feed only what the matcher declares
         self.matcher_inputs = {i.name for i in self.matcher.get_inputs()}
+        known = {f"mention_{k}" for k in MENTION_FEATURES} | {f"entity_{k}" for k in ENTITY_FEATURES}
+        if self.matcher_inputs - known:  # e.g. entity_text_summary_proj: stored by index format 1
+            raise ValueError(f"{d}/matcher.onnx takes inputs this otmel does not provide "
+                                    f"({', '.join(sorted(self.matcher_inputs - known))}): it was exported by an older "
+                                    "otmel; export the checkpoint again (otmel export)")
         self.preprocessor = Preprocessor.from_pretrained(
             d, self.meta.get("text_length", 40),
             **{k: self.config[k] for k in ("mention_template", "entity_template") if k in self.config})

@@ -59,7 +59,7 @@ class IndexConfig:
     kb: str  # KB Parquet: file, directory or glob (local or s3://); for --update, the changes
     out: str  # index URI (local dir or s3://); for --update, the index to update in place
     shards: int = 1
-    factory: str = "Flat"  # FAISS index factory string (inner product)
+    factory: str = "auto"  # FAISS index factory string (inner product); auto: by entities per shard (auto_factory)
     feature_dtype: str = "fp16"  # fp16 | fp32 for the reranking features
     update: bool = False
     overwrite: bool = False  # replace an existing index at OUT
@@ -94,6 +94,32 @@ class IndexResult:
     manifest: dict
     shards_written: list[str]
     seconds: float
+
+
+@dataclass(frozen=True)
+class KeyPlan:
+    """How a build stores the stage-1 keys: the FAISS factory (``auto`` resolved), the stored
+    features' dtype, the model's key layout and whether FAISS keeps the keys exactly (then the
+    key's features get no files: ``otmel.entity_index``)."""
+
+    factory: str
+    feature_dtype: str
+    missing_image: str
+    in_faiss: bool
+
+    @classmethod
+    def plan(cls, factory: str, feature_dtype: str, missing_image: str, key_dim: int, rows_per_shard: int) -> "KeyPlan":
+        from otmel.entity_index import auto_factory, check_factory, keeps_keys_exactly
+
+        if factory == "auto":
+            factory = auto_factory(rows_per_shard, key_dim, feature_dtype)
+        check_factory(factory, key_dim, rows_per_shard)
+        return cls(factory, feature_dtype, missing_image, keeps_keys_exactly(factory, key_dim, feature_dtype))
+
+    @classmethod
+    def of(cls, manifest: dict) -> "KeyPlan":
+        key = manifest["retrieval_key"]
+        return cls(manifest["factory"], manifest["feature_dtype"], key["layout"], bool(key["in_faiss"]))
 
 
 # ---------------------------------------------------------------------------- KB input
@@ -213,7 +239,7 @@ class ShardBuilder:
     shard's rows whose ids did not change are copied in first, chunk by chunk.
     """
 
-    def __init__(self, name: str, dir_name: str, out: str, feature_dtype: str, s3_endpoint: str | None = None,
+    def __init__(self, name: str, dir_name: str, out: str, key: KeyPlan, s3_endpoint: str | None = None,
                  keep_from: tuple | None = None):
         from otmel.entity_index import ShardWriter, iter_shard_rows
         from otmel.storage import local_copy, scratch_dir
@@ -222,7 +248,8 @@ class ShardBuilder:
         self.appended = 0  # rows routed to this actor (a restarted actor starts again from 0)
         self.seen: set[str] = set()  # ids appended (the KB's ids are unique: checked before any work)
         self.repeated = 0  # rows sent again by a retried routing task (its node died after sending)
-        self.writer = ShardWriter(scratch_dir(f"otmel-build-{name}-") / dir_name, name, feature_dtype)
+        self.writer = ShardWriter(scratch_dir(f"otmel-build-{name}-") / dir_name, name, key.feature_dtype,
+                                  key.missing_image, key.in_faiss)
         if keep_from is not None:
             uri, entry, manifest, changed = keep_from
             with local_copy(uri, s3_endpoint) as old_dir:
@@ -264,7 +291,7 @@ class ShardBuilder:
         return entry, list(self.writer.ids), self.appended
 
 
-def start_builders(plan: list[tuple[str, str, tuple | None]], cfg: IndexConfig, feature_dtype: str,
+def start_builders(plan: list[tuple[str, str, tuple | None]], cfg: IndexConfig, key: KeyPlan,
                    use_gpu: bool) -> list:
     """One :class:`ShardBuilder` actor per (shard name, directory name, keep_from)."""
     import ray
@@ -275,7 +302,7 @@ def start_builders(plan: list[tuple[str, str, tuple | None]], cfg: IndexConfig, 
     # it held, which its row count shows, and its shard is rebuilt (build_shards)
     remote = ray.remote(ShardBuilder).options(num_cpus=BUILDER_CPUS, num_gpus=0.25 if use_gpu else 0,
                                               scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1)
-    return [remote.remote(name, dir_name, cfg.out, feature_dtype, cfg.s3_endpoint, keep) for name, dir_name, keep in plan]
+    return [remote.remote(name, dir_name, cfg.out, key, cfg.s3_endpoint, keep) for name, dir_name, keep in plan]
 
 
 def route_to_shards(batch: dict[str, np.ndarray], builders: dict, num_shards: int,
@@ -322,7 +349,7 @@ SHARD_ATTEMPTS = 3
 
 
 def build_shards(cfg: IndexConfig, plan: dict[int, tuple], files: list[str], preprocessor, use_gpu: bool,
-                 num_shards: int, feature_dtype: str, factory: str, shapes: dict,
+                 num_shards: int, key: KeyPlan, shapes: dict,
                  deleted: frozenset = frozenset(), encode: bool = True) -> tuple[list[dict], set[str], int, Counter]:
     """Encode the KB into one builder per planned shard (``plan``: shard number -> (name,
     directory name, keep_from)) and close them; a shard whose builder lost rows (its node died:
@@ -338,7 +365,7 @@ def build_shards(cfg: IndexConfig, plan: dict[int, tuple], files: list[str], pre
     entries, indexed, seen, skipped = {}, set(), 0, Counter()
     todo = dict(plan)
     for attempt in range(1, SHARD_ATTEMPTS + 1):
-        builders = dict(zip(todo, start_builders(list(todo.values()), cfg, feature_dtype, use_gpu)))
+        builders = dict(zip(todo, start_builders(list(todo.values()), cfg, key, use_gpu)))
         routed: Counter = Counter()
         if encode:
             only = None if attempt == 1 else (frozenset(todo), num_shards)
@@ -346,7 +373,7 @@ def build_shards(cfg: IndexConfig, plan: dict[int, tuple], files: list[str], pre
                                    deleted)
             if attempt == 1:
                 seen, skipped = n, why
-        refs = {s: b.close.remote(factory, cfg.train_size, shapes) for s, b in builders.items()}
+        refs = {s: b.close.remote(key.factory, cfg.train_size, shapes) for s, b in builders.items()}
         lost = []
         for s, ref in refs.items():
             entry, ids, appended = ray.get(ref)
@@ -384,16 +411,17 @@ def _load_model(cfg: IndexConfig):
 
 
 def build(cfg: IndexConfig) -> IndexResult:
-    from otmel.entity_index import MANIFEST_FILE, STORED_FEATURES, check_factory, load_manifest, new_manifest, shard_name
+    from otmel.entity_index import MANIFEST_FILE, STORED_FEATURES, key_dim, load_manifest, new_manifest, shard_name
     from otmel.jobs.common import gpu_count, init_ray
     from otmel.storage import exists, join
 
     t0 = time.perf_counter()
-    # fail fast, before any work: model loads, KB readable and valid, output free
+    # fail fast, before any work: model loads, KB readable and valid, factory usable, output free
     backend, dims = _load_model(cfg)
     files = kb_files(cfg.kb, cfg.s3_endpoint)
     identity = read_kb_identity(files, cfg.s3_endpoint)
-    check_factory(cfg.factory, dims["retrieval_key"][0], identity.num_rows // cfg.shards)
+    key = KeyPlan.plan(cfg.factory, cfg.feature_dtype, backend.config.get("missing_image", "zeros"),
+                       dims["retrieval_key"][0], identity.num_rows // cfg.shards)
     previous = None
     if exists(join(cfg.out, MANIFEST_FILE), cfg.s3_endpoint):
         if not cfg.overwrite:
@@ -402,20 +430,25 @@ def build(cfg: IndexConfig) -> IndexResult:
     # over an existing index, new files get new names: the old manifest stays valid (and its
     # files untouched) until the new one replaces it
     suffix = f"-b{uuid.uuid4().hex[:8]}" if previous else ""
-    log.info("indexing %d entities from %d file(s) into %d shard(s) (%s, %s features), model %s",
-             identity.num_rows, len(files), cfg.shards, cfg.factory, cfg.feature_dtype, backend.model_version[:12])
+    log.info("indexing %d entities from %d file(s) into %d shard(s) (%s%s, %s features, stage-1 keys %s), model %s",
+             identity.num_rows, len(files), cfg.shards, key.factory, " chosen by --factory auto" if cfg.factory == "auto"
+             else "", cfg.feature_dtype, "kept in FAISS" if key.in_faiss else "compressed in FAISS, features on disk",
+             backend.model_version[:12])
     init_ray(cfg.address)
     use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
     plan = {s: (shard_name(s), f"{shard_name(s)}{suffix}", None) for s in range(cfg.shards)}
     shard_dims = {k: dims[k] for k in STORED_FEATURES}
+    if key_dim(shard_dims, key.missing_image) != dims["retrieval_key"][0]:  # the model and the index agree on k_e
+        raise ValueError(f"the model's {dims['retrieval_key'][0]}-dim stage-1 keys do not match its features' layout "
+                         f"({key.missing_image}: {key_dim(shard_dims, key.missing_image)})")
     entries, indexed, seen, skipped = build_shards(cfg, plan, files, backend.preprocessor, use_gpu, cfg.shards,
-                                                   cfg.feature_dtype, cfg.factory, shard_dims)
+                                                   key, shard_dims)
     if seen != identity.num_rows:
         raise RuntimeError(f"encoded {seen} KB rows, read {identity.num_rows}: rows were lost")
     aliases_name = f"aliases{suffix}.parquet"
     _write_aliases(alias_pairs(identity), indexed, join(cfg.out, aliases_name), cfg.s3_endpoint)
-    manifest = new_manifest(cfg.shards, cfg.factory, cfg.feature_dtype, backend.model_version, shard_dims,
-                            entries, cfg.kb, dict(skipped), aliases_name, cfg.nprobe)
+    manifest = new_manifest(cfg.shards, key.factory, cfg.feature_dtype, backend.model_version, shard_dims,
+                            entries, cfg.kb, dict(skipped), aliases_name, cfg.nprobe, key.missing_image, key.in_faiss)
     version = _commit_manifest(manifest, cfg.out, cfg.s3_endpoint)
     if previous:
         _delete_unreferenced(previous, manifest, cfg.out, cfg.s3_endpoint)
@@ -460,7 +493,7 @@ def update(cfg: IndexConfig) -> IndexResult:
         entry = entries[f"shard-{s:05d}"]
         plan[s] = (entry["name"], f"{entry['name']}{suffix}", (join(cfg.out, entry["dir"]), entry, manifest, changed))
     rebuilt, indexed_now, _, skipped = build_shards(cfg, plan, files, backend.preprocessor, use_gpu, num_shards,
-                                                    manifest["feature_dtype"], manifest["factory"], manifest["dims"],
+                                                    KeyPlan.of(manifest), manifest["dims"],
                                                     deleted, encode=len(deleted) < len(change_ids))
     new_entries = {e["name"]: e for e in rebuilt}
     # aliases: drop the changed entities' rows, add the upserted ones that were indexed

@@ -4,15 +4,26 @@ On disk (DESIGN.md "Data contracts", "Sizes")::
 
     INDEX/manifest.json          shards, counts, dims, factory, model_version, checksums
     INDEX/aliases.parquet        normalised KB names/aliases -> number of entities (mention detection)
-    INDEX/shard-00000/index.faiss        FAISS index over retrieval_key (inner product)
+    INDEX/shard-00000/index.faiss        FAISS index over the stage-1 keys (inner product)
     INDEX/shard-00000/entity_ids.parquet entity ids, FAISS row i = id i
-    INDEX/shard-00000/NAME.bin           one raw C-order array per feature: (count, *shape),
+    INDEX/shard-00000/NAME.bin           one raw C-order array per stored feature: (count, *shape),
                                          dtype from the manifest (fp16 or fp32 floats, bool masks),
                                          read with ``np.memmap`` (no pickle, no header)
 
 An entity lives in shard ``shard_of(entity_id, S)`` (a hash): the shard of an id never moves,
-so ``--update`` rewrites only the shards whose entities changed. ``retrieval_key`` is kept in
-fp32 beside the reranking features so a shard can be rebuilt (update) without re-encoding.
+so ``--update`` rewrites only the shards whose entities changed.
+
+**Each value is stored once.** The stage-1 key ``k_e`` is made of the entity's ``fused``,
+``text_summary`` and ``vision_summary`` features (``otmel.model.retrieval_key_of``), so it is
+not stored as a file: a shard builds its FAISS keys from those features as stored (fp16 or
+fp32). When the FAISS index holds the keys exactly (``Flat``; ``SQfp16`` over fp16 features,
+whose values fp16 represents exactly; HNSW over either) those three features are not stored
+either: the reranker reconstructs them from FAISS (``Shard.gather``). A lossy index (PQ, SQ8,
+...) keeps them as files: its codes are small, and its candidates are re-scored exactly from
+them before the rerank (``Shard.search``). The summaries' projections to d are computed by
+the matcher (``OTMEL.score``). At ViT-B/32 size (fp16, SQfp16) that is 19.8 KB per entity,
+17.3 KB of it the token features (format 1 stored 29.9 KB: the key twice in fp32, the key's
+parts a third time, the projections).
 
 ``index_version`` = sha256 of the manifest, which lists every file's sha256: two indexes with
 the same version hold the same bytes.
@@ -32,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from otmel.integrity import sha256_file
-from otmel.model import ENTITY_FEATURES
+from otmel.model import ENTITY_FEATURES, KEY_FEATURES, key_features_of, retrieval_key_of
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +51,17 @@ MANIFEST_FILE = "manifest.json"
 ALIASES_FILE = "aliases.parquet"
 IDS_FILE = "entity_ids.parquet"
 FAISS_FILE = "index.faiss"
-FORMAT = "otmel-index/1"
-#: what a shard stores per entity: the reranking features + the stage-1 key (to rebuild FAISS)
-STORED_FEATURES = ENTITY_FEATURES + ("retrieval_key",)
+FORMAT = "otmel-index/2"
+#: what a shard holds per entity: the reranking features (the stage-1 key is built from them;
+#: the key's parts, KEY_FEATURES, live in FAISS when it holds the keys exactly)
+STORED_FEATURES = ENTITY_FEATURES
 FEATURE_DTYPES = ("fp16", "fp32")
+#: ``--factory auto``: exact search (SQfp16 / Flat) up to this many entities per shard; above
+#: it an IVF-PQ index whose candidates are re-scored exactly (bench/results/ann.md)
+AUTO_EXACT_MAX = 250_000
+#: lossy indexes: candidates fetched per wanted candidate, re-scored exactly from the stored
+#: key features before the rerank (FAISS's IndexRefine "k_factor", on otmel's own files)
+DEFAULT_REFINE = 4
 
 
 class IndexFormatError(ValueError):
@@ -67,12 +85,45 @@ def shard_of(entity_ids, num_shards: int) -> np.ndarray:
 
 
 def storage_dtype(name: str, feature_dtype: str) -> np.dtype:
-    """On-disk dtype of a feature: masks stay bool, retrieval_key fp32, the rest fp16|fp32."""
+    """On-disk dtype of a feature: masks stay bool, the rest fp16|fp32."""
     if name in ("text_mask", "vision_mask", "has_image"):
         return np.dtype(bool)
-    if name == "retrieval_key":
-        return np.dtype(np.float32)
     return np.dtype(np.float16 if feature_dtype == "fp16" else np.float32)
+
+
+def auto_factory(rows_per_shard: int, key_dim: int, feature_dtype: str) -> str:
+    """``--factory auto``: by the entities a shard will hold.
+
+    * up to :data:`AUTO_EXACT_MAX`: exact search, ``SQfp16`` over fp16 features (FAISS stores
+      the keys in fp16, which holds fp16 features exactly: half of ``Flat``'s bytes, the same
+      results) or ``Flat`` over fp32 ones;
+    * above: ``IVF{nlist},PQ{m}``: nlist ~ 4 sqrt(n) inverted lists (a power of two, 1,024 to
+      65,536), m sub-quantisers of ~16 key dimensions (8-bit codes: m bytes per entity), its
+      candidates re-scored exactly from the stored features (:data:`DEFAULT_REFINE`).
+    """
+    if rows_per_shard <= AUTO_EXACT_MAX:
+        return "SQfp16" if feature_dtype == "fp16" else "Flat"
+    nlist = int(min(65536, max(1024, 2 ** round(np.log2(4 * np.sqrt(rows_per_shard))))))
+    m = max(d for d in range(1, key_dim // 16 + 1) if key_dim % d == 0)
+    return f"IVF{nlist},PQ{m}"
+
+
+def keeps_keys_exactly(factory: str, key_dim: int, feature_dtype: str) -> bool:
+    """Whether an index of ``factory`` gives back (``reconstruct_batch``) the keys of features
+    stored as ``feature_dtype`` bit for bit, without training: then the key's features are
+    served from FAISS and not stored again. Probed on a few keys with values of that
+    precision (Flat, SQfp16 over fp16, HNSW over those: yes; IVF, PQ, SQ8, LSH: no)."""
+    index = _index_from_factory(factory, key_dim)
+    if not index.is_trained:  # trained codes (IVF, PQ, SQ8) are lossy, or need a direct map to reconstruct
+        return False
+    probe = np.random.default_rng(0).standard_normal((8, key_dim)).astype(storage_dtype("fused", feature_dtype))
+    probe = np.ascontiguousarray(probe, dtype=np.float32)
+    try:
+        index.add(probe)
+        back = index.reconstruct_batch(np.arange(len(probe), dtype=np.int64))
+    except RuntimeError:
+        return False
+    return bool(np.array_equal(back, probe))
 
 
 # ---------------------------------------------------------------------------- FAISS
@@ -173,14 +224,18 @@ class ShardWriter:
     """Streams one shard's entities to local files; :meth:`close` builds FAISS and checksums.
 
     Features are appended to raw files as they arrive (memory stays at one batch, plus the
-    fp32 retrieval keys FAISS needs at close). At close the rows are put in entity-id order,
-    so a shard's files depend only on its entities, not on the order they arrived in
-    (parallel writers, cluster shapes); two rows with one entity id are refused.
+    fp32 stage-1 keys FAISS needs at close, built from the features as stored). With
+    ``key_in_faiss`` the key's features (:data:`otmel.model.KEY_FEATURES`) get no file: the
+    index gives them back. At close the rows are put in entity-id order, so a shard's files
+    depend only on its entities, not on the order they arrived in (parallel writers, cluster
+    shapes); two rows with one entity id are refused.
     """
 
     directory: Path  # where the files go (its name is the shard's dir in the manifest)
     name: str  # shard-NNNNN: the shard's identity (its hash bucket)
     feature_dtype: str = "fp16"
+    missing_image: str = "zeros"  # the model's key layout (otmel.model.retrieval_key_of)
+    key_in_faiss: bool = False  # the FAISS index holds the keys exactly (keeps_keys_exactly)
     count: int = 0
     ids: list[str] = field(default_factory=list)
     shapes: dict[str, list[int]] = field(default_factory=dict)
@@ -191,9 +246,15 @@ class ShardWriter:
         self.directory = Path(self.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
 
+    @property
+    def file_features(self) -> tuple[str, ...]:
+        """The features this shard stores as files."""
+        return tuple(n for n in STORED_FEATURES if not (self.key_in_faiss and n in KEY_FEATURES))
+
     def append(self, entity_ids: list[str], features: dict[str, np.ndarray]) -> None:
         if not entity_ids:
             return
+        stored = {}
         for name in STORED_FEATURES:
             arr = np.ascontiguousarray(features[name], dtype=storage_dtype(name, self.feature_dtype))
             if arr.shape[0] != len(entity_ids):
@@ -201,10 +262,13 @@ class ShardWriter:
             shape = list(arr.shape[1:])
             if self.shapes.setdefault(name, shape) != shape:
                 raise ValueError(f"feature {name}: shape {shape} differs from earlier rows' {self.shapes[name]}")
+            stored[name] = arr
+        for name in self.file_features:
             if name not in self._files:
                 self._files[name] = open(self.directory / f"{name}.bin", "wb")
-            self._files[name].write(arr.tobytes())
-        self._keys.append(np.asarray(features["retrieval_key"], dtype=np.float32))
+            self._files[name].write(stored[name].tobytes())
+        self._keys.append(retrieval_key_of(stored["fused"], stored["text_summary"], stored["vision_summary"],
+                                           stored["has_image"], self.missing_image))
         self.ids.extend(entity_ids)
         self.count += len(entity_ids)
 
@@ -221,14 +285,18 @@ class ShardWriter:
         if shapes:
             for name, shape in shapes.items():
                 self.shapes.setdefault(name, list(shape))
-        for name in STORED_FEATURES:  # an empty shard still has (empty) feature files
+        for name in self.file_features:  # an empty shard still has (empty) feature files
             (self.directory / f"{name}.bin").touch()
-        R = self.shapes["retrieval_key"][0]
+        R = key_dim(self.shapes, self.missing_image)
         keys = np.concatenate(self._keys) if self._keys else np.zeros((0, R), np.float32)
         self._keys.clear()
         order = self._sort_by_id()
         keys = keys[order] if order is not None else keys
         index = build_faiss(keys, factory if len(keys) else "Flat", train_size)
+        if self.key_in_faiss and len(keys):  # what the reranker will read back: the keys, bit for bit
+            back = index.reconstruct_batch(np.arange(len(keys), dtype=np.int64))
+            if not np.array_equal(back, keys):
+                raise RuntimeError(f"{self.name}: FAISS {factory!r} did not keep the stage-1 keys exactly")
         faiss.write_index(index, str(self.directory / FAISS_FILE))
         pq.write_table(pa.table({"entity_id": pa.array(self.ids, pa.string())}), self.directory / IDS_FILE)
         files = {p.name: sha256_file(p) for p in sorted(self.directory.iterdir()) if p.is_file()}
@@ -243,7 +311,7 @@ class ShardWriter:
             raise ValueError(f"{self.name}: entity_id {ids[order][dup[0]]!r} appears more than once (ids must be unique)")
         if np.array_equal(order, np.arange(len(order))):
             return None
-        for name in STORED_FEATURES:
+        for name in self.file_features:
             path = self.directory / f"{name}.bin"
             dtype = storage_dtype(name, self.feature_dtype)
             rows = np.memmap(path, dtype=dtype, mode="r", shape=(self.count, *self.shapes[name]))
@@ -257,12 +325,19 @@ class ShardWriter:
         return order
 
 
+def key_dim(shapes: dict[str, list[int]], missing_image: str) -> int:
+    """Width R of the stage-1 key for entity feature shapes (``otmel.model.retrieval_key_of``)."""
+    d2, P = shapes["fused"][0], shapes["text_summary"][0]
+    return d2 + 2 * P if missing_image == "zeros" else 3 * (d2 // 2 + P)
+
+
 def index_version_of(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 def new_manifest(num_shards: int, factory: str, feature_dtype: str, model_version: str, dims: dict,
-                 shards: list[dict], kb: str, skipped: dict, aliases: str = ALIASES_FILE, nprobe: int = 32) -> dict:
+                 shards: list[dict], kb: str, skipped: dict, aliases: str = ALIASES_FILE, nprobe: int = 32,
+                 missing_image: str = "zeros", key_in_faiss: bool = False, refine: int = DEFAULT_REFINE) -> dict:
     return {
         "format": FORMAT,
         "model_version": model_version,
@@ -271,13 +346,16 @@ def new_manifest(num_shards: int, factory: str, feature_dtype: str, model_versio
         "metric": "inner_product",
         "num_shards": num_shards,
         "count": int(sum(s["count"] for s in shards)),
-        "dims": dims,  # feature name -> per-entity shape
-        "retrieval_dim": int(dims["retrieval_key"][0]),
+        "dims": dims,  # stored feature name -> per-entity shape
+        "retrieval_dim": key_dim(dims, missing_image),
+        # the stage-1 key: its layout (the model's missing_image) and whether FAISS holds it exactly
+        "retrieval_key": {"layout": missing_image, "in_faiss": bool(key_in_faiss)},
         "shards": shards,
         "kb": kb,
         "skipped": skipped,  # KB rows not indexed, by reason
         "aliases": aliases,  # the alias table's file (mention detection)
-        "search": {"nprobe": int(nprobe)},  # FAISS search parameters (IVF lists scanned per query)
+        # FAISS search: IVF lists scanned per query; lossy indexes: candidates re-scored per one kept
+        "search": {"nprobe": int(nprobe), "refine": 1 if key_in_faiss else int(refine)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -285,6 +363,9 @@ def new_manifest(num_shards: int, factory: str, feature_dtype: str, model_versio
 # ---------------------------------------------------------------------------- reading
 def _parse_manifest(raw: bytes | str, where: str) -> dict:
     manifest = json.loads(raw)
+    if manifest.get("format") == "otmel-index/1":
+        raise IndexFormatError(f"{where}: an index of format otmel-index/1 (stored the stage-1 key twice); this "
+                               f"otmel reads {FORMAT}: rebuild it with otmel index --overwrite")
     if manifest.get("format") != FORMAT:
         raise IndexFormatError(f"{where}: unknown index format {manifest.get('format')!r} (expected {FORMAT})")
     return manifest
@@ -326,11 +407,12 @@ class Shard:
     """One shard opened for search: FAISS in RAM (GPU when present), features memory-mapped.
 
     ``directory`` holds the shard's files (``entry["dir"]`` under the index, or a local copy).
+    ``features`` holds the memory-mapped files; the key's features of an index that keeps its
+    keys in FAISS come from :meth:`key_features` (``gather`` serves every feature alike).
     """
 
     def __init__(self, directory: str | Path, entry: dict, manifest: dict, verify: bool = False, use_gpu: bool = True):
         import faiss
-
 
         self.directory = Path(directory)
         self.name = entry["name"]
@@ -342,18 +424,27 @@ class Shard:
         self.count = int(entry["count"])
         self.entity_ids = np.asarray(pq.read_table(self.directory / IDS_FILE).column("entity_id").to_pylist(), dtype=object)
         index = faiss.read_index(str(self.directory / FAISS_FILE))
-        nprobe = manifest.get("search", {}).get("nprobe")
+        search = manifest.get("search", {})
+        nprobe = search.get("nprobe")
         if nprobe:
             try:  # IVF indexes scan nprobe lists per query (FAISS's default of 1 ruins recall)
                 faiss.extract_index_ivf(index).nprobe = int(nprobe)
             except RuntimeError:  # Flat, HNSW, PQ: no inverted lists
                 pass
+        key = manifest["retrieval_key"]
+        self.layout, self.key_in_faiss = key["layout"], bool(key["in_faiss"])
+        self.refine = int(search.get("refine", 1))
+        self.feature_dtype = manifest["feature_dtype"]
+        self.fused_dim = int(manifest["dims"]["fused"][0])
+        self.cpu_index = index  # reconstructs the keys (a GPU copy searches)
         self.index = to_gpu(index) if use_gpu else index
         if self.index.ntotal != self.count or len(self.entity_ids) != self.count:
             raise IndexFormatError(f"{self.directory}: {self.index.ntotal} vectors / {len(self.entity_ids)} ids, "
                                    f"manifest says {self.count}")
         self.features: dict[str, np.ndarray] = {}
         for name in STORED_FEATURES:
+            if self.key_in_faiss and name in KEY_FEATURES:
+                continue
             shape = (self.count, *manifest["dims"][name])
             dtype = storage_dtype(name, manifest["feature_dtype"])
             if self.count == 0:
@@ -361,26 +452,59 @@ class Shard:
             else:
                 self.features[name] = np.memmap(self.directory / f"{name}.bin", dtype=dtype, mode="r", shape=shape)
 
+    def key_features(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """``{fused, text_summary, vision_summary}`` (fp32) of 1-d ``rows``: from the FAISS index
+        when it holds the keys exactly, else from the stored files."""
+        if self.key_in_faiss:
+            keys = self.cpu_index.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))  # (n, R)
+            return key_features_of(keys, self.fused_dim, self.layout)
+        return {n: np.asarray(self.features[n][rows], dtype=np.float32) for n in KEY_FEATURES}
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` rows by inner product: (scores (M, k) float32, rows (M, k) int64, -1 = none)."""
+        """Top-``k`` rows by inner product: (scores (M, k) float32, rows (M, k) int64, -1 = none).
+
+        A lossy index (its keys not kept exactly) returns ``k x refine`` candidates, re-scored
+        with the exact key built from the stored features and cut to k: the rerank then sees
+        the k best by the exact stage-1 score among them."""
         k = min(k, self.count)
         M = len(queries)
         if k == 0 or M == 0:
             return np.zeros((M, 0), np.float32), np.zeros((M, 0), np.int64)
-        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return scores, rows
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        fetch = min(self.count, k * self.refine) if not self.key_in_faiss else k
+        scores, rows = self.index.search(queries, fetch)
+        if fetch == k:
+            return scores, rows
+        flat = np.clip(rows.reshape(-1), 0, None)
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        f = self.key_features(uniq)
+        has_image = np.asarray(self.features["has_image"][uniq], dtype=bool)
+        keys = retrieval_key_of(f["fused"], f["text_summary"], f["vision_summary"], has_image, self.layout)
+        exact = np.einsum("mr,mkr->mk", queries, keys[inverse].reshape(M, fetch, -1))  # (M, fetch)
+        exact = np.where(rows >= 0, exact, -np.inf).astype(np.float32)
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(exact, order, 1), np.take_along_axis(rows, order, 1)
 
     def gather(self, rows: np.ndarray, names: tuple[str, ...] = ENTITY_FEATURES) -> dict[str, np.ndarray]:
         """Features of ``rows (M, K)`` -> ``{name: (M, K, ...)}``, floats as fp32 (reads only those rows)."""
         flat = np.clip(rows.reshape(-1), 0, max(self.count - 1, 0))
         # memmap fancy indexing reads sorted unique rows once
         uniq, inverse = np.unique(flat, return_inverse=True)
+        from_key = self.key_features(uniq) if any(n in KEY_FEATURES for n in names) and self.count else {}
         out = {}
         for name in names:
-            block = np.asarray(self.features[name][uniq])
+            block = from_key[name] if name in from_key else np.asarray(self.features[name][uniq])
             if block.dtype == np.float16:
                 block = block.astype(np.float32)
             out[name] = block[inverse].reshape(*rows.shape, *block.shape[1:])
+        return out
+
+    def rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Every stored feature of rows ``start:stop``, in the stored dtypes (rebuilds, tests)."""
+        out = {n: np.asarray(self.features[n][start:stop]) for n in self.features}
+        if self.key_in_faiss:
+            for n, v in self.key_features(np.arange(start, stop)).items():
+                out[n] = v.astype(storage_dtype(n, self.feature_dtype))
         return out
 
 
@@ -396,4 +520,4 @@ def iter_shard_rows(shard_dir: Path, entry: dict, manifest: dict, chunk: int = 8
     shard = Shard(shard_dir, entry, manifest, verify=True, use_gpu=False)
     for start in range(0, shard.count, chunk):
         stop = min(shard.count, start + chunk)
-        yield list(shard.entity_ids[start:stop]), {n: np.asarray(shard.features[n][start:stop]) for n in STORED_FEATURES}
+        yield list(shard.entity_ids[start:stop]), shard.rows(start, stop)

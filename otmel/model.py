@@ -51,18 +51,21 @@ FEATURE_SHAPES = {
     "vision_value": "(B, Lv, d)",
     "text_summary": "(B, P) t, unit norm",
     "vision_summary": "(B, P) v, unit norm (zero for a masked missing image)",
-    "text_summary_proj": "(B, d) t projected to d (paired with the pooled g_m in eq. 24)",
-    "vision_summary_proj": "(B, d)",
     "fused": "(B, 2d) g^t (+) g^v, eq. 18",
     "retrieval_query": "(B, R) stage-1 query, see OTMEL.retrieval_vectors",
     "retrieval_key": "(B, R) stage-1 key; R = 2(d + P) (zeros) or 3(d + P) (mask)",
 }
 FEATURE_NAMES = tuple(FEATURE_SHAPES)
-#: what an entity needs at score time (stored beside each index shard)
+#: what an entity needs at score time (stored in each index shard). The summaries' projections
+#: to d that eq. 24 pairs with the pooled g_m are computed at score time from t_e / v_e (one
+#: small matmul per candidate), not stored: 384 bytes per entity less at ViT-B/32 size.
 ENTITY_FEATURES = (
     "text_mask", "vision_mask", "has_image", "text_query", "vision_query", "text_summary",
-    "vision_summary", "text_summary_proj", "vision_summary_proj", "fused",
+    "vision_summary", "fused",
 )
+#: the entity features the stage-1 key is made of (:func:`retrieval_key_of`): an index that
+#: holds the key exactly serves them from it instead of storing them twice
+KEY_FEATURES = ("fused", "text_summary", "vision_summary")
 #: what a mention needs at score time
 MENTION_FEATURES = (
     "text_mask", "vision_mask", "has_image", "text_key", "text_value", "vision_key",
@@ -223,8 +226,6 @@ class OTMEL(nn.Module):
             "vision_value": vv,
             "text_summary": t,
             "vision_summary": v,
-            "text_summary_proj": self.text_summary_to_dim(t),
-            "vision_summary_proj": self.vision_summary_to_dim(v),
             "fused": fused,
             "retrieval_query": query,
             "retrieval_key": key,
@@ -281,14 +282,17 @@ class OTMEL(nn.Module):
         distill = self._distilling()
         lead = entity["fused"].dim() - 1
         S_F = fused_score(mention["fused"], entity["fused"])  # (M, E|K)
+        # t_e, v_e projected to d (eq. 24 pairs them with the pooled g_m): (E|M, [K,] d)
+        t_proj = self.text_summary_to_dim(entity["text_summary"])
+        v_proj = self.vision_summary_to_dim(entity["vision_summary"])
         S_T, a_t = unimodal_score(
             mention["text_key"], mention["text_value"], mention["text_mask"], mention["text_summary"],
-            entity["text_query"], entity["text_mask"], entity["text_summary"], entity["text_summary_proj"],
+            entity["text_query"], entity["text_mask"], entity["text_summary"], t_proj,
             self.pool_text_unimodal, method, cfg.ot_epsilon, cfg.ot_iters, distill,
         )
         S_V, a_v = unimodal_score(
             mention["vision_key"], mention["vision_value"], mention["vision_mask"], mention["vision_summary"],
-            entity["vision_query"], entity["vision_mask"], entity["vision_summary"], entity["vision_summary_proj"],
+            entity["vision_query"], entity["vision_mask"], entity["vision_summary"], v_proj,
             self.pool_vision_unimodal, method, cfg.ot_epsilon, cfg.ot_iters, distill,
         )
         if cfg.missing_image == "mask":
@@ -342,6 +346,48 @@ class OTMEL(nn.Module):
             losses["kd"] = l_kd * (M / global_rows)
             losses["loss"] = losses["loss"] + self.config.kd_weight * losses["kd"]
         return losses
+
+
+# ---------------------------------------------------------------------- stage-1 keys from stored features
+def retrieval_key_of(fused, text_summary, vision_summary, has_image, missing_image: str):
+    """The stage-1 key of :meth:`OTMEL.retrieval_vectors` from an entity's features (numpy):
+    the index builds its FAISS keys from the features AS STORED (fp16 or fp32), so the key
+    and the reranking features never disagree and an index rebuilt from its own files equals
+    the original. ``tests/test_model.py`` checks it against the model's ``retrieval_key``.
+
+    fused : (N, 2d)   text_summary, vision_summary : (N, P)   has_image : (N,) bool
+    -> (N, R) float32; R = 2d + 2P (zeros) or 3(d + P) (mask)
+    """
+    import numpy as np
+
+    f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
+    fused, t, v = f32(fused), f32(text_summary), f32(vision_summary)
+    if missing_image == "zeros":
+        return np.concatenate([fused, t, v], axis=1)
+    d = fused.shape[1] // 2
+    image = np.asarray(has_image, dtype=bool)[:, None].astype(np.float32)  # (N, 1)
+    text_e = np.concatenate([fused[:, :d], t], axis=1)  # (N, d + P)
+    vision_e = np.concatenate([fused[:, d:], v], axis=1)
+    return np.concatenate([image * text_e, (1.0 - image) * text_e, vision_e], axis=1)
+
+
+def key_features_of(key, fused_dim: int, missing_image: str) -> dict:
+    """The inverse of :func:`retrieval_key_of`: ``{fused, text_summary, vision_summary}`` of
+    keys ``(N, R)`` (exact: the key holds them as they are; under ``mask`` one of the two text
+    blocks is zero, so their sum is the entity's text block)."""
+    import numpy as np
+
+    key = np.asarray(key, dtype=np.float32)
+    d = fused_dim // 2
+    if missing_image == "zeros":
+        P = (key.shape[1] - fused_dim) // 2
+        return {"fused": key[:, :fused_dim], "text_summary": key[:, fused_dim:fused_dim + P],
+                "vision_summary": key[:, fused_dim + P:]}
+    w = key.shape[1] // 3  # d + P
+    text_e = key[:, :w] + key[:, w:2 * w]
+    vision_e = key[:, 2 * w:]
+    return {"fused": np.concatenate([text_e[:, :d], vision_e[:, :d]], axis=1), "text_summary": text_e[:, d:],
+            "vision_summary": vision_e[:, d:]}
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -10,8 +10,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from otmel.entity_index import STORED_FEATURES, index_version_of, open_shards, shard_of
+from otmel.entity_index import STORED_FEATURES, index_version_of, open_shards, shard_of, storage_dtype
 from otmel.jobs.index import IndexConfig, run
+from otmel.model import KEY_FEATURES
+from otmel.preprocessing import MODEL_INPUTS
 
 
 def test_s3_index_partitions_the_kb_with_verified_checksums(s3_index, synth_dir, s3_server, onnx_model):
@@ -31,13 +33,31 @@ def test_s3_index_partitions_the_kb_with_verified_checksums(s3_index, synth_dir,
         assert manifest["count"] == len(kb_ids) and [s.count for s in shards] == [len(p) for p in ids]
         assert manifest["model_version"] == load_backend(onnx_model).model_version
         assert result.index_version == index_version_of(raw)
-        # features memory-mapped, fp16 for reranking, fp32 keys; rows agree with FAISS
+        # features memory-mapped, fp16 for reranking; the stage-1 key is stored once, in FAISS
+        # (--factory auto: SQfp16, which holds the keys of fp16 features exactly), and its
+        # features (fused, summaries) are served from it: no file holds them again
+        assert manifest["factory"] == "SQfp16" and manifest["retrieval_key"] == {"layout": "zeros", "in_faiss": True}
+        assert set(manifest["dims"]) == set(STORED_FEATURES)
         s = shards[0]
         assert isinstance(s.features["text_query"], np.memmap) and s.features["text_query"].dtype == np.float16
-        assert s.features["retrieval_key"].dtype == np.float32
-        faiss_vec = s.index.reconstruct(3)
-        assert np.allclose(faiss_vec, s.features["retrieval_key"][3])
-        assert set(manifest["dims"]) == set(STORED_FEATURES)
+        for entry in raw["shards"]:
+            assert set(entry["files"]) == {"index.faiss", "entity_ids.parquet"} | {
+                f"{n}.bin" for n in STORED_FEATURES if n not in KEY_FEATURES}
+        # the keys FAISS searches are the model's keys of these entities, in fp16
+        backend = load_backend(onnx_model)
+        kb = pq.read_table(synth_dir / "kb.parquet")
+        rows = {e: i for i, e in enumerate(kb_ids)}
+        eb = backend.preprocessor.entities(kb.select(["name", "attributes", "image"]).to_pydict())
+        fresh = backend.encode({k: getattr(eb, k) for k in MODEL_INPUTS}, ("retrieval_key",))["retrieval_key"]
+        keys = s.index.reconstruct_batch(np.arange(s.count))
+        assert np.allclose(keys, fresh[[rows[e] for e in s.entity_ids]], atol=2e-3)
+        assert np.array_equal(keys, keys.astype(np.float16).astype(np.float32))
+        # bytes per entity: the stored features' rows and FAISS's fp16 keys, nothing twice
+        per_row = sum(np.prod(manifest["dims"][n]) * storage_dtype(n, "fp16").itemsize
+                      for n in STORED_FEATURES if n not in KEY_FEATURES) + 2 * manifest["retrieval_dim"]
+        on_disk = sum(p.stat().st_size for e in raw["shards"] for p in (d / e["dir"]).iterdir()
+                      if p.name != "entity_ids.parquet")
+        assert per_row * manifest["count"] <= on_disk <= per_row * manifest["count"] + 1024 * len(shards)
         aliases = pq.read_table(d / "aliases.parquet")
         assert set(aliases.column("entity_id").to_pylist()) == set(kb_ids)
 
@@ -63,8 +83,11 @@ def test_index_refuses_existing_output_bad_factories_and_bad_kb(ray_local, onnx_
 def _by_id(directory) -> dict[str, dict]:
     """{shard name: {entity id: features}} of a local index."""
     _, shards = open_shards(directory, verify=True, use_gpu=False)
-    return {s.name: {e: {n: np.asarray(s.features[n][i]) for n in STORED_FEATURES}
-                     for i, e in enumerate(s.entity_ids)} for s in shards}
+    out = {}
+    for s in shards:
+        rows = s.rows(0, s.count)
+        out[s.name] = {e: {n: rows[n][i] for n in STORED_FEATURES} for i, e in enumerate(s.entity_ids)}
+    return out
 
 
 def test_update_equals_a_full_rebuild_and_leaves_untouched_shards_alone(ray_local, trained_run, synth_dir, tmp_path):

@@ -175,6 +175,27 @@ def test_stage1_inner_product_is_the_separable_part_of_S_O_for_every_pair(missin
     torch.testing.assert_close(cand, torch.gather(separable, 1, idx), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("missing_image", ["zeros", "mask"])
+def test_the_stage1_key_is_built_from_the_stored_features_and_gives_them_back(missing_image):
+    """The index stores k_e once (in FAISS) and builds it from the entity's fused and summary
+    features (otmel.model.retrieval_key_of): it must equal the model's own key, bit for bit,
+    and key_features_of must give those features back, for entities with and without images."""
+    import numpy as np
+
+    from otmel.model import KEY_FEATURES, key_features_of, retrieval_key_of
+
+    model, _ = make_model("ot", missing_image=missing_image)
+    model.eval()
+    with torch.no_grad():
+        e = {k: v.numpy() for k, v in model.encode(**random_inputs(9, seed=8, image_rate=0.5)).items()}
+    assert 0 < e["has_image"].mean() < 1
+    key = retrieval_key_of(e["fused"], e["text_summary"], e["vision_summary"], e["has_image"], missing_image)
+    assert np.array_equal(key, e["retrieval_key"])
+    back = key_features_of(key, e["fused"].shape[1], missing_image)
+    for name in KEY_FEATURES:
+        assert np.array_equal(back[name], e[name]), name
+
+
 def test_kd_model_uses_ot_in_training_and_attention_at_inference():
     model, _ = make_model("kd")
     model.train()
