@@ -135,15 +135,36 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
+def image_transform(requested: str, use_gpu: bool) -> str:
+    """Where a job resizes and normalises images: ``--image-transform cpu|device``, or ``auto``:
+    on the encoder's GPU when the encode actors get one (the CPU then only decodes: ~3x the
+    rows per preprocessing core, bench/results/preprocess.md), else in the CPU tasks (on a CPU
+    node the encoder is the bottleneck: the work stays off its cores)."""
+    from otmel.preprocessing import IMAGE_TRANSFORMS
+
+    if requested == "auto":
+        return "device" if use_gpu else "cpu"
+    if requested not in IMAGE_TRANSFORMS:
+        raise ValueError(f"--image-transform must be auto, cpu or device, got {requested!r}")
+    return requested
+
+
+#: the column of decoded uint8 images the preprocess step sends with ``image_transform = device``
+IMAGE_PIXELS = "image_pixels"
+
+
 class Preprocess:
-    """Tokenise + decode/resize images (CPU tasks). ``kind`` = ``entity`` or ``mention``.
+    """Tokenise + decode (and, on the CPU path, resize/normalise) images (CPU tasks). ``kind``
+    = ``entity`` or ``mention``.
 
     ``bad_image``: ``error`` (a given image that cannot be fetched or decoded makes the row an
     error, the default for linking: the user asked for multimodal linking) or ``text``
-    (link/index on text alone and count it).
+    (link/index on text alone and count it). ``transform``: ``cpu`` (``pixel_values`` out) or
+    ``device`` (the decoded uint8 images out, as :data:`IMAGE_PIXELS`; the encode actor
+    resizes and normalises them).
     """
 
-    def __init__(self, preprocessor, kind: str, image_policy=None, bad_image: str = "error"):
+    def __init__(self, preprocessor, kind: str, image_policy=None, bad_image: str = "error", transform: str = "cpu"):
         from otmel.image_fetch import ImagePolicy
 
         if kind not in ("entity", "mention"):
@@ -154,6 +175,7 @@ class Preprocess:
         self.kind = kind
         self.policy = image_policy or ImagePolicy()
         self.bad_image = bad_image
+        self.transform = transform
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(next(iter(batch.values())))
@@ -161,10 +183,10 @@ class Preprocess:
         images, fetch_errors = fetch_images(col("image"), col("image_uri"), self.policy)
         if self.kind == "entity":
             rows = {"name": col("name"), "attributes": col("attributes"), "image": images}
-            prepared = self.pre.entities(rows)
+            prepared = self.pre.entities(rows, self.transform)
         else:
             rows = {"mention": col("mention"), "text": col("text"), "image": images}
-            prepared = self.pre.mentions(rows)
+            prepared = self.pre.mentions(rows, self.transform)
         errors = list(prepared.errors)
         for i in range(n):
             image_problem = fetch_errors[i] or next((w for w in prepared.warnings[i] if w.startswith("bad_image")), None)
@@ -177,11 +199,16 @@ class Preprocess:
         out.update({
             "input_ids": prepared.input_ids,
             "attention_mask": prepared.attention_mask,
-            "pixel_values": prepared.pixel_values,
             "has_image": prepared.has_image,
             "ok": np.array([e is None for e in errors], dtype=bool),
             "error": np.array(errors, dtype=object),
         })
+        if self.transform == "cpu":
+            out["pixel_values"] = prepared.pixel_values
+        else:  # variable shapes: one uint8 array per row (Ray Data keeps it as a ragged tensor column)
+            column = np.empty(n, dtype=object)
+            column[:] = prepared.image_pixels
+            out[IMAGE_PIXELS] = column
         return out
 
 
@@ -218,7 +245,7 @@ class Encode:
     """
 
     def __init__(self, model_uri: str, feature_names: tuple[str, ...], s3_endpoint: str | None = None,
-                 cpus: float | None = None, pool_size: int = 1):
+                 cpus: float | None = None, pool_size: int = 1, transform: str = "cpu"):
         import torch
 
         from otmel.backend import load_backend
@@ -230,15 +257,28 @@ class Encode:
         self.threads = threads
         self.backend = load_backend(model_uri, s3_endpoint, threads=threads)
         self.feature_names = tuple(feature_names)
+        self.pixels = None
+        if transform == "device":  # resize + normalise here, on the actor's GPU (its CPU without one)
+            from otmel.pixels import PixelTransform
+
+            device = "cuda" if cpus is None and torch.cuda.is_available() else "cpu"
+            self.pixels = PixelTransform(self.backend.preprocessor.image_processor, device)
+
+    def _inputs(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The encoder inputs of ``rows``; with the device transform, their pixels made here."""
+        inputs = {k: np.asarray(batch[k])[rows] for k in MODEL_INPUTS if k != "pixel_values" or self.pixels is None}
+        if self.pixels is not None:
+            inputs["pixel_values"] = self.pixels([batch[IMAGE_PIXELS][i] for i in rows])
+        return inputs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], dtype=bool)
         n = len(ok)
-        out = {k: v for k, v in batch.items() if k not in MODEL_INPUTS}
+        out = {k: v for k, v in batch.items() if k not in MODEL_INPUTS and k != IMAGE_PIXELS}
         sel = np.flatnonzero(ok)
-        feats = self.backend.encode({k: np.asarray(batch[k])[sel] for k in MODEL_INPUTS}, self.feature_names) if len(sel) else None
+        feats = self.backend.encode(self._inputs(batch, sel), self.feature_names) if len(sel) else None
         if feats is None:  # nothing usable in this batch: shapes from a one-row encode
-            probe = self.backend.encode({k: np.asarray(batch[k])[:1] for k in MODEL_INPUTS}, self.feature_names)
+            probe = self.backend.encode(self._inputs(batch, np.arange(1)), self.feature_names)
             feats = {k: v[:0] for k, v in probe.items()}
         for name, arr in feats.items():
             full = np.zeros((n, *arr.shape[1:]), dtype=arr.dtype)
@@ -247,15 +287,16 @@ class Encode:
         return out
 
 
-def encode_step(ds, cfg, feature_names: tuple[str, ...], use_gpu: bool):
+def encode_step(ds, cfg, feature_names: tuple[str, ...], use_gpu: bool, transform: str = "cpu"):
     """The encode actor pool of a job (``cfg``: an index or link config) on dataset ``ds``:
-    ``--workers`` actors of ``--cpus-per-actor`` CPUs, or one GPU each on a GPU cluster."""
+    ``--workers`` actors of ``--cpus-per-actor`` CPUs, or one GPU each on a GPU cluster;
+    ``transform = device``: they resize and normalise the images too."""
     return ds.map_batches(Encode, batch_size=cfg.batch_size, compute=actor_pool(cfg.workers),
                           num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0,
                           fn_constructor_kwargs={"model_uri": cfg.model, "feature_names": feature_names,
                                                  "s3_endpoint": cfg.s3_endpoint,
                                                  "cpus": None if use_gpu else cfg.cpus_per_actor,
-                                                 "pool_size": parse_pool(cfg.workers)[1]})
+                                                 "pool_size": parse_pool(cfg.workers)[1], "transform": transform})
 
 
 def probe_model(backend) -> dict[str, list[int]]:

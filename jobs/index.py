@@ -73,9 +73,12 @@ class IndexConfig:
     s3_endpoint: str | None = None
     allow_image_prefix: list[str] = field(default_factory=list)  # local image_uri roots allowed
     allow_private_hosts: bool = False  # http(s) image_uri on private/loopback addresses
+    image_transform: str = "auto"  # cpu | device (resize/normalise on the encoder's GPU) | auto: device with GPUs
 
     def __post_init__(self):
-        from otmel.jobs.common import parse_pool
+        from otmel.jobs.common import image_transform, parse_pool
+
+        image_transform(self.image_transform, False)  # a clear error for an unknown value
 
         if self.shards < 1:
             raise ValueError(f"--shards must be >= 1, got {self.shards}")
@@ -185,10 +188,10 @@ def alias_pairs(identity: pa.Table) -> pa.Table:
 
 
 # ---------------------------------------------------------------------------- encoding
-def preprocess_entities(batch: dict, preprocessor, image_policy, bad_image: str) -> dict:
+def preprocess_entities(batch: dict, preprocessor, image_policy, bad_image: str, transform: str = "cpu") -> dict:
     from otmel.jobs.common import Preprocess
 
-    return Preprocess(preprocessor, "entity", image_policy, bad_image)(batch)
+    return Preprocess(preprocessor, "entity", image_policy, bad_image, transform)(batch)
 
 
 def rows_of_shards(batch: dict, shards: frozenset, num_shards: int) -> dict:
@@ -207,9 +210,10 @@ def encoded_entities(cfg: IndexConfig, files: list[str], preprocessor, use_gpu: 
 
     from otmel.entity_index import STORED_FEATURES
     from otmel.image_fetch import ImagePolicy
-    from otmel.jobs.common import encode_step
+    from otmel.jobs.common import encode_step, image_transform
     from otmel.storage import resolve
 
+    transform = image_transform(cfg.image_transform, use_gpu)
     fs, _ = resolve(files[0], cfg.s3_endpoint)
     paths = [resolve(f, cfg.s3_endpoint)[1] for f in files]
     policy = ImagePolicy(allowed_prefixes=tuple(cfg.allow_image_prefix), allow_private_hosts=cfg.allow_private_hosts,
@@ -222,8 +226,9 @@ def encoded_entities(cfg: IndexConfig, files: list[str], preprocessor, use_gpu: 
                             fn_kwargs={"shards": only_shards[0], "num_shards": only_shards[1]})
     # preprocessing on CPU tasks (its own resources keep Ray Data from fusing it into the actors)
     ds = ds.map_batches(preprocess_entities, batch_size=cfg.batch_size, num_cpus=0.25,
-                        fn_kwargs={"preprocessor": preprocessor, "image_policy": policy, "bad_image": "text"})
-    return encode_step(ds, cfg, STORED_FEATURES, use_gpu)
+                        fn_kwargs={"preprocessor": preprocessor, "image_policy": policy, "bad_image": "text",
+                                   "transform": transform})
+    return encode_step(ds, cfg, STORED_FEATURES, use_gpu, transform)
 
 
 #: CPU share of a shard-builder actor (S of them run beside the encode pool)

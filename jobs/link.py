@@ -84,6 +84,7 @@ class LinkConfig:
     min_alias_length: int = 3  # mention detection filters
     max_alias_entities: int = 20
     bad_image: str = "error"  # error | text: what a given-but-unusable image does to its row
+    image_transform: str = "auto"  # cpu | device (resize/normalise on the encoder's GPU) | auto: device with GPUs
     allow_image_prefix: list[str] = field(default_factory=list)  # local image_uri roots allowed
     allow_private_hosts: bool = False  # http(s) image_uri on private/loopback/link-local hosts
     image_timeout_s: float = 10.0
@@ -105,7 +106,9 @@ class LinkConfig:
             raise ValueError(f"--detect-mentions must be alias, got {self.detect_mentions!r}")
         if self.bad_image not in ("error", "text"):
             raise ValueError(f"--bad-image must be error or text, got {self.bad_image!r}")
-        from otmel.jobs.common import parse_pool
+        from otmel.jobs.common import image_transform, parse_pool
+
+        image_transform(self.image_transform, False)  # a clear error for an unknown value
 
         parse_pool(self.workers, "--workers")
         parse_pool(self.link_actors, "--link-actors")
@@ -126,7 +129,8 @@ class LinkConfig:
     def result_settings(self) -> dict:
         """The settings that change output rows (a re-run with other values recomputes)."""
         keys = ("top_k", "candidates", "detect_mentions", "context_chars", "min_alias_length", "max_alias_entities",
-                "bad_image", "allow_image_prefix", "allow_private_hosts", "image_timeout_s", "max_image_bytes")
+                "bad_image", "allow_image_prefix", "allow_private_hosts", "image_timeout_s", "max_image_bytes",
+                "image_transform")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -247,10 +251,10 @@ def read_inputs(batch: dict[str, np.ndarray], s3_endpoint: str | None, detector,
             yield previous.append_column("file_rows", pa.array([total] * previous.num_rows, pa.int64()))
 
 
-def preprocess_mentions(batch: dict, preprocessor, image_policy, bad_image: str) -> dict:
+def preprocess_mentions(batch: dict, preprocessor, image_policy, bad_image: str, transform: str = "cpu") -> dict:
     from otmel.jobs.common import Preprocess
 
-    return Preprocess(preprocessor, "mention", image_policy, bad_image)(batch)
+    return Preprocess(preprocessor, "mention", image_policy, bad_image, transform)(batch)
 
 
 def _int_or_none(v) -> int | None:
@@ -644,8 +648,10 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
     import ray.data
 
     from otmel.image_fetch import ImagePolicy
-    from otmel.jobs.common import encode_step
+    from otmel.jobs.common import encode_step, image_transform
     from otmel.linking import LINK_MENTION_FEATURES
+
+    transform = image_transform(cfg.image_transform, use_gpu)
 
     policy = ImagePolicy(allowed_prefixes=tuple(cfg.allow_image_prefix), allow_private_hosts=cfg.allow_private_hosts,
                          timeout_s=cfg.image_timeout_s, max_bytes=cfg.max_image_bytes, s3_endpoint=cfg.s3_endpoint)
@@ -656,8 +662,9 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
                                    "chunk_bytes": cfg.read_chunk_bytes})
     # preprocessing stays on CPU tasks (its own resources keep Ray Data from fusing it into the actors)
     ds = ds.map_batches(preprocess_mentions, batch_size=cfg.batch_size, num_cpus=PREPROCESS_CPUS,
-                        fn_kwargs={"preprocessor": preprocessor, "image_policy": policy, "bad_image": cfg.bad_image})
-    return encode_step(ds, cfg, LINK_MENTION_FEATURES, use_gpu)
+                        fn_kwargs={"preprocessor": preprocessor, "image_policy": policy, "bad_image": cfg.bad_image,
+                                   "transform": transform})
+    return encode_step(ds, cfg, LINK_MENTION_FEATURES, use_gpu, transform)
 
 
 def run(cfg: LinkConfig, progress=None) -> LinkResult:

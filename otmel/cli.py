@@ -211,7 +211,7 @@ def cmd_index(args) -> int:
     cfg = IndexConfig(model=args.model, kb=args.kb, out=args.update or args.out, shards=args.shards,
                       factory=args.factory, feature_dtype=args.feature_dtype, update=bool(args.update),
                       overwrite=args.overwrite, workers=args.workers, nprobe=args.nprobe, batch_size=args.batch_size,
-                      gpu=args.gpu,
+                      gpu=args.gpu, cpus_per_actor=args.cpus_per_actor, image_transform=args.image_transform,
                       address=args.address, s3_endpoint=args.s3_endpoint,
                       allow_image_prefix=args.allow_image_prefix or [], allow_private_hosts=args.allow_private_hosts)
     _print(summary_line(run(cfg)))
@@ -230,7 +230,8 @@ def cmd_link(args) -> int:
                      image_timeout_s=args.image_timeout, force=args.force, address=args.address,
                      link_actors=args.link_actors, shard_replicas=args.shard_replicas, shard_gpus=args.shard_gpus,
                      gpu=args.gpu, s3_endpoint=args.s3_endpoint, kge_embeddings=args.kge_embeddings,
-                     coherence_weight=args.coherence_weight)
+                     coherence_weight=args.coherence_weight, cpus_per_actor=args.cpus_per_actor,
+                     image_transform=args.image_transform)
     _print(summary_line(run(cfg, progress=log.info)))
     return 0
 
@@ -288,7 +289,13 @@ def _data_job_options(s: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu", dest="gpu", action="store_const", const=True, default=None,
                    help="a GPU per encode actor even if no GPU node is up yet (the autoscaler adds them)")
     g.add_argument("--cpu", dest="gpu", action="store_const", const=False, help="encode on CPUs even on a GPU cluster")
+    s.add_argument("--cpus-per-actor", type=float, default=0.5, metavar="C",
+                   help="CPUs of each CPU encode actor; its intra-op threads: C if >= 1, else the node's CPUs over "
+                        "the pool's maximum size (the default 0.5 leaves room for the read tasks on small machines)")
     s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--image-transform", choices=["auto", "cpu", "device"], default="auto",
+                   help="where images are resized and normalised: in the CPU preprocess tasks, or on the encode "
+                        "actors' device (their GPU: the CPUs then only decode); auto: device when they have a GPU")
     s.add_argument("--allow-image-prefix", action="append", metavar="DIR", help="local image_uri roots allowed (repeatable)")
     s.add_argument("--allow-private-hosts", action="store_true", help="allow http(s) image_uri on private/loopback hosts")
     s.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")

@@ -29,17 +29,26 @@ log = logging.getLogger(__name__)
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "has_image")
 
 
+#: where the pixels are resized and normalised: ``cpu`` (here, with the checkpoint's image
+#: processor) or ``device`` (the decoded uint8 pixels go to the encoder, which runs
+#: ``otmel.pixels.PixelTransform`` on its GPU)
+IMAGE_TRANSFORMS = ("cpu", "device")
+
+
 @dataclass
 class Batch:
     """Model inputs plus per-row accounting."""
 
     input_ids: np.ndarray  # (B, L) int64
     attention_mask: np.ndarray  # (B, L) int64
-    pixel_values: np.ndarray  # (B, 3, S, S) float32
+    pixel_values: np.ndarray | None  # (B, 3, S, S) float32 (None with transform = device)
     has_image: np.ndarray  # (B,) bool
     ok: np.ndarray  # (B,) bool: False = the row cannot be linked (see errors)
     errors: list[str | None]  # per row: the reason the row is unusable, else None
     warnings: list[list[str]]  # per row: non-fatal issues (missing/corrupt image, truncated)
+    #: transform = device: per row the decoded (H, W, 3) uint8 pixels, cut and reduced as
+    #: decode_image does (zero-size without an image); the encoder resizes and normalises them
+    image_pixels: list[np.ndarray] | None = None
 
     def model_inputs(self) -> dict[str, Any]:
         """The encoder inputs as torch tensors."""
@@ -140,33 +149,53 @@ class Preprocessor:
         return ids, mask, [n > self.text_length for n in lengths]
 
     # ------------------------------------------------------------------ images
-    def images(self, images: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    def decode(self, images: Sequence[bytes | None]) -> tuple[list, list[str | None]]:
+        """Each image decoded small (``decode_image``; None when missing or undecodable, with
+        the reason)."""
         from otmel.images import ImageDecodeError, decode_image
 
-        S = self.image_size
-        pixels = np.zeros((len(images), 3, S, S), dtype=np.float32)
-        has = np.zeros(len(images), dtype=bool)
+        decoded: list = [None] * len(images)
         warn: list[str | None] = [None] * len(images)
-        decoded, where = [], []
         for i, data in enumerate(images):
             if data is None or len(data) == 0:
                 warn[i] = "missing_image: no image given"
                 continue
             try:  # one image at a time, shrunk as it is decoded: a batch never holds full-size images
-                decoded.append(decode_image(bytes(data), min_edge=self.decode_edge))
-                where.append(i)
+                decoded[i] = decode_image(bytes(data), min_edge=self.decode_edge)
             except ImageDecodeError as exc:
                 warn[i] = f"bad_image: {exc}"
-        if decoded:
-            out = self.image_processor(decoded, return_tensors="np")["pixel_values"].astype(np.float32)
-            pixels[where] = out
-            has[where] = True
-        return pixels, has, warn
+        return decoded, warn
+
+    def images(self, images: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        """``(pixel_values (B, 3, S, S) float32, has_image (B,), warnings)`` on the CPU."""
+        decoded, warn = self.decode(images)
+        S = self.image_size
+        pixels = np.zeros((len(images), 3, S, S), dtype=np.float32)
+        where = [i for i, d in enumerate(decoded) if d is not None]
+        if where:
+            pixels[where] = self.image_processor([decoded[i] for i in where], return_tensors="np")["pixel_values"]
+        return pixels, np.array([d is not None for d in decoded], dtype=bool), warn
+
+    def image_arrays(self, images: Sequence[bytes | None]) -> tuple[list[np.ndarray], np.ndarray, list[str | None]]:
+        """``transform = device``: the decoded uint8 pixels per row (zero-size without an
+        image), ``has_image`` and the warnings; ``otmel.pixels.PixelTransform`` does the rest."""
+        from otmel.pixels import NO_IMAGE
+
+        decoded, warn = self.decode(images)
+        arrays = [NO_IMAGE if d is None else np.asarray(d, dtype=np.uint8) for d in decoded]
+        return arrays, np.array([d is not None for d in decoded], dtype=bool), warn
 
     # ------------------------------------------------------------------ rows
-    def _assemble(self, texts, errors, images) -> Batch:
+    def _assemble(self, texts, errors, images, transform: str = "cpu") -> Batch:
+        if transform not in IMAGE_TRANSFORMS:
+            raise ValueError(f"image transform must be one of {IMAGE_TRANSFORMS}, got {transform!r}")
         ids, mask, truncated = self.tokenize(texts)
-        pixels, has, img_warn = self.images(images)
+        arrays = None
+        if transform == "cpu":
+            pixels, has, img_warn = self.images(images)
+        else:
+            pixels = None
+            arrays, has, img_warn = self.image_arrays(images)
         warnings: list[list[str]] = []
         for i in range(len(texts)):
             w = []
@@ -176,16 +205,16 @@ class Preprocessor:
                 w.append(f"truncated: text longer than {self.text_length} tokens")
             warnings.append(w)
         ok = np.array([e is None for e in errors], dtype=bool)
-        return Batch(ids, mask, pixels, has, ok, list(errors), warnings)
+        return Batch(ids, mask, pixels, has, ok, list(errors), warnings, arrays)
 
-    def mentions(self, rows: dict[str, Sequence]) -> Batch:
+    def mentions(self, rows: dict[str, Sequence], transform: str = "cpu") -> Batch:
         """Rows with ``mention``, ``text`` (context) and ``image`` (bytes or None)."""
         n = len(rows["mention"])
         texts, errors = self.mention_texts(rows["mention"], rows.get("text", [None] * n))
-        return self._assemble(texts, errors, rows.get("image", [None] * n))
+        return self._assemble(texts, errors, rows.get("image", [None] * n), transform)
 
-    def entities(self, rows: dict[str, Sequence]) -> Batch:
+    def entities(self, rows: dict[str, Sequence], transform: str = "cpu") -> Batch:
         """Rows with ``name``, ``attributes`` and ``image`` (bytes or None)."""
         n = len(rows["name"])
         texts, errors = self.entity_texts(rows["name"], rows.get("attributes", [None] * n))
-        return self._assemble(texts, errors, rows.get("image", [None] * n))
+        return self._assemble(texts, errors, rows.get("image", [None] * n), transform)

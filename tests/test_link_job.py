@@ -147,7 +147,7 @@ RERUN_KEY_CASES = {
     "top_k": (2, True), "candidates": (12, True), "nil_threshold": (0.5, True), "detect_mentions": ("alias", True),
     "context_chars": (50, True), "min_alias_length": (2, True), "max_alias_entities": (5, True),
     "bad_image": ("text", True), "allow_image_prefix": (["/data/images"], True), "allow_private_hosts": (True, True),
-    "image_timeout_s": (2.0, True), "max_image_bytes": (1 << 20, True),
+    "image_timeout_s": (2.0, True), "max_image_bytes": (1 << 20, True), "image_transform": ("device", True),
     "workers": ("1-2", False), "link_actors": (1, False), "shard_replicas": (2, False), "shard_gpus": (0.5, False),
     "batch_size": (8, False), "read_chunk_rows": (16, False), "read_chunk_bytes": (1 << 20, False),
     "cpus_per_actor": (1.0, False), "gpu": (False, False), "address": ("auto", False),
