@@ -87,6 +87,7 @@ class OnnxBackend:
         _verify_export(d, self.meta, encoder)
         self.config = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
         self.model_version = self.meta.get("model_version", "")
+        self.precision = self.meta.get("precision", "fp32")  # fp32 | fp16 | int8 (otmel export --precision)
         self.nil_threshold = self.meta.get("nil_threshold")
         self.coherence = self.meta.get("coherence")
         self.batch_size = batch_size

@@ -453,7 +453,8 @@ def build(cfg: IndexConfig) -> IndexResult:
     aliases_name = f"aliases{suffix}.parquet"
     _write_aliases(alias_pairs(identity), indexed, join(cfg.out, aliases_name), cfg.s3_endpoint)
     manifest = new_manifest(cfg.shards, key.factory, cfg.feature_dtype, backend.model_version, shard_dims,
-                            entries, cfg.kb, dict(skipped), aliases_name, cfg.nprobe, key.missing_image, key.in_faiss)
+                            entries, cfg.kb, dict(skipped), aliases_name, cfg.nprobe, key.missing_image, key.in_faiss,
+                            encoder={"kind": backend.kind, "precision": backend.precision})
     version = _commit_manifest(manifest, cfg.out, cfg.s3_endpoint)
     if previous:
         _delete_unreferenced(previous, manifest, cfg.out, cfg.s3_endpoint)

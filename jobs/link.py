@@ -572,6 +572,10 @@ def preflight(cfg: LinkConfig) -> dict:
     backend = load_backend(cfg.model, cfg.s3_endpoint)
     dims = probe_model(backend)
     check_compatible(manifest, backend.model_version, dims["retrieval_query"][0], where=f"index {cfg.index}")
+    indexed_with = manifest.get("encoder", {}).get("precision")
+    if indexed_with and indexed_with != backend.precision:  # one checkpoint, one model_version: allowed, said
+        log.info("mentions are encoded in %s, the index's entities were encoded in %s (the same checkpoint): "
+                 "scores mix the two precisions", backend.precision, indexed_with)
     threshold = cfg.nil_threshold if cfg.nil_threshold is not None else backend.nil_threshold
     coherence = None
     if cfg.kge_embeddings is not None:
@@ -753,6 +757,7 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
         # throughput of the linking itself (after the shard actors have loaded)
         "mentions_per_second": round(processed / (seconds - startup), 2) if processed and seconds > startup else None,
         "model_version": backend.model_version,
+        "model": {"kind": backend.kind, "precision": backend.precision},
         "index_version": pre["index_version"],
         "nil_threshold": pre["nil_threshold"],
         "settings": dict(cfg.result_settings(), nil_threshold=pre["nil_threshold"]),
@@ -778,6 +783,7 @@ def summary_line(result: LinkResult) -> str:
     rate = f", {s['mentions_per_second']:.1f} mentions/s" if s["mentions_per_second"] else ""
     if s.get("coherence"):
         rate += f", coherence weight {s['coherence']['weight']:.4g} ({s['coherence']['embeddings']})"
+    rate += f", {s['model']['kind']} {s['model']['precision']} encoder"
     return (f"linked {c['in']} mention rows: ok {c['ok']}, nil {c['nil']}, no_mention {c['no_mention']}, "
             f"error {c['error']} ({s['files_processed']} file(s) processed, {s['files_skipped_complete']} skipped as "
             f"complete{rate}); output: {s['output']} ({result.success_uri})")

@@ -23,6 +23,8 @@ SCORE_NAMES = ("overall", "fused", "text", "visual")
 
 
 class Backend(Protocol):
+    kind: str  # torch | onnx
+    precision: str  # fp32 | fp16 | int8 (an ONNX export's; PyTorch runs fp32)
     preprocessor: object
     model_version: str
     config: dict
@@ -38,6 +40,7 @@ class TorchBackend:
     """A PyTorch model behind the backend protocol (inference mode, CPU or GPU)."""
 
     kind = "torch"
+    precision = "fp32"
 
     def __init__(self, model, preprocessor, model_version: str | None = None, device: str | None = None):
         import torch

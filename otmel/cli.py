@@ -161,7 +161,8 @@ def cmd_kge(args) -> int:
 def cmd_export(args) -> int:
     from otmel.exporters.onnx import ExportConfig, ExportError, export
 
-    cfg = ExportConfig(checkpoint=args.checkpoint, out=args.out, opset=args.opset, fp16=args.fp16, int8=args.int8,
+    cfg = ExportConfig(checkpoint=args.checkpoint, out=args.out, opset=args.opset,
+                       fp16=args.fp16 or args.precision == "fp16", int8=args.int8 or args.precision == "int8",
                        mode=args.mode, s3_endpoint=args.s3_endpoint)
     try:
         meta = export(cfg)
@@ -358,8 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--opset", type=int, default=17)
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--fp16", action="store_true", help="fp16 weights and compute (I/O stays fp32)")
-    g.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the matmul weights")
+    g.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None,
+                   help="fp32 (default), fp16 (weights and compute; on a GPU with onnxruntime-gpu's CUDA provider) or "
+                        "int8 (dynamic quantisation of the matmul weights: the fastest on CPU; measure its H@1 on "
+                        "your data first: bench/results/export.md)")
+    g.add_argument("--fp16", action="store_true", help="= --precision fp16")
+    g.add_argument("--int8", action="store_true", help="= --precision int8")
     s.add_argument("--mode", choices=["kd", "ot", "att"], default=None,
                    help="default: the checkpoint's own (kd exports its attention path; --mode ot its OT teacher)")
     s.add_argument("--s3-endpoint", default=None)

@@ -337,10 +337,12 @@ def index_version_of(manifest: dict) -> str:
 
 def new_manifest(num_shards: int, factory: str, feature_dtype: str, model_version: str, dims: dict,
                  shards: list[dict], kb: str, skipped: dict, aliases: str = ALIASES_FILE, nprobe: int = 32,
-                 missing_image: str = "zeros", key_in_faiss: bool = False, refine: int = DEFAULT_REFINE) -> dict:
+                 missing_image: str = "zeros", key_in_faiss: bool = False, refine: int = DEFAULT_REFINE,
+                 encoder: dict | None = None) -> dict:
     return {
         "format": FORMAT,
         "model_version": model_version,
+        "encoder": encoder or {},  # the backend that encoded the entities: kind (onnx | torch), precision
         "factory": factory,
         "feature_dtype": feature_dtype,
         "metric": "inner_product",

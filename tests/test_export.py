@@ -123,11 +123,17 @@ def test_fp16_export_is_converted_and_close_to_pytorch(kd_checkpoint, kd_export,
     assert 0 < score <= 5e-2 and np.isfinite(enc)  # close, but not the fp32 graph in disguise
 
 
-def test_int8_export_quantises_the_matmuls_within_its_tolerance(kd_checkpoint, kd_export, tmp_path):
+def test_int8_export_quantises_the_matmuls_within_its_tolerance(kd_checkpoint, kd_export, tmp_path, capsys):
+    import json
     from pathlib import Path
 
-    meta = export(ExportConfig(checkpoint=kd_checkpoint, out=str(tmp_path / "q"), int8=True, parity_batches=(3,)))
-    assert meta["precision"] == "int8"
+    from otmel.backend import load_backend
+    from otmel.cli import main
+
+    assert main(["export", "--checkpoint", kd_checkpoint, "--out", str(tmp_path / "q"), "--precision", "int8"]) == 0
+    assert "int8" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "q" / "export.json").read_text())
+    assert meta["precision"] == "int8" and load_backend(str(tmp_path / "q")).precision == "int8"
     assert max(meta["parity_fp32_before_conversion"].values()) < 1e-4
     ops = _op_types(tmp_path / "q" / "encoder.onnx") | _op_types(tmp_path / "q" / "matcher.onnx")
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops  # quantised, not a copy of the fp32 graph

@@ -83,6 +83,8 @@ def test_every_input_mention_gives_exactly_one_row_in_the_contract_schema(s3_lin
     assert out.num_rows == sum(s3_inputs["expected_rows"].values())
     counts = result.summary["counts"]
     assert counts["in"] == out.num_rows == sum(counts[s] for s in ("ok", "nil", "no_mention", "error"))
+    # the encoder that ran is reported, and the index says what encoded its entities
+    assert result.summary["model"] == {"kind": "onnx", "precision": "fp32"} == idx.manifest["encoder"]
     # one output file per input file, named by the hash of its path
     for name, rows in s3_inputs["expected_rows"].items():
         part = pq.read_table(pa.BufferReader(_read(f"{cfg.output}/{output_name(cfg.input + name)}", s3_server)))
