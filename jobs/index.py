@@ -111,11 +111,12 @@ class KeyPlan:
     in_faiss: bool
 
     @classmethod
-    def plan(cls, factory: str, feature_dtype: str, missing_image: str, key_dim: int, rows_per_shard: int) -> "KeyPlan":
+    def plan(cls, factory: str, feature_dtype: str, missing_image: str, key_dim: int, rows_per_shard: int,
+             gpu: bool = False) -> "KeyPlan":
         from otmel.entity_index import auto_factory, check_factory, keeps_keys_exactly
 
         if factory == "auto":
-            factory = auto_factory(rows_per_shard, key_dim, feature_dtype)
+            factory = auto_factory(rows_per_shard, key_dim, feature_dtype, gpu)
         check_factory(factory, key_dim, rows_per_shard)
         return cls(factory, feature_dtype, missing_image, keeps_keys_exactly(factory, key_dim, feature_dtype))
 
@@ -435,12 +436,15 @@ def build(cfg: IndexConfig) -> IndexResult:
     # over an existing index, new files get new names: the old manifest stays valid (and its
     # files untouched) until the new one replaces it
     suffix = f"-b{uuid.uuid4().hex[:8]}" if previous else ""
+    init_ray(cfg.address)
+    use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
+    if cfg.factory == "auto" and use_gpu:  # shards searched by faiss-gpu: a factory it has
+        key = KeyPlan.plan(cfg.factory, cfg.feature_dtype, key.missing_image, dims["retrieval_key"][0],
+                           identity.num_rows // cfg.shards, gpu=True)
     log.info("indexing %d entities from %d file(s) into %d shard(s) (%s%s, %s features, stage-1 keys %s), model %s",
              identity.num_rows, len(files), cfg.shards, key.factory, " chosen by --factory auto" if cfg.factory == "auto"
              else "", cfg.feature_dtype, "kept in FAISS" if key.in_faiss else "compressed in FAISS, features on disk",
              backend.model_version[:12])
-    init_ray(cfg.address)
-    use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
     plan = {s: (shard_name(s), f"{shard_name(s)}{suffix}", None) for s in range(cfg.shards)}
     shard_dims = {k: dims[k] for k in STORED_FEATURES}
     if key_dim(shard_dims, key.missing_image) != dims["retrieval_key"][0]:  # the model and the index agree on k_e

@@ -56,9 +56,13 @@ FORMAT = "otmel-index/2"
 #: the key's parts, KEY_FEATURES, live in FAISS when it holds the keys exactly)
 STORED_FEATURES = ENTITY_FEATURES
 FEATURE_DTYPES = ("fp16", "fp32")
-#: ``--factory auto``: exact search (SQfp16 / Flat) up to this many entities per shard; above
-#: it an IVF-PQ index whose candidates are re-scored exactly (bench/results/ann.md)
-AUTO_EXACT_MAX = 250_000
+#: ``--factory auto`` on CPUs: exact search (SQfp16 / Flat) up to this many entities per shard,
+#: a graph index above (bench/results/ann.md: exact search slows linearly with the shard)
+AUTO_EXACT_MAX = 50_000
+#: ``--factory auto`` with faiss-gpu on the cluster: GPU brute force up to this many per shard
+AUTO_GPU_FLAT_MAX = 2_000_000
+#: HNSW candidates explored per query (FAISS's efSearch; its default of 16 loses recall)
+DEFAULT_EF_SEARCH = 128
 #: lossy indexes: candidates fetched per wanted candidate, re-scored exactly from the stored
 #: key features before the rerank (FAISS's IndexRefine "k_factor", on otmel's own files)
 DEFAULT_REFINE = 4
@@ -91,21 +95,35 @@ def storage_dtype(name: str, feature_dtype: str) -> np.dtype:
     return np.dtype(np.float16 if feature_dtype == "fp16" else np.float32)
 
 
-def auto_factory(rows_per_shard: int, key_dim: int, feature_dtype: str) -> str:
-    """``--factory auto``: by the entities a shard will hold.
+def auto_factory(rows_per_shard: int, key_dim: int, feature_dtype: str, gpu: bool = False) -> str:
+    """``--factory auto``: by the entities a shard will hold and where it will be searched.
+
+    On CPUs (bench/results/ann.md, 1M keys of the ViT-B/32 width):
 
     * up to :data:`AUTO_EXACT_MAX`: exact search, ``SQfp16`` over fp16 features (FAISS stores
       the keys in fp16, which holds fp16 features exactly: half of ``Flat``'s bytes, the same
       results) or ``Flat`` over fp32 ones;
-    * above: ``IVF{nlist},PQ{m}``: nlist ~ 4 sqrt(n) inverted lists (a power of two, 1,024 to
-      65,536), m sub-quantisers of ~16 key dimensions (8-bit codes: m bytes per entity), its
-      candidates re-scored exactly from the stored features (:data:`DEFAULT_REFINE`).
+    * above: ``HNSW32,SQfp16`` (``HNSW32`` over fp32 features), a graph over the same exact
+      keys: tens of times the queries/s of a flat scan at a recall of the exact top-1 near 1
+      (``efSearch`` :data:`DEFAULT_EF_SEARCH`), and the keys still serve the reranker.
+
+    With faiss-gpu (``gpu``; HNSW and SQfp16 have no GPU version): ``Flat`` up to
+    :data:`AUTO_GPU_FLAT_MAX` (a GPU scans millions of keys per query batch), then
+    ``IVF{nlist},PQ{m}``: nlist ~ sqrt(n) lists (a power of two, 1,024 to 65,536), m
+    sub-quantisers of ~16 key dimensions (m bytes per entity), its candidates re-scored exactly
+    from the stored features (:data:`DEFAULT_REFINE`). Either is a ``--factory`` away on CPUs
+    too: IVF-PQ is the one whose RAM stays small (m bytes an entity; the features on disk).
     """
+    if gpu:
+        if rows_per_shard <= AUTO_GPU_FLAT_MAX:
+            return "Flat"
+        nlist = int(min(65536, max(1024, 2 ** round(np.log2(np.sqrt(rows_per_shard))))))
+        m = max(d for d in range(1, key_dim // 16 + 1) if key_dim % d == 0)
+        return f"IVF{nlist},PQ{m}"
+    exact = "SQfp16" if feature_dtype == "fp16" else "Flat"
     if rows_per_shard <= AUTO_EXACT_MAX:
-        return "SQfp16" if feature_dtype == "fp16" else "Flat"
-    nlist = int(min(65536, max(1024, 2 ** round(np.log2(4 * np.sqrt(rows_per_shard))))))
-    m = max(d for d in range(1, key_dim // 16 + 1) if key_dim % d == 0)
-    return f"IVF{nlist},PQ{m}"
+        return exact
+    return "HNSW32,SQfp16" if feature_dtype == "fp16" else "HNSW32"
 
 
 def keeps_keys_exactly(factory: str, key_dim: int, feature_dtype: str) -> bool:
@@ -210,12 +228,18 @@ def train_on_gpu(index) -> bool:
 
 
 def to_gpu(index):
-    """The index on GPU 0 when faiss-gpu sees one (else unchanged)."""
+    """The index on GPU 0 when faiss-gpu sees one and has a GPU version of it (Flat, IVF);
+    else unchanged (HNSW and the non-IVF scalar quantisers are searched on the CPU)."""
     if faiss_gpu_count() == 0:
         return index
     import faiss
 
-    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    try:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    except RuntimeError as exc:  # FAISS: "not implemented for GPU" and the like
+        log.warning("FAISS %s has no GPU version (%s): searched on the CPU", type(faiss.downcast_index(index)).__name__,
+                    str(exc).strip().splitlines()[-1])
+        return index
 
 
 # ---------------------------------------------------------------------------- writing
@@ -356,8 +380,9 @@ def new_manifest(num_shards: int, factory: str, feature_dtype: str, model_versio
         "kb": kb,
         "skipped": skipped,  # KB rows not indexed, by reason
         "aliases": aliases,  # the alias table's file (mention detection)
-        # FAISS search: IVF lists scanned per query; lossy indexes: candidates re-scored per one kept
-        "search": {"nprobe": int(nprobe), "refine": 1 if key_in_faiss else int(refine)},
+        # FAISS search: IVF lists scanned per query, HNSW candidates explored; lossy indexes:
+        # candidates re-scored per one kept
+        "search": {"nprobe": int(nprobe), "ef_search": DEFAULT_EF_SEARCH, "refine": 1 if key_in_faiss else int(refine)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -433,6 +458,9 @@ class Shard:
                 faiss.extract_index_ivf(index).nprobe = int(nprobe)
             except RuntimeError:  # Flat, HNSW, PQ: no inverted lists
                 pass
+        hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
+        if hnsw is not None:  # graph indexes explore efSearch candidates per query
+            hnsw.efSearch = int(search.get("ef_search", DEFAULT_EF_SEARCH))
         key = manifest["retrieval_key"]
         self.layout, self.key_in_faiss = key["layout"], bool(key["in_faiss"])
         self.refine = int(search.get("refine", 1))

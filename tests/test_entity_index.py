@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from otmel.entity_index import (AUTO_EXACT_MAX, STORED_FEATURES, Shard, ShardWriter, auto_factory,
-                                keeps_keys_exactly, new_manifest)
+from otmel.entity_index import (AUTO_EXACT_MAX, AUTO_GPU_FLAT_MAX, STORED_FEATURES, Shard, ShardWriter,
+                                auto_factory, keeps_keys_exactly, new_manifest)
 from otmel.model import KEY_FEATURES, retrieval_key_of
 
 SHAPES = {"text_mask": [8], "vision_mask": [5], "has_image": [], "text_query": [8, 16], "vision_query": [5, 16],
@@ -40,11 +40,16 @@ def _shard(tmp_path, factory: str, feature_dtype: str, in_faiss: bool, n: int = 
         {k: v[order] for k, v in feats.items()}
 
 
-def test_auto_picks_exact_search_for_small_shards_and_ivf_pq_past_the_limit():
+def test_auto_picks_exact_search_for_small_shards_a_graph_past_it_and_gpu_factories_for_faiss_gpu():
     assert auto_factory(1000, 1216, "fp16") == "SQfp16" and auto_factory(AUTO_EXACT_MAX, 1216, "fp32") == "Flat"
-    big = auto_factory(4_000_000, 1216, "fp16")
-    assert big == "IVF8192,PQ76"  # ~4 sqrt(n) lists; 1,216 / 76 = 16 dims per sub-quantiser
-    assert auto_factory(2_000_000, 1824, "fp16").endswith(",PQ114")  # mask: R = 3 (96 + 512)
+    assert auto_factory(AUTO_EXACT_MAX + 1, 1216, "fp16") == "HNSW32,SQfp16"
+    assert auto_factory(AUTO_EXACT_MAX + 1, 1216, "fp32") == "HNSW32"
+    for n in (1000, AUTO_EXACT_MAX + 1):  # the auto choices on CPUs keep the keys exactly
+        for dtype in ("fp16", "fp32"):
+            assert keeps_keys_exactly(auto_factory(n, 64, dtype), 64, dtype), (n, dtype)
+    assert auto_factory(AUTO_GPU_FLAT_MAX, 1216, "fp16", gpu=True) == "Flat"
+    assert auto_factory(4_000_000, 1216, "fp16", gpu=True) == "IVF2048,PQ76"  # ~sqrt(n) lists, 16 dims per code
+    assert auto_factory(4_000_000, 1824, "fp16", gpu=True).endswith(",PQ114")  # mask: R = 3 (96 + 512)
 
 
 @pytest.mark.parametrize("factory,dtype,kept", [("Flat", "fp32", True), ("Flat", "fp16", True),
