@@ -33,7 +33,7 @@ SETTINGS = {
 
 
 def add_size_arguments(ap: argparse.ArgumentParser, default_sizes=("tiny", "base")) -> None:
-    ap.add_argument("--sizes", nargs="+", choices=sorted(RANDOM_SIZES), default=list(default_sizes),
+    ap.add_argument("--sizes", "--size", dest="sizes", nargs="+", choices=sorted(RANDOM_SIZES), default=list(default_sizes),
                     help="random-weight CLIP architectures to run (base = ViT-B/32)")
     ap.add_argument("--clip", default=None, metavar="NAME_OR_DIR",
                     help="also run a pretrained CLIP (from_pretrained: a hub name or a local directory)")

@@ -40,16 +40,15 @@ def _shard(tmp_path, factory: str, feature_dtype: str, in_faiss: bool, n: int = 
         {k: v[order] for k, v in feats.items()}
 
 
-def test_auto_picks_exact_search_for_small_shards_a_graph_past_it_and_gpu_factories_for_faiss_gpu():
+def test_auto_picks_exact_search_for_small_shards_and_ivf_pq_past_the_limit():
     assert auto_factory(1000, 1216, "fp16") == "SQfp16" and auto_factory(AUTO_EXACT_MAX, 1216, "fp32") == "Flat"
-    assert auto_factory(AUTO_EXACT_MAX + 1, 1216, "fp16") == "HNSW32,SQfp16"
-    assert auto_factory(AUTO_EXACT_MAX + 1, 1216, "fp32") == "HNSW32"
-    for n in (1000, AUTO_EXACT_MAX + 1):  # the auto choices on CPUs keep the keys exactly
-        for dtype in ("fp16", "fp32"):
-            assert keeps_keys_exactly(auto_factory(n, 64, dtype), 64, dtype), (n, dtype)
-    assert auto_factory(AUTO_GPU_FLAT_MAX, 1216, "fp16", gpu=True) == "Flat"
-    assert auto_factory(4_000_000, 1216, "fp16", gpu=True) == "IVF2048,PQ76"  # ~sqrt(n) lists, 16 dims per code
-    assert auto_factory(4_000_000, 1824, "fp16", gpu=True).endswith(",PQ114")  # mask: R = 3 (96 + 512)
+    for dtype in ("fp16", "fp32"):  # small shards: the keys kept exactly, served to the reranker
+        assert keeps_keys_exactly(auto_factory(1000, 64, dtype), 64, dtype), dtype
+    assert auto_factory(1_000_000, 1216, "fp16") == "IVF1024,PQ76"  # ~sqrt(n) lists; 16 dims per 8-bit code
+    assert auto_factory(4_000_000, 1824, "fp16") == "IVF2048,PQ114"  # mask: R = 3 (96 + 512)
+    assert not keeps_keys_exactly("IVF1024,PQ76", 1216, "fp16")  # lossy: the key's features stay on disk
+    assert auto_factory(AUTO_GPU_FLAT_MAX, 1216, "fp16", gpu=True) == "Flat"  # faiss-gpu: brute force
+    assert auto_factory(AUTO_GPU_FLAT_MAX + 1, 1216, "fp16", gpu=True).startswith("IVF")
 
 
 @pytest.mark.parametrize("factory,dtype,kept", [("Flat", "fp32", True), ("Flat", "fp16", True),
