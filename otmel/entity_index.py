@@ -65,8 +65,10 @@ AUTO_GPU_FLAT_MAX = 2_000_000
 #: keys 128 found the exact top-1 in K = 20 for 90.5% of queries, 256 for 94.3%)
 DEFAULT_EF_SEARCH = 256
 #: lossy indexes: candidates fetched per wanted candidate, re-scored exactly from the stored
-#: key features before the rerank (FAISS's IndexRefine "k_factor", on otmel's own files)
-DEFAULT_REFINE = 4
+#: key features before the rerank (FAISS's IndexRefine "k_factor", on otmel's own files); at 1M
+#: keys (IVF1024,PQ76, K = 20) the exact top-1 was kept for 84.8% of queries without, 97.4%
+#: with 4, 99.3% with 8, 99.9% with 16 (bench/results/ann.md)
+DEFAULT_REFINE = 8
 
 
 class IndexFormatError(ValueError):
@@ -108,9 +110,9 @@ def auto_factory(rows_per_shard: int, key_dim: int, feature_dtype: str, gpu: boo
     * above: ``IVF{nlist},PQ{m}``, nlist ~ sqrt(n) inverted lists (a power of two, 1,024 to
       65,536), m sub-quantisers of ~16 key dimensions (m bytes per entity in RAM), its
       K x :data:`DEFAULT_REFINE` best candidates re-scored exactly from the stored features:
-      at 1M keys 97.4% recall of the exact top-1 in K = 20 at ~1,100 queries/s on 2 cores
-      (a flat scan: 11 queries/s; ``HNSW32,SQfp16``, a ``--factory`` away: 94.3% at
-      efSearch 256, 2.7 KB of RAM per entity).
+      at 1M keys 99.3% recall of the exact top-1 in K = 20 at ~670 queries/s on 2 cores
+      (a flat scan: 15 queries/s; ``HNSW32,SQfp16``, a ``--factory`` away: 94.3% at
+      efSearch 256, ~1,100 queries/s, 2.7 KB of RAM per entity).
     """
     exact = "Flat" if gpu or feature_dtype == "fp32" else "SQfp16"
     if rows_per_shard <= (AUTO_GPU_FLAT_MAX if gpu else AUTO_EXACT_MAX):
