@@ -15,11 +15,13 @@ For each size (``--sizes tiny base``; ``--clip DIR`` adds a pretrained CLIP; ben
 4. the link job (``otmel.jobs.link.run``) vs the same pipeline stopped after encoding (read ->
    preprocess -> encode, consumed by the driver), in one local Ray instance: mentions/s, and
    the ratio after start-up (the job's clock minus the time its shard actors took to load);
-   the shard actors' private RSS, sampled from outside.
+   the shard actors' private RSS, sampled from outside. ``--repeats N`` (default 2) pairs of the
+   two runs in alternating order, compared pair by pair: the ratio moves by +-0.1 between runs
+   on a shared 2-core machine.
 
 Writes bench/results/pipeline.md.
 
-    .venv/bin/python bench/pipeline.py [--sizes tiny base] [--clip DIR]
+    .venv/bin/python bench/pipeline.py [--sizes tiny base] [--clip DIR] [--repeats N]
 """
 
 from __future__ import annotations
@@ -146,7 +148,10 @@ class ShardMemory:
         self.thread.join()
 
 
-def job(onnx_dir: Path, index_dir: Path, inputs: Path, out: Path) -> dict:
+def job(onnx_dir: Path, index_dir: Path, inputs: Path, out: Path, repeats: int = 2) -> dict:
+    """The link job and its encode-only pipeline, ``repeats`` pairs in alternating order (the
+    machine's load drifts: each pair is compared within itself); per-pair rates and ratios, and
+    their medians."""
     from otmel.backend import load_backend
     from otmel.jobs.link import LinkConfig, encoded_mentions
     from otmel.jobs.link import run as link
@@ -156,21 +161,36 @@ def job(onnx_dir: Path, index_dir: Path, inputs: Path, out: Path) -> dict:
                      top_k=10, batch_size=64, force=True)
     files = list_input_files(cfg.input)
     pre = load_backend(str(onnx_dir)).preprocessor
-    t0 = time.perf_counter()
-    n = sum(len(b["ok"]) for b in encoded_mentions(cfg, files, pre, None, False)
-            .iter_batches(batch_size=None, batch_format="numpy"))
-    t_enc = time.perf_counter() - t0
-    with ShardMemory() as mem:
+
+    def encode_only():
+        t0 = time.perf_counter()
+        n = sum(len(b["ok"]) for b in encoded_mentions(cfg, files, pre, None, False)
+                .iter_batches(batch_size=None, batch_format="numpy"))
+        return n, time.perf_counter() - t0
+
+    def end_to_end():
         t0 = time.perf_counter()
         r = link(cfg)
-        t_e2e = time.perf_counter() - t0
-    rows, startup = r.summary["counts"]["in"], r.summary["startup_seconds"]
-    return {"rows": n, "encode_only_s": t_enc, "e2e_s": t_e2e, "startup_s": startup,
-            "encode_only_rate": n / t_enc, "e2e_rate": rows / t_e2e, "e2e_steady_rate": rows / (t_e2e - startup),
-            "workers_mb": mem.memory.by_kind()}
+        return r.summary["counts"]["in"], time.perf_counter() - t0, r.summary["startup_seconds"]
+
+    pairs = []
+    with ShardMemory() as mem:
+        for i in range(repeats):
+            if i % 2 == 0:
+                (n, t_enc), (rows, t_e2e, startup) = encode_only(), end_to_end()
+            else:
+                (rows, t_e2e, startup), (n, t_enc) = end_to_end(), encode_only()
+            pair = {"encode_only_rate": n / t_enc, "e2e_rate": rows / t_e2e, "e2e_steady_rate": rows / (t_e2e - startup),
+                    "startup_s": startup}
+            pair["ratio"] = pair["e2e_rate"] / pair["encode_only_rate"]
+            pair["steady_ratio"] = pair["e2e_steady_rate"] / pair["encode_only_rate"]
+            print(f"  pair {i + 1}/{repeats}: {pair}", flush=True)
+            pairs.append(pair)
+    out = {k: float(np.median([p[k] for p in pairs])) for k in pairs[0]}
+    return {**out, "rows": n, "pairs": pairs, "workers_mb": mem.memory.by_kind()}
 
 
-def run_size(size: str, clip: str | None, tmp: Path) -> dict:
+def run_size(size: str, clip: str | None, tmp: Path, repeats: int = 2) -> dict:
     from otmel.exporters.onnx import ExportConfig, export
     from otmel.jobs.index import IndexConfig
     from otmel.jobs.index import run as build_index
@@ -197,7 +217,7 @@ def run_size(size: str, clip: str | None, tmp: Path) -> dict:
     print(f"[{size}] index: {out}", flush=True)
     out["breakdown"] = breakdown(onnx_dir, tmp / f"index-{size}", test, DATA[size][2])
     print(f"[{size}] breakdown: {out['breakdown']}", flush=True)
-    out["job"] = job(onnx_dir, tmp / f"index-{size}", inputs, tmp / f"out-{size}")
+    out["job"] = job(onnx_dir, tmp / f"index-{size}", inputs, tmp / f"out-{size}", repeats)
     print(f"[{size}] job: {out['job']}", flush=True)
     return out
 
@@ -205,6 +225,8 @@ def run_size(size: str, clip: str | None, tmp: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     bench_sizes.add_size_arguments(ap)
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="pairs of (encode-only pipeline, link job) runs, in alternating order; medians reported")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "pipeline.md"))
     args = ap.parse_args()
     from otmel.jobs.common import init_ray
@@ -215,7 +237,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size in bench_sizes.runs(args):
-            results[size] = run_size(size, args.clip, Path(tmp))
+            results[size] = run_size(size, args.clip, Path(tmp), args.repeats)
     sizes = list(results)
     head = " | ".join(sizes)
     row = lambda label, fn: f"| {label} | " + " | ".join(fn(results[s]) for s in sizes) + " |"  # noqa: E731
@@ -257,20 +279,25 @@ def main() -> None:
             lines.append(row(f"time share, K={k}: {label}", lambda r, s=step, k=k: share(r, s, k)))
     lines += [
         row("link job: mentions", lambda r: f"{r['job']['rows']:,}"),
-        row("encode-only pipeline, mentions/s", lambda r: f"{r['job']['encode_only_rate']:,.1f}"),
-        row("link job end to end, mentions/s", lambda r: f"{r['job']['e2e_rate']:,.1f}"),
-        row("link job after start-up, mentions/s", lambda r: f"{r['job']['e2e_steady_rate']:,.1f}"),
-        row("shard actors' start-up, s", lambda r: f"{r['job']['startup_s']:.1f}"),
-        row("**end to end / encode-only**", lambda r: f"{r['job']['e2e_rate'] / r['job']['encode_only_rate']:.2f}"),
-        row("**end to end / encode-only after start-up**",
-            lambda r: f"**{r['job']['e2e_steady_rate'] / r['job']['encode_only_rate']:.2f}**"),
+        row("pairs of runs (encode-only, link job), alternating order", lambda r: str(len(r["job"]["pairs"]))),
+        row("encode-only pipeline, mentions/s (median)", lambda r: f"{r['job']['encode_only_rate']:,.1f}"),
+        row("link job end to end, mentions/s (median)", lambda r: f"{r['job']['e2e_rate']:,.1f}"),
+        row("link job after start-up, mentions/s (median)", lambda r: f"{r['job']['e2e_steady_rate']:,.1f}"),
+        row("shard actors' start-up, s (median)", lambda r: f"{r['job']['startup_s']:.1f}"),
+        row("end to end / encode-only, per pair", lambda r: ", ".join(f"{p['ratio']:.2f}" for p in r["job"]["pairs"])),
+        row("end to end / encode-only after start-up, per pair",
+            lambda r: ", ".join(f"{p['steady_ratio']:.2f}" for p in r["job"]["pairs"])),
+        row("**end to end / encode-only** (median of pairs)", lambda r: f"{r['job']['ratio']:.2f}"),
+        row("**end to end / encode-only after start-up** (median of pairs)",
+            lambda r: f"**{r['job']['steady_ratio']:.2f}**"),
         "",
         "Time shares: each step timed alone on the same batch (medians of 3), as a share of their sum; writing the "
         "output is not in it (the job includes it). The encode-only pipeline's time includes its own Ray Data "
         "start-up and model load, as the job's does; \"after start-up\" takes off the job's clock the seconds its "
         "index shard actors took to load (the encode-only pipeline has none). Everything runs on the same 2 cores: "
         "the shard and link actors take CPU from the encoder, which a cluster gives them on other nodes. The "
-        "machine is shared and noisy: compare within one run.",
+        "machine is shared and noisy: each pair runs the two back to back (in alternating order) and is compared "
+        "within itself; the medians are of the pairs.",
     ]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

@@ -409,11 +409,9 @@ def run(cfg: IndexConfig) -> IndexResult:
 
 
 def _load_model(cfg: IndexConfig):
-    from otmel.backend import load_backend
-    from otmel.jobs.common import probe_model
+    from otmel.jobs.common import driver_model
 
-    backend = load_backend(cfg.model, cfg.s3_endpoint)
-    return backend, probe_model(backend)
+    return driver_model(cfg.model, cfg.s3_endpoint)
 
 
 def build(cfg: IndexConfig) -> IndexResult:

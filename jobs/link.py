@@ -562,15 +562,13 @@ def load_detector(cfg: LinkConfig, index_dir_uri: str, manifest: dict):
 
 def preflight(cfg: LinkConfig) -> dict:
     """Everything that can fail the whole job, checked before any work."""
-    from otmel.backend import load_backend
     from otmel.entity_index import check_compatible, index_version_of, load_manifest
-    from otmel.jobs.common import probe_model
+    from otmel.jobs.common import driver_model
     from otmel.link_input import list_input_files
 
     files = list_input_files(cfg.input, cfg.s3_endpoint)
     manifest = load_manifest(cfg.index, cfg.s3_endpoint)
-    backend = load_backend(cfg.model, cfg.s3_endpoint)
-    dims = probe_model(backend)
+    backend, dims = driver_model(cfg.model, cfg.s3_endpoint)
     check_compatible(manifest, backend.model_version, dims["retrieval_query"][0], where=f"index {cfg.index}")
     indexed_with = manifest.get("encoder", {}).get("precision")
     if indexed_with and indexed_with != backend.precision:  # one checkpoint, one model_version: allowed, said

@@ -93,7 +93,9 @@ def load_backend(uri: str, s3_endpoint: str | None = None, **kwargs) -> Backend:
     if is_remote(uri):
         from otmel.storage import download_dir, scratch_dir
 
-        return load_backend(str(download_dir(uri, scratch_dir("otmel-model-"), s3_endpoint)), **kwargs)
+        # an ONNX export opened without its encoder (drivers, shard actors) does not fetch it
+        skip = ("encoder.onnx",) if kwargs.get("encoder") is False else ()
+        return load_backend(str(download_dir(uri, scratch_dir("otmel-model-"), s3_endpoint, exclude=skip)), **kwargs)
     d = Path(uri)
     if (d / "export.json").is_file():
         from otmel.exporters.runtime import OnnxBackend

@@ -258,8 +258,9 @@ def delete_dir(uri: str, s3_endpoint: str | None = None) -> None:
         raise _wrap(uri, exc) from exc
 
 
-def download_dir(uri: str, dest: str | Path, s3_endpoint: str | None = None) -> Path:
-    """Copy a remote (or local) directory tree into ``dest`` (one copy, no staging)."""
+def download_dir(uri: str, dest: str | Path, s3_endpoint: str | None = None, exclude: tuple[str, ...] = ()) -> Path:
+    """Copy a remote (or local) directory tree into ``dest`` (one copy, no staging); files
+    whose path relative to ``uri`` is in ``exclude`` are not copied."""
     fs, path = resolve(uri, s3_endpoint)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -267,8 +268,17 @@ def download_dir(uri: str, dest: str | Path, s3_endpoint: str | None = None) -> 
         info = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
         if not info:
             raise FileNotFoundError(f"{uri}: no such directory (or it is empty)")
-        _whole_retry(lambda: pafs.copy_files(path, str(dest), source_filesystem=fs,
-                                             destination_filesystem=pafs.LocalFileSystem()), is_remote(uri))
+        if not exclude:
+            _whole_retry(lambda: pafs.copy_files(path, str(dest), source_filesystem=fs,
+                                                 destination_filesystem=pafs.LocalFileSystem()), is_remote(uri))
+        root = path.rstrip("/") + "/"
+        for f in info if exclude else ():
+            rel = f.path[len(root):] if f.path.startswith(root) else f.base_name
+            if f.type != pafs.FileType.File or rel in exclude:
+                continue
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            _whole_retry(lambda src=f.path, dst=str(dest / rel): pafs.copy_files(
+                src, dst, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()), is_remote(uri))
     except FileNotFoundError:
         raise
     except OSError as exc:

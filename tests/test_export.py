@@ -194,3 +194,39 @@ def test_trained_kd_model_ranks_identically_through_onnx(trained_run, tmp_path):
     agree = (rankings[0][:, 0] == rankings[1][:, 0]).mean()
     assert agree == 1.0
     assert (rankings[0] == rankings[1]).mean() > 0.98  # top-5 orders (near-ties may swap)
+
+
+def test_a_job_driver_opens_the_export_without_its_encoder_and_knows_the_encoders_shapes(kd_export, s3_server,
+                                                                                          tmp_path, monkeypatch):
+    """The index and link drivers never encode: they get the feature shapes from export.json
+    (equal to what one probe row through the encoder gives), do not load encoder.onnx, and
+    from S3 do not download it (at ViT-B/32 size ~10 s and ~1 GB of driver RSS per job)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from otmel.jobs.common import driver_model, probe_model
+    from otmel.storage import upload_dir
+
+    out, _ = kd_export
+    probed = probe_model(load_backend(out))
+    backend, shapes = driver_model(out)
+    assert backend.encoder is None and shapes == probed
+    assert shapes["retrieval_key"] == probed["retrieval_key"] and shapes["vision_mask"] != shapes["text_mask"]
+
+    upload_dir(out, "s3://otmel-test/models/driver-kd", s3_server)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    backend, shapes = driver_model("s3://otmel-test/models/driver-kd", s3_server)
+    assert backend.encoder is None and shapes == probed
+    (copy,) = tmp_path.glob("otmel-model-*")
+    assert not (copy / "encoder.onnx").exists() and (copy / "matcher.onnx").is_file()
+
+    # an export whose export.json does not record the encoder's outputs: loaded whole and probed
+    old = tmp_path / "older-export"
+    shutil.copytree(out, old)
+    meta = json.loads((old / "export.json").read_text())
+    del meta["encoder"]
+    (old / "export.json").write_text(json.dumps(meta))
+    backend, shapes = driver_model(str(old))
+    assert backend.encoder is not None and shapes == probed
+    assert Path(old / "encoder.onnx").is_file()
