@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from otmel.backend import SCORE_NAMES
-from otmel.model import ENTITY_FEATURES, MENTION_FEATURES
+from otmel.backend import SCORE_NAMES, probe_feature_shapes
+from otmel.model import ENTITY_FEATURES, FEATURE_NAMES, MENTION_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -112,24 +112,19 @@ class OnnxBackend:
     def feature_shapes(self) -> dict[str, list[int]] | None:
         """Per-row shape of every encoder output, from export.json (the graph's output spec, its
         symbolic text/vision lengths resolved by ``text_length``/``vision_tokens``): what a job's
-        driver needs without loading the encoder. ``None`` when the export does not record them
-        all as numbers (then encode a probe row: :func:`otmel.jobs.common.probe_model`)."""
-        outputs = (self.meta.get("encoder") or {}).get("outputs")
+        driver needs without loading the encoder. An export that does not record them all as
+        numbers is probed through its encoder; ``None`` if it was opened without one."""
+        outputs = (self.meta.get("encoder") or {}).get("outputs") or {}
         lengths = {"text": self.meta.get("text_length"), "vision": self.meta.get("vision_tokens")}
-        if not outputs:
-            return None
-        shapes = {}
+        shapes = {"has_image": []}  # the input flag, passed through by encode()
         for name, dims in outputs.items():
             row = list(dims[1:])
-            if len(row) >= 1 and not isinstance(row[0], int):  # (B, L, ...): L is the text or vision length
+            if row and not isinstance(row[0], int):  # (B, L, ...): L is the text or vision length
                 row[0] = lengths.get(name.split("_", 1)[0])
-            if not all(isinstance(d, int) for d in row):
-                return None
             shapes[name] = row
-        shapes["has_image"] = []  # the input flag, passed through by encode()
-        from otmel.model import FEATURE_NAMES
-
-        return {k: shapes[k] for k in FEATURE_NAMES} if set(FEATURE_NAMES) <= set(shapes) else None
+        if all(k in shapes and all(isinstance(d, int) for d in shapes[k]) for k in FEATURE_NAMES):
+            return {k: shapes[k] for k in FEATURE_NAMES}
+        return probe_feature_shapes(self) if self.encoder is not None else None
 
     def encode(self, inputs: dict[str, np.ndarray], feature_names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         if self.encoder is None:

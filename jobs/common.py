@@ -308,18 +308,8 @@ def driver_model(uri: str, s3_endpoint: str | None = None):
     from otmel.backend import load_backend
 
     backend = load_backend(uri, s3_endpoint, encoder=False)
-    shapes = backend.feature_shapes() if hasattr(backend, "feature_shapes") else None
-    if shapes is None:
-        if getattr(backend, "encoder", True) is None:  # an ONNX export without shapes: load the encoder too
-            backend = load_backend(uri, s3_endpoint)
-        shapes = probe_model(backend)
+    shapes = backend.feature_shapes()
+    if shapes is None:  # an older export without the shapes: open its encoder to probe them
+        backend = load_backend(uri, s3_endpoint)
+        shapes = backend.feature_shapes()
     return backend, shapes
-
-
-def probe_model(backend) -> dict[str, list[int]]:
-    """Per-row feature shapes of a backend (one dummy mention through the encoder)."""
-    from otmel.model import FEATURE_NAMES
-
-    batch = backend.preprocessor.mentions({"mention": ["probe"], "text": [""], "image": [None]})
-    feats = backend.encode({k: getattr(batch, k) for k in MODEL_INPUTS}, FEATURE_NAMES)
-    return {k: list(v.shape[1:]) for k, v in feats.items()}

@@ -408,20 +408,14 @@ def run(cfg: IndexConfig) -> IndexResult:
     return update(cfg) if cfg.update else build(cfg)
 
 
-def _load_model(cfg: IndexConfig):
-    from otmel.jobs.common import driver_model
-
-    return driver_model(cfg.model, cfg.s3_endpoint)
-
-
 def build(cfg: IndexConfig) -> IndexResult:
     from otmel.entity_index import MANIFEST_FILE, STORED_FEATURES, key_dim, load_manifest, new_manifest, shard_name
-    from otmel.jobs.common import gpu_count, init_ray
+    from otmel.jobs.common import driver_model, gpu_count, init_ray
     from otmel.storage import exists, join
 
     t0 = time.perf_counter()
     # fail fast, before any work: model loads, KB readable and valid, factory usable, output free
-    backend, dims = _load_model(cfg)
+    backend, dims = driver_model(cfg.model, cfg.s3_endpoint)
     files = kb_files(cfg.kb, cfg.s3_endpoint)
     identity = read_kb_identity(files, cfg.s3_endpoint)
     key = KeyPlan.plan(cfg.factory, cfg.feature_dtype, backend.config.get("missing_image", "zeros"),
@@ -472,11 +466,11 @@ def update(cfg: IndexConfig) -> IndexResult:
     import pyarrow.parquet as pq
 
     from otmel.entity_index import ALIASES_FILE, check_compatible, index_version_of, load_manifest, shard_of
-    from otmel.jobs.common import gpu_count, init_ray
+    from otmel.jobs.common import driver_model, gpu_count, init_ray
     from otmel.storage import join, read_bytes
 
     t0 = time.perf_counter()
-    backend, dims = _load_model(cfg)
+    backend, dims = driver_model(cfg.model, cfg.s3_endpoint)
     manifest = load_manifest(cfg.out, cfg.s3_endpoint)
     check_compatible(manifest, backend.model_version, dims["retrieval_key"][0], where=f"index {cfg.out}")
     files = kb_files(cfg.kb, cfg.s3_endpoint)

@@ -8,7 +8,8 @@ wraps an ONNX export. Both take and return numpy arrays:
 * ``score(mention, candidates)``: mention features ``(M, ...)`` and candidate entity
   features ``(M, K, ...)`` -> ``{"overall", "fused", "text", "visual"}``, each ``(M, K)``;
 
-and expose ``preprocessor``, ``model_version``, ``config`` and ``nil_threshold``.
+and expose ``preprocessor``, ``model_version``, ``config``, ``nil_threshold`` and
+``feature_shapes()`` (per-row shape of every feature: what a job's driver checks).
 :func:`load_backend` opens either kind of directory.
 """
 
@@ -34,6 +35,18 @@ class Backend(Protocol):
     def encode(self, inputs: dict[str, np.ndarray], feature_names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]: ...
 
     def score(self, mention: dict[str, np.ndarray], candidates: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def feature_shapes(self) -> dict[str, list[int]] | None: ...
+
+
+def probe_feature_shapes(backend) -> dict[str, list[int]]:
+    """Per-row feature shapes of a backend that can encode: one dummy mention through it."""
+    from otmel.model import FEATURE_NAMES
+    from otmel.preprocessing import MODEL_INPUTS
+
+    batch = backend.preprocessor.mentions({"mention": ["probe"], "text": [""], "image": [None]})
+    feats = backend.encode({k: getattr(batch, k) for k in MODEL_INPUTS}, FEATURE_NAMES)
+    return {k: list(v.shape[1:]) for k, v in feats.items()}
 
 
 class TorchBackend:
@@ -62,6 +75,9 @@ class TorchBackend:
 
         model, pre = load_model(directory)
         return cls(model, pre)
+
+    def feature_shapes(self) -> dict[str, list[int]]:
+        return probe_feature_shapes(self)
 
     def _tensors(self, arrays: dict[str, np.ndarray]) -> dict:
         # read-only inputs (memory-mapped features, Ray object-store arrays) are copied: torch

@@ -268,17 +268,18 @@ def download_dir(uri: str, dest: str | Path, s3_endpoint: str | None = None, exc
         info = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
         if not info:
             raise FileNotFoundError(f"{uri}: no such directory (or it is empty)")
+        local = pafs.LocalFileSystem()
         if not exclude:
-            _whole_retry(lambda: pafs.copy_files(path, str(dest), source_filesystem=fs,
-                                                 destination_filesystem=pafs.LocalFileSystem()), is_remote(uri))
+            _whole_retry(lambda: pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=local),
+                         is_remote(uri))
+            return dest
         root = path.rstrip("/") + "/"
-        for f in info if exclude else ():
+        for f in info:
             rel = f.path[len(root):] if f.path.startswith(root) else f.base_name
-            if f.type != pafs.FileType.File or rel in exclude:
-                continue
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            _whole_retry(lambda src=f.path, dst=str(dest / rel): pafs.copy_files(
-                src, dst, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()), is_remote(uri))
+            if f.type == pafs.FileType.File and rel not in exclude:
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                _whole_retry(lambda src=f.path, dst=str(dest / rel): pafs.copy_files(
+                    src, dst, source_filesystem=fs, destination_filesystem=local), is_remote(uri))
     except FileNotFoundError:
         raise
     except OSError as exc:

@@ -205,7 +205,8 @@ def test_a_job_driver_opens_the_export_without_its_encoder_and_knows_the_encoder
     import tempfile
     from pathlib import Path
 
-    from otmel.jobs.common import driver_model, probe_model
+    from otmel.backend import probe_feature_shapes as probe_model
+    from otmel.jobs.common import driver_model
     from otmel.storage import upload_dir
 
     out, _ = kd_export
