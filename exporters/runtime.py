@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from otmel.backend import SCORE_NAMES, probe_feature_shapes
-from otmel.model import ENTITY_FEATURES, FEATURE_NAMES, MENTION_FEATURES
+from otmel.features import ENTITY_FEATURES, FEATURE_NAMES, MENTION_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,6 @@ class OnnxBackend:
         """``encoder=False`` opens the matcher only (index-shard actors score, never encode)."""
         import onnxruntime as ort
 
-        from otmel.preprocessing import Preprocessor
-
         d = Path(onnx_dir)
         meta_path = d / "export.json"
         if not meta_path.is_file():
@@ -104,10 +102,25 @@ class OnnxBackend:
             raise ValueError(f"{d}/matcher.onnx takes inputs this otmel does not provide "
                                     f"({', '.join(sorted(self.matcher_inputs - known))}): it was exported by an older "
                                     "otmel; export the checkpoint again (otmel export)")
-        self.preprocessor = Preprocessor.from_pretrained(
-            d, self.meta.get("text_length", 40),
-            **{k: self.config[k] for k in ("mention_template", "entity_template") if k in self.config})
+        self.dir = d
+        self._preprocessor = None
         log.info("ONNX backend %s on %s", d, prov[0])
+
+    @property
+    def preprocessor(self):
+        """The export's tokenizer and image processor (files verified above), loaded on first
+        use: a shard actor never needs them and an encode actor only for ``--image-transform
+        device``, while loading them imports transformers' processing stack, ~4-6 s of CPU in
+        a fresh Ray worker (measured at ViT-B/32 size: 6.2 -> ~2 s for a shard actor's start,
+        10.3 -> ~4 s for an encode actor's), which on a small node the other actors' start-up
+        waits for."""
+        if self._preprocessor is None:
+            from otmel.preprocessing import Preprocessor
+
+            self._preprocessor = Preprocessor.from_pretrained(
+                self.dir, self.meta.get("text_length", 40),
+                **{k: self.config[k] for k in ("mention_template", "entity_template") if k in self.config})
+        return self._preprocessor
 
     def feature_shapes(self) -> dict[str, list[int]] | None:
         """Per-row shape of every encoder output, from export.json (the graph's output spec, its

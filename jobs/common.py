@@ -246,19 +246,23 @@ class Encode:
 
     def __init__(self, model_uri: str, feature_names: tuple[str, ...], s3_endpoint: str | None = None,
                  cpus: float | None = None, pool_size: int = 1, transform: str = "cpu"):
-        import torch
-
         from otmel.backend import load_backend
 
         # on CPU (``cpus`` given) the threads follow the CPUs the actor was given; on GPU the runtime's
         threads = None if cpus is None else encode_threads(cpus, pool_size, node_cpus())
-        if threads:
-            torch.set_num_threads(threads)
         self.threads = threads
         self.backend = load_backend(model_uri, s3_endpoint, threads=threads)
+        # torch only where it computes: a checkpoint's encoder, the device image transform (an
+        # ONNX encoder with CPU-side images never imports it: ~2 s of a fresh worker's start)
+        if threads and (self.backend.kind == "torch" or transform == "device"):
+            import torch
+
+            torch.set_num_threads(threads)
         self.feature_names = tuple(feature_names)
         self.pixels = None
         if transform == "device":  # resize + normalise here, on the actor's GPU (its CPU without one)
+            import torch
+
             from otmel.pixels import PixelTransform
 
             device = "cuda" if cpus is None and torch.cuda.is_available() else "cpu"

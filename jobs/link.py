@@ -19,7 +19,8 @@ Pipeline (DESIGN.md "Data flow"); no row passes through the driver:
    batches are always queued at the shard actors): a batch's features are put in the object
    store once and sent to one replica of every index shard (``ShardServer``: its FAISS
    shard, memory-mapped features and the matcher; ``--shard-replicas`` actors per shard,
-   taken in turn; restarted by Ray if one dies, its calls retried), which retrieves K and
+   taken in turn; restarted by Ray if one dies, its calls retried; they load while steps
+   1-3 start, and one that cannot fails the job at once), which retrieves K and
    reranks them with the full S_O; the per-shard top-k are merged into the global top-k,
    NIL decided; the link actor writes the batch's rows of each input file as a staged part
    (``otmel.link_output``) and reports the part's metadata (no rows) to the commit
@@ -150,14 +151,11 @@ class ShardServer:
                  threads: int = 1):
         from pathlib import Path
 
-        import torch
-
         from otmel.backend import load_backend
         from otmel.entity_index import Shard
         from otmel.linking import ShardLinker
         from otmel.storage import download_dir, is_remote, join, scratch_dir
 
-        torch.set_num_threads(threads)
         uri = join(index_uri, entry["dir"])
         if is_remote(uri):  # to local disk once (features are memory-mapped), removed at exit
             self.local_dir = download_dir(uri, scratch_dir(f"otmel-{entry['name']}-"), s3_endpoint)
@@ -165,7 +163,12 @@ class ShardServer:
             self.local_dir = Path(uri)
         shard = Shard(self.local_dir, entry, manifest, verify=True)
         # the matcher only (an ONNX export's encoder is not loaded; a checkpoint loads whole)
-        self.linker = ShardLinker(shard, load_backend(model_uri, s3_endpoint, threads=threads, encoder=False))
+        backend = load_backend(model_uri, s3_endpoint, threads=threads, encoder=False)
+        if backend.kind == "torch":  # torch is imported only for a checkpoint (ONNX shards run without it)
+            import torch
+
+            torch.set_num_threads(threads)
+        self.linker = ShardLinker(shard, backend)
         self.name = entry["name"]
         self.queries = 0  # batches served (since this actor started: a restarted one counts anew)
 
@@ -180,27 +183,52 @@ class ShardServer:
         return self.queries
 
 
-def start_shard_actors(cfg: LinkConfig, manifest: dict, use_gpu: bool = False) -> list[list]:
-    """``--shard-replicas`` actors per shard (restarted on death, calls retried), as
-    ``[shard][replica]``; waits until all are loaded.
+class ShardActors:
+    """The job's index shard actors, ``--shard-replicas`` per shard (``actors[shard][replica]``;
+    restarted on death, their calls retried), launched at the job's start and loading while
+    the pipeline starts: the link stage needs only their handles, and at real model size an
+    encode actor takes longer to load than a shard (ViT-B/32: ~20 s against ~7 s,
+    bench/results/pipeline.md), so the job no longer waits for one before starting the other.
+    :meth:`wait` turns a shard that could not load into the job's one-line error.
 
     With GPUs in the cluster each shard actor takes a share of one (``--shard-gpus``, default
     0.25: its FAISS index goes to the GPU when faiss-gpu is installed); without a GPU share Ray
     hides the devices from it.
     """
-    import ray
 
-    gpus = cfg.shard_gpus if cfg.shard_gpus is not None else (0.25 if use_gpu else 0)
-    remote = ray.remote(ShardServer).options(num_cpus=0.25, num_gpus=gpus, max_restarts=-1, max_task_retries=3)
-    actors = [[remote.remote(cfg.index, entry, manifest, cfg.model, cfg.s3_endpoint) for _ in range(cfg.shard_replicas)]
-              for entry in manifest["shards"]]
-    try:
-        loaded = ray.get([a.ready.remote() for replicas in actors for a in replicas])
-    except ray.exceptions.ActorDiedError as exc:
-        raise shard_load_error(exc) from None
-    log.info("index shards loaded (%d replica(s) each): %s", cfg.shard_replicas,
-             ", ".join(f"{n} ({c} entities)" for n, c in loaded[::cfg.shard_replicas]))
-    return actors
+    def __init__(self, cfg: LinkConfig, manifest: dict, use_gpu: bool = False):
+        import ray
+
+        gpus = cfg.shard_gpus if cfg.shard_gpus is not None else (0.25 if use_gpu else 0)
+        remote = ray.remote(ShardServer).options(num_cpus=0.25, num_gpus=gpus, max_restarts=-1, max_task_retries=3)
+        self.started = time.perf_counter()
+        self.replicas = cfg.shard_replicas
+        self.actors = [[remote.remote(cfg.index, entry, manifest, cfg.model, cfg.s3_endpoint)
+                        for _ in range(cfg.shard_replicas)] for entry in manifest["shards"]]
+        self.ready_refs = [a.ready.remote() for replicas in self.actors for a in replicas]
+        self.loaded_seconds: float | None = None  # from the launch until every actor had loaded
+        self.loaded_at: float | None = None  # time.perf_counter() then
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once every shard actor has loaded (logged once), False if some are still
+        loading after ``timeout`` seconds; raises the one-line error of one that could not."""
+        import ray
+
+        if self.loaded_seconds is not None:
+            return True
+        done, pending = ray.wait(self.ready_refs, num_returns=len(self.ready_refs), timeout=timeout,
+                                 fetch_local=False)
+        try:
+            loaded = ray.get(done)  # a failed load is done too: raise it now, not when all are done
+        except ray.exceptions.ActorDiedError as exc:
+            raise shard_load_error(exc) from None
+        if pending:
+            return False
+        self.loaded_at = time.perf_counter()
+        self.loaded_seconds = self.loaded_at - self.started
+        log.info("index shards loaded in %.1f s (%d replica(s) each): %s", self.loaded_seconds, self.replicas,
+                 ", ".join(f"{n} ({c} entities)" for n, c in loaded[::self.replicas]))
+        return True
 
 
 def shard_load_error(exc: Exception) -> Exception:
@@ -695,8 +723,8 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
         vectors = load_coherence_vectors(pre["coherence"], cfg.s3_endpoint)
         coordinator = start_commit_coordinator(cfg, file_meta, vectors, pre["coherence"], pre["nil_threshold"])
         use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
-        actors = start_shard_actors(cfg, manifest, use_gpu)
-        startup = time.perf_counter() - t_work
+        shards = ShardActors(cfg, manifest, use_gpu)  # loading while the pipeline starts
+        actors = shards.actors
         ds = encoded_mentions(cfg, todo, backend.preprocessor, pre["detector"], use_gpu)
         ds = ds.map_batches(LinkStage, batch_size=cfg.batch_size, compute=actor_pool(cfg.link_actors, "--link-actors"),
                             num_cpus=0.1,
@@ -707,13 +735,20 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
                                                    "index_version": pre["index_version"], "output": cfg.output,
                                                    "s3_endpoint": cfg.s3_endpoint})
         linked: Counter = Counter()  # rows per input file, from the dataset's output (a cross-check)
-        try:
+
+        def consume():
             for meta in ds.iter_batches(batch_size=None, batch_format="numpy"):  # row counts only
                 for f, rows in zip(meta["source_file"], meta["rows"]):
                     linked[str(f)] += int(rows)
                 _report_commits(ray.get(coordinator.committed.remote()), progress)
-            written, retried = ray.get(coordinator.finish.remote(todo))
+            finished = ray.get(coordinator.finish.remote(todo))
             _report_commits(ray.get(coordinator.committed.remote()), progress)
+            return finished
+
+        try:
+            # the dataset runs in a thread while this one watches the shard actors load: one
+            # that cannot fails the job at once, in one line, not when the first batch reaches it
+            written, retried = _while_loading(consume, shards)
         except Exception as exc:
             # storage that still fails after every retry ends the job in one line; the files
             # committed so far stay valid and the re-run resumes from them
@@ -722,6 +757,7 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
                 raise
             raise StorageError(f"storage failed after retries while linking into {cfg.output}: "
                                f"{type(failure).__name__}: {str(failure).strip().splitlines()[0]}") from None
+        startup = shards.loaded_at - t_work
         lost = {f: (linked[f], m["rows"]) for f, m in written.items() if m["rows"] != linked[f]}
         if lost:  # never: the coordinator committed what the link actors reported
             raise RuntimeError(f"committed row counts differ from the linked rows (linked, committed): {lost}")
@@ -751,8 +787,10 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
         "rows_processed": processed,
         "seconds": round(time.perf_counter() - t0, 2),
         "link_seconds": round(seconds, 2),
-        "startup_seconds": round(startup, 2),  # until every shard actor had loaded its shard
-        # throughput of the linking itself (after the shard actors have loaded)
+        # until every shard actor had loaded its shard (they load while the pipeline starts:
+        # at real model size its encode actors take longer)
+        "startup_seconds": round(startup, 2),
+        # throughput after the shard actors had loaded
         "mentions_per_second": round(processed / (seconds - startup), 2) if processed and seconds > startup else None,
         "model_version": backend.model_version,
         "model": {"kind": backend.kind, "precision": backend.precision},
@@ -766,6 +804,33 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
     success = write_success(cfg.output, summary, cfg.s3_endpoint)
     log.info("link output in %s (%s)", cfg.output, success)
     return LinkResult(cfg.output, summary, success)
+
+
+def _while_loading(work, shards: ShardActors):
+    """``work()`` in a thread (its result, or its exception raised here) while this thread
+    waits for the ``shards`` to load: a shard's load error is raised as soon as it happens.
+    The job then ends with it; the dataset left running in the thread fails at its next link
+    call (the shard actor is dead) or ends with the driver."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = work()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="otmel-link-pipeline", daemon=True)
+    thread.start()
+    while thread.is_alive() and not shards.wait(timeout=0.5):
+        pass
+    thread.join()
+    if "error" in box:
+        shards.wait(timeout=5)  # a pipeline failed by a shard that did not load: that shard's error
+        raise box["error"]
+    shards.wait()
+    return box["result"]
 
 
 def _report_commits(committed: list[tuple[str, int]], progress) -> None:

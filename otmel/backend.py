@@ -41,7 +41,7 @@ class Backend(Protocol):
 
 def probe_feature_shapes(backend) -> dict[str, list[int]]:
     """Per-row feature shapes of a backend that can encode: one dummy mention through it."""
-    from otmel.model import FEATURE_NAMES
+    from otmel.features import FEATURE_NAMES
     from otmel.preprocessing import MODEL_INPUTS
 
     batch = backend.preprocessor.mentions({"mention": ["probe"], "text": [""], "image": [None]})
@@ -103,7 +103,6 @@ def load_backend(uri: str, s3_endpoint: str | None = None, **kwargs) -> Backend:
 
     Remote (s3://) directories are copied to a local temp dir first.
     """
-    from otmel.model import CheckpointError
     from otmel.storage import is_remote
 
     if is_remote(uri):
@@ -121,5 +120,7 @@ def load_backend(uri: str, s3_endpoint: str | None = None, **kwargs) -> Backend:
         return TorchBackend.from_checkpoint(d)
     if not d.exists():
         raise FileNotFoundError(f"{uri}: no such model directory")
+    from otmel.model import CheckpointError
+
     raise CheckpointError(f"{uri} is neither an otmel ONNX export (export.json) nor a checkpoint "
                           "(config.json + model.safetensors)")

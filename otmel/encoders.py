@@ -26,10 +26,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-#: The text template of the authors' release (CLIP has no [SEP] token: the tokenizer
-#: splits it into "[", "sep", "]", which is what the release feeds CLIP as well).
-MENTION_TEMPLATE = "{mention} [SEP] {context}"
-ENTITY_TEMPLATE = "{name} [SEP] {attributes}"
+# the text templates live with the tokenisation (torch-free, for the preprocess tasks)
+from otmel.preprocessing import ENTITY_TEMPLATE, MENTION_TEMPLATE  # noqa: E402
 
 #: Default real CLIP: the paper initialises from CLIP ViT-B/32.
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"

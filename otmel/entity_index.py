@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from otmel.integrity import sha256_file
-from otmel.model import ENTITY_FEATURES, KEY_FEATURES, key_features_of, retrieval_key_of
+from otmel.features import ENTITY_FEATURES, KEY_FEATURES, key_features_of, retrieval_key_of
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from otmel.entity_index import Shard
-from otmel.model import ENTITY_FEATURES, MENTION_FEATURES
+from otmel.features import ENTITY_FEATURES, MENTION_FEATURES
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from otmel.encoders import ENTITY_TEMPLATE, MENTION_TEMPLATE
-
 log = logging.getLogger(__name__)
+
+#: The text template of the authors' release (CLIP has no [SEP] token: the tokenizer
+#: splits it into "[", "sep", "]", which is what the release feeds CLIP as well).
+MENTION_TEMPLATE = "{mention} [SEP] {context}"
+ENTITY_TEMPLATE = "{name} [SEP] {attributes}"
 
 #: the encoder's four inputs, the fields of :class:`Batch` an encoder reads
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "has_image")

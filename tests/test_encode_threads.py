@@ -15,25 +15,41 @@ def test_threads_follow_the_cpus_given_and_a_fractional_share_splits_the_node():
     assert encode_threads(0.5, pool_size=8, node_cpus=2) == 1  # never 0
 
 
-def test_the_default_encode_actor_runs_torch_and_onnx_runtime_on_every_core(ray_local, onnx_model):
-    """The actor as the jobs start it (0.5 CPU, a pool of 1): its PyTorch and its ONNX
-    Runtime sessions run as many threads as the node has CPUs (2 here; it used to be 1)."""
+def test_the_default_encode_actor_runs_onnx_runtime_on_every_core_without_importing_torch(ray_local, onnx_model):
+    """The actor as the jobs start it (0.5 CPU, a pool of 1): its ONNX Runtime sessions run as
+    many threads as the node has CPUs (2 here; it used to be 1). With the images transformed
+    in the CPU tasks it never imports torch or transformers (their import was ~7 s of CPU of a
+    fresh worker's start at ViT-B/32 size); with ``--image-transform device`` its torch
+    resize/normalise runs on every core too."""
+    import uuid
+
     import ray
 
     from otmel.jobs.common import Encode
     from otmel.linking import LINK_MENTION_FEATURES
 
-    actor = ray.remote(Encode).options(num_cpus=0.5).remote(onnx_model, LINK_MENTION_FEATURES, cpus=0.5,
-                                                             pool_size=1)
-
     def threads(self):
-        import torch
+        import sys
 
         opts = [s.get_session_options().intra_op_num_threads for s in (self.backend.encoder, self.backend.matcher)]
-        return self.threads, torch.get_num_threads(), opts
+        imported = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+        torch_threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+        return self.threads, opts, imported, torch_threads
 
-    own, torch_threads, ort_threads = ray.get(actor.__ray_call__.remote(threads))
     node = int(ray.cluster_resources()["CPU"])
     assert node >= 2
-    assert own == torch_threads == node and ort_threads == [node, node]
+    # a worker process of its own each (a runtime env no other worker has: Ray cannot hand it
+    # an idle worker that imported torch for an earlier test's task)
+    fresh = lambda: {"env_vars": {"OTMEL_TEST_FRESH_WORKER": uuid.uuid4().hex}}  # noqa: E731
+    actor = ray.remote(Encode).options(num_cpus=0.5, runtime_env=fresh()).remote(onnx_model, LINK_MENTION_FEATURES, cpus=0.5,
+                                                             pool_size=1)
+    own, ort_threads, imported, _ = ray.get(actor.__ray_call__.remote(threads))
     ray.kill(actor)
+    assert own == node and ort_threads == [node, node]
+    assert imported == []
+
+    actor = ray.remote(Encode).options(num_cpus=0.5, runtime_env=fresh()).remote(
+        onnx_model, LINK_MENTION_FEATURES, cpus=0.5, pool_size=1, transform="device")
+    own, ort_threads, imported, torch_threads = ray.get(actor.__ray_call__.remote(threads))
+    ray.kill(actor)
+    assert own == torch_threads == node and ort_threads == [node, node] and "torch" in imported

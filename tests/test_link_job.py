@@ -288,6 +288,51 @@ def shards_top(linkers, m, i):
     return out
 
 
+def test_shard_actors_and_the_link_stage_score_and_merge_without_torch_or_transformers(
+        ray_local, onnx_model, s3_index, synth_dir, s3_server):
+    """An index shard actor of an ONNX export (from S3) loads, links a batch, and the link
+    stage's merge and part writer load beside it, and none of them imports torch or
+    transformers: they only score with the ONNX matcher. At ViT-B/32 size those imports were
+    ~5 s of CPU of each shard actor's start and ~4 s of each link actor's first batch, taken
+    from the encoder on a small node (issue 14: end-to-end / encode-only)."""
+    import uuid
+
+    import ray
+
+    from otmel.backend import load_backend
+    from otmel.entity_index import load_manifest
+    from otmel.jobs.link import ShardServer
+    from otmel.linking import LINK_MENTION_FEATURES
+    from otmel.preprocessing import MODEL_INPUTS
+
+    idx_cfg, _ = s3_index
+    backend = load_backend(onnx_model)
+    test = pq.read_table(synth_dir / "mentions" / "test.parquet").slice(0, 8)
+    batch = backend.preprocessor.mentions(test.select(["mention", "text", "image"]).to_pydict())
+    feats = backend.encode({k: getattr(batch, k) for k in MODEL_INPUTS}, LINK_MENTION_FEATURES)
+    manifest = load_manifest(idx_cfg.out, s3_server)
+
+    def link_stage_imports(self):
+        import sys
+
+        from otmel.jobs.link import LinkStage  # noqa: F401 - what a link actor imports for a batch
+        from otmel.link_output import write_part  # noqa: F401
+        from otmel.linking import merge_topk, nil_decision  # noqa: F401
+        from otmel.schemas import CANDIDATE  # noqa: F401
+
+        return sorted(m for m in ("torch", "transformers") if m in sys.modules)
+
+    # a worker process of its own (a runtime env no other worker has: not an idle worker that
+    # imported torch for an earlier test's task)
+    actor = ray.remote(ShardServer).options(num_cpus=0.25, runtime_env={
+        "env_vars": {"OTMEL_TEST_FRESH_WORKER": uuid.uuid4().hex}}).remote(
+        idx_cfg.out, manifest["shards"][0], manifest, onnx_model, s3_server)
+    found = ray.get(actor.link.remote(feats, 5, 3))
+    assert found.entity_ids.shape == (8, 3) and np.isfinite(found.scores).all()
+    assert ray.get(actor.__ray_call__.remote(link_stage_imports)) == []
+    ray.kill(actor)
+
+
 def test_job_level_mismatches_fail_before_any_work(s3_index, onnx_model, tmp_path, s3_server):
     from otmel.entity_index import IndexMismatchError
     from otmel.factory import save_model
