@@ -722,52 +722,59 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
 
         vectors = load_coherence_vectors(pre["coherence"], cfg.s3_endpoint)
         coordinator = start_commit_coordinator(cfg, file_meta, vectors, pre["coherence"], pre["nil_threshold"])
-        use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
-        shards = ShardActors(cfg, manifest, use_gpu)  # loading while the pipeline starts
-        actors = shards.actors
-        ds = encoded_mentions(cfg, todo, backend.preprocessor, pre["detector"], use_gpu)
-        ds = ds.map_batches(LinkStage, batch_size=cfg.batch_size, compute=actor_pool(cfg.link_actors, "--link-actors"),
-                            num_cpus=0.1,
-                            fn_constructor_kwargs={"shard_actors": actors, "coordinator": coordinator,
-                                                   "candidates": cfg.candidates,
-                                                   "top_k": cfg.top_k, "nil_threshold": pre["nil_threshold"],
-                                                   "model_version": backend.model_version,
-                                                   "index_version": pre["index_version"], "output": cfg.output,
-                                                   "s3_endpoint": cfg.s3_endpoint})
-        linked: Counter = Counter()  # rows per input file, from the dataset's output (a cross-check)
-
-        def consume():
-            for meta in ds.iter_batches(batch_size=None, batch_format="numpy"):  # row counts only
-                for f, rows in zip(meta["source_file"], meta["rows"]):
-                    linked[str(f)] += int(rows)
-                _report_commits(ray.get(coordinator.committed.remote()), progress)
-            finished = ray.get(coordinator.finish.remote(todo))
-            _report_commits(ray.get(coordinator.committed.remote()), progress)
-            return finished
-
+        shards = None
         try:
-            # the dataset runs in a thread while this one watches the shard actors load: one
-            # that cannot fails the job at once, in one line, not when the first batch reaches it
-            written, retried = _while_loading(consume, shards)
-        except Exception as exc:
-            # storage that still fails after every retry ends the job in one line; the files
-            # committed so far stay valid and the re-run resumes from them
-            failure = storage_failure(exc)
-            if failure is None:
-                raise
-            raise StorageError(f"storage failed after retries while linking into {cfg.output}: "
-                               f"{type(failure).__name__}: {str(failure).strip().splitlines()[0]}") from None
-        startup = shards.loaded_at - t_work
-        lost = {f: (linked[f], m["rows"]) for f, m in written.items() if m["rows"] != linked[f]}
-        if lost:  # never: the coordinator committed what the link actors reported
-            raise RuntimeError(f"committed row counts differ from the linked rows (linked, committed): {lost}")
-        if retried:
-            log.info("%d part(s) reported twice by retried link tasks were counted once", retried)
-        delete_dir(join(cfg.output, STAGING_DIR), cfg.s3_endpoint)
+            use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
+            shards = ShardActors(cfg, manifest, use_gpu)  # loading while the pipeline starts
+            actors = shards.actors
+            ds = encoded_mentions(cfg, todo, backend.preprocessor, pre["detector"], use_gpu)
+            ds = ds.map_batches(LinkStage, batch_size=cfg.batch_size, compute=actor_pool(cfg.link_actors, "--link-actors"),
+                                num_cpus=0.1,
+                                fn_constructor_kwargs={"shard_actors": actors, "coordinator": coordinator,
+                                                       "candidates": cfg.candidates,
+                                                       "top_k": cfg.top_k, "nil_threshold": pre["nil_threshold"],
+                                                       "model_version": backend.model_version,
+                                                       "index_version": pre["index_version"], "output": cfg.output,
+                                                       "s3_endpoint": cfg.s3_endpoint})
+            linked: Counter = Counter()  # rows per input file, from the dataset's output (a cross-check)
 
-        # batches each replica served: shows whether --shard-replicas spreads the load
-        shard_batches = {e["name"]: ray.get([a.served.remote() for a in reps])
-                         for e, reps in zip(manifest["shards"], actors)}
+            def consume():
+                for meta in ds.iter_batches(batch_size=None, batch_format="numpy"):  # row counts only
+                    for f, rows in zip(meta["source_file"], meta["rows"]):
+                        linked[str(f)] += int(rows)
+                    _report_commits(ray.get(coordinator.committed.remote()), progress)
+                finished = ray.get(coordinator.finish.remote(todo))
+                _report_commits(ray.get(coordinator.committed.remote()), progress)
+                return finished
+
+            try:
+                # the dataset runs in a thread while this one watches the shard actors load: one
+                # that cannot fails the job at once, in one line, not when the first batch reaches it
+                written, retried = _while_loading(consume, shards)
+            except Exception as exc:
+                # storage that still fails after every retry ends the job in one line; the files
+                # committed so far stay valid and the re-run resumes from them
+                failure = storage_failure(exc)
+                if failure is None:
+                    raise
+                raise StorageError(f"storage failed after retries while linking into {cfg.output}: "
+                                   f"{type(failure).__name__}: {str(failure).strip().splitlines()[0]}") from None
+            startup = shards.loaded_at - t_work
+            lost = {f: (linked[f], m["rows"]) for f, m in written.items() if m["rows"] != linked[f]}
+            if lost:  # never: the coordinator committed what the link actors reported
+                raise RuntimeError(f"committed row counts differ from the linked rows (linked, committed): {lost}")
+            if retried:
+                log.info("%d part(s) reported twice by retried link tasks were counted once", retried)
+            delete_dir(join(cfg.output, STAGING_DIR), cfg.s3_endpoint)
+
+            # batches each replica served: shows whether --shard-replicas spreads the load
+            shard_batches = {e["name"]: ray.get([a.served.remote() for a in reps])
+                             for e, reps in zip(manifest["shards"], actors)}
+        finally:
+            # the job's own actors go with it, whatever ended it: left to Python's garbage
+            # collector (the dataset's plan holds their handles in reference cycles), a
+            # library caller's next job found the last ones' shard actors still holding CPUs
+            _release(coordinator, shards)
     seconds = time.perf_counter() - t_work
     processed = sum(m["rows"] for m in written.values())
     totals, reasons = Counter(), Counter()
@@ -804,6 +811,13 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
     success = write_success(cfg.output, summary, cfg.s3_endpoint)
     log.info("link output in %s (%s)", cfg.output, success)
     return LinkResult(cfg.output, summary, success)
+
+
+def _release(coordinator, shards: ShardActors | None) -> None:
+    import ray
+
+    for actor in [coordinator] + ([a for replicas in shards.actors for a in replicas] if shards else []):
+        ray.kill(actor, no_restart=True)
 
 
 def _while_loading(work, shards: ShardActors):
