@@ -206,15 +206,14 @@ class ShardActors:
         self.actors = [[remote.remote(cfg.index, entry, manifest, cfg.model, cfg.s3_endpoint)
                         for _ in range(cfg.shard_replicas)] for entry in manifest["shards"]]
         self.ready_refs = [a.ready.remote() for replicas in self.actors for a in replicas]
-        self.loaded_seconds: float | None = None  # from the launch until every actor had loaded
-        self.loaded_at: float | None = None  # time.perf_counter() then
+        self.loaded_at: float | None = None  # time.perf_counter() when every actor had loaded
 
     def wait(self, timeout: float | None = None) -> bool:
         """True once every shard actor has loaded (logged once), False if some are still
         loading after ``timeout`` seconds; raises the one-line error of one that could not."""
         import ray
 
-        if self.loaded_seconds is not None:
+        if self.loaded_at is not None:
             return True
         done, pending = ray.wait(self.ready_refs, num_returns=len(self.ready_refs), timeout=timeout,
                                  fetch_local=False)
@@ -225,8 +224,7 @@ class ShardActors:
         if pending:
             return False
         self.loaded_at = time.perf_counter()
-        self.loaded_seconds = self.loaded_at - self.started
-        log.info("index shards loaded in %.1f s (%d replica(s) each): %s", self.loaded_seconds, self.replicas,
+        log.info("index shards loaded in %.1f s (%d replica(s) each): %s", self.loaded_at - self.started, self.replicas,
                  ", ".join(f"{n} ({c} entities)" for n, c in loaded[::self.replicas]))
         return True
 
@@ -837,8 +835,9 @@ def _while_loading(work, shards: ShardActors):
 
     thread = threading.Thread(target=target, name="otmel-link-pipeline", daemon=True)
     thread.start()
-    while thread.is_alive() and not shards.wait(timeout=0.5):
-        pass
+    while thread.is_alive():
+        if shards.wait(timeout=0.5):  # loaded: only the pipeline is left to wait for
+            break
     thread.join()
     if "error" in box:
         shards.wait(timeout=5)  # a pipeline failed by a shard that did not load: that shard's error

@@ -54,6 +54,14 @@ def png_bytes(seed: int = 0, size: int = 32) -> bytes:
     return buf.getvalue()
 
 
+def own_worker_env() -> dict:
+    """A runtime env no other worker has: an actor started with it gets a worker process of
+    its own, not an idle one that imported something for an earlier test's task."""
+    import uuid
+
+    return {"env_vars": {"OTMEL_TEST_OWN_WORKER": uuid.uuid4().hex}}
+
+
 @pytest.fixture
 def kd_model():
     return make_model("kd")

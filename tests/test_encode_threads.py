@@ -3,6 +3,8 @@ was given; the default fractional share uses its node's cores, split over the po
 
 from __future__ import annotations
 
+from conftest import own_worker_env
+
 
 def test_threads_follow_the_cpus_given_and_a_fractional_share_splits_the_node():
     from otmel.jobs.common import encode_threads
@@ -21,8 +23,6 @@ def test_the_default_encode_actor_runs_onnx_runtime_on_every_core_without_import
     in the CPU tasks it never imports torch or transformers (their import was ~7 s of CPU of a
     fresh worker's start at ViT-B/32 size); with ``--image-transform device`` its torch
     resize/normalise runs on every core too."""
-    import uuid
-
     import ray
 
     from otmel.jobs.common import Encode
@@ -38,17 +38,14 @@ def test_the_default_encode_actor_runs_onnx_runtime_on_every_core_without_import
 
     node = int(ray.cluster_resources()["CPU"])
     assert node >= 2
-    # a worker process of its own each (a runtime env no other worker has: Ray cannot hand it
-    # an idle worker that imported torch for an earlier test's task)
-    fresh = lambda: {"env_vars": {"OTMEL_TEST_FRESH_WORKER": uuid.uuid4().hex}}  # noqa: E731
-    actor = ray.remote(Encode).options(num_cpus=0.5, runtime_env=fresh()).remote(onnx_model, LINK_MENTION_FEATURES, cpus=0.5,
+    actor = ray.remote(Encode).options(num_cpus=0.5, runtime_env=own_worker_env()).remote(onnx_model, LINK_MENTION_FEATURES, cpus=0.5,
                                                              pool_size=1)
     own, ort_threads, imported, _ = ray.get(actor.__ray_call__.remote(threads))
     ray.kill(actor)
     assert own == node and ort_threads == [node, node]
     assert imported == []
 
-    actor = ray.remote(Encode).options(num_cpus=0.5, runtime_env=fresh()).remote(
+    actor = ray.remote(Encode).options(num_cpus=0.5, runtime_env=own_worker_env()).remote(
         onnx_model, LINK_MENTION_FEATURES, cpus=0.5, pool_size=1, transform="device")
     own, ort_threads, imported, torch_threads = ray.get(actor.__ray_call__.remote(threads))
     ray.kill(actor)

@@ -17,7 +17,7 @@ from otmel.jobs.link import LinkConfig, run
 from otmel.link_output import output_name, read_link_output
 from otmel.schemas import LINK_OUTPUT_SCHEMA
 
-from conftest import png_bytes
+from conftest import own_worker_env, png_bytes
 
 BUCKET = "s3://otmel-test"
 
@@ -295,8 +295,6 @@ def test_shard_actors_and_the_link_stage_score_and_merge_without_torch_or_transf
     transformers: they only score with the ONNX matcher. At ViT-B/32 size those imports were
     ~5 s of CPU of each shard actor's start and ~4 s of each link actor's first batch, taken
     from the encoder on a small node (issue 14: end-to-end / encode-only)."""
-    import uuid
-
     import ray
 
     from otmel.backend import load_backend
@@ -322,10 +320,7 @@ def test_shard_actors_and_the_link_stage_score_and_merge_without_torch_or_transf
 
         return sorted(m for m in ("torch", "transformers") if m in sys.modules)
 
-    # a worker process of its own (a runtime env no other worker has: not an idle worker that
-    # imported torch for an earlier test's task)
-    actor = ray.remote(ShardServer).options(num_cpus=0.25, runtime_env={
-        "env_vars": {"OTMEL_TEST_FRESH_WORKER": uuid.uuid4().hex}}).remote(
+    actor = ray.remote(ShardServer).options(num_cpus=0.25, runtime_env=own_worker_env()).remote(
         idx_cfg.out, manifest["shards"][0], manifest, onnx_model, s3_server)
     found = ray.get(actor.link.remote(feats, 5, 3))
     assert found.entity_ids.shape == (8, 3) and np.isfinite(found.scores).all()
@@ -341,13 +336,11 @@ def test_a_job_leaves_no_shard_or_coordinator_actor_behind(ray_local, s3_index, 
     first's pace)."""
     import psutil
 
+    from otmel.worker_memory import worker_kind
+
     def alive():  # the actors' worker processes, by their process titles (a killed actor's exits)
-        titles = []
-        for p in psutil.process_iter(["cmdline"]):
-            title = (p.info["cmdline"] or [""])[0]
-            if title.startswith(("ray::ShardServer", "ray::CommitCoordinator")):
-                titles.append(title.split(".")[0])
-        return sorted(titles)
+        kinds = (worker_kind(p.info["cmdline"]) for p in psutil.process_iter(["cmdline"]))
+        return sorted(k for k in kinds if k in ("ShardServer", "CommitCoordinator"))
 
     before = alive()
     idx_cfg, _ = s3_index
