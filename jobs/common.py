@@ -52,17 +52,57 @@ def ray_address(address: str | None) -> str:
     return "local"
 
 
-def parse_pool(spec: int | str, what: str = "--workers") -> tuple[int, int]:
-    """An actor pool size: ``N`` (fixed) or ``MIN-MAX`` (Ray Data autoscales between them)."""
+#: ``--workers auto``: the encode pool sized from the cluster at the job's start (encode_pool)
+AUTO_POOL = "auto"
+
+#: Ray memory an encode actor is counted for when ``auto`` sizes a CPU pool: at ViT-B/32 size an
+#: actor peaks at ~1.2 GB of private RSS (bench/results/pipeline.md), so a node with many cores
+#: and little memory gets fewer actors than cores
+ENCODE_ACTOR_MEMORY = int(1.5 * 1024**3)
+
+
+def parse_pool(spec: int | str, what: str = "--workers", allow_auto: bool = False) -> tuple[int, int]:
+    """An actor pool size: ``N`` (fixed) or ``MIN-MAX`` (Ray Data autoscales between them);
+    with ``allow_auto``, ``auto`` too (checked here, sized by :func:`encode_pool`)."""
     text = str(spec).strip()
+    if allow_auto and text == AUTO_POOL:
+        return 1, 1
     try:
         lo, _, hi = text.partition("-")
         low, high = int(lo), int(hi) if hi else int(lo)
     except ValueError:
-        raise ValueError(f"{what} must be N or MIN-MAX (e.g. 4 or 2-16), got {spec!r}") from None
+        raise ValueError(f"{what} must be {'auto, ' if allow_auto else ''}N or MIN-MAX (e.g. 4 or 2-16), "
+                         f"got {spec!r}") from None
     if low < 1 or high < low:
         raise ValueError(f"{what} must be N >= 1 or MIN-MAX with 1 <= MIN <= MAX, got {spec!r}")
     return low, high
+
+
+def encode_pool(spec: int | str, use_gpu: bool) -> str:
+    """The encode actor pool a job runs: ``spec`` (``--workers``) as given, or for ``auto``
+    (the default) one actor per GPU of the cluster on a GPU cluster, and on CPU one
+    single-thread actor per CPU of the cluster's nodes (at most one per
+    :data:`ENCODE_ACTOR_MEMORY` of Ray memory).
+
+    Why one thread per actor on CPU: the encoder is ~90% of a link's time at real model size,
+    and on a node whose cores it shares with the read, preprocess, link and shard work, a
+    multi-threaded ONNX Runtime session stalls at every operator whenever one of its threads
+    is preempted, where independent single-thread actors lose only the preempted one's time
+    (measured at ViT-B/32 size on 2 cores, bench/results/pipeline.md: the link job ran at 4.0
+    mentions/s, 1.00 of its encode-only pipeline, with two 1-thread actors, and at 3.7, 0.92,
+    with one 2-thread actor; the encode-only pipeline ran at the same pace either way). The
+    sizes are read once, at the job's start: on an autoscaling cluster give ``MIN-MAX``."""
+    if str(spec).strip() != AUTO_POOL:
+        parse_pool(spec)
+        return str(spec).strip()
+    import ray
+
+    resources = ray.cluster_resources()
+    if use_gpu:
+        return str(max(1, int(resources.get("GPU", 0))))
+    cpus = sum(int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive"))
+    by_memory = int(resources.get("memory", 0)) // ENCODE_ACTOR_MEMORY
+    return str(max(1, min(cpus, by_memory)))
 
 
 def actor_pool(spec: int | str, what: str = "--workers"):
@@ -214,11 +254,12 @@ class Preprocess:
 
 def encode_threads(cpus: float, pool_size: int, node_cpus: int) -> int:
     """Intra-op threads of a CPU encode actor: the CPUs it was given (``--cpus-per-actor``),
-    whole. A fractional share (the default 0.5, which leaves Ray room for the read and
+    whole. A fractional share (the default 0.25, which leaves Ray room for the read and
     preprocess tasks on small machines) stands for "the node's cores, shared by the pool":
-    ``node_cpus // pool_size`` threads, at least 1. The encoder is nearly all of a link's
-    time at real model size (bench/results), so the pool must keep every core busy; the
-    light tasks beside it take their turns from the OS."""
+    ``node_cpus // pool_size`` threads, at least 1 (the default ``auto`` pool on CPU has one
+    actor per CPU, so 1 thread each). The encoder is nearly all of a link's time at real
+    model size (bench/results), so the pool must keep every core busy; the light tasks
+    beside it take their turns from the OS."""
     if cpus >= 1:
         return int(cpus)
     return max(1, int(node_cpus) // max(1, int(pool_size)))
@@ -291,16 +332,26 @@ class Encode:
         return out
 
 
-def encode_step(ds, cfg, feature_names: tuple[str, ...], use_gpu: bool, transform: str = "cpu"):
+def encode_step(ds, cfg, feature_names: tuple[str, ...], use_gpu: bool, transform: str = "cpu",
+                pool: str | None = None):
     """The encode actor pool of a job (``cfg``: an index or link config) on dataset ``ds``:
-    ``--workers`` actors of ``--cpus-per-actor`` CPUs, or one GPU each on a GPU cluster;
-    ``transform = device``: they resize and normalise the images too."""
-    return ds.map_batches(Encode, batch_size=cfg.batch_size, compute=actor_pool(cfg.workers),
-                          num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0,
+    ``pool`` actors (``--workers`` sized by :func:`encode_pool` when not given) of
+    ``--cpus-per-actor`` CPUs, or one GPU each on a GPU cluster; ``transform = device``: they
+    resize and normalise the images too."""
+    pool = pool or encode_pool(cfg.workers, use_gpu)
+    log.info("encode pool: %s actor(s) (--workers %s), %s each", pool, cfg.workers,
+             "a GPU" if use_gpu else f"{cfg.cpus_per_actor:g} CPU")
+    # max_restarts: Ray Data's default for actors (a killed encode actor comes back), given
+    # explicitly because remote args that differ from the preprocess tasks' are what keeps
+    # Ray Data from fusing preprocessing into the actors (it fuses a task step into the next
+    # actor step when their remote args are equal, e.g. --cpus-per-actor 0.25 = its CPUs):
+    # the encoder's cores would then decode images between batches
+    return ds.map_batches(Encode, batch_size=cfg.batch_size, compute=actor_pool(pool),
+                          num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0, max_restarts=-1,
                           fn_constructor_kwargs={"model_uri": cfg.model, "feature_names": feature_names,
                                                  "s3_endpoint": cfg.s3_endpoint,
                                                  "cpus": None if use_gpu else cfg.cpus_per_actor,
-                                                 "pool_size": parse_pool(cfg.workers)[1], "transform": transform})
+                                                 "pool_size": parse_pool(pool)[1], "transform": transform})
 
 
 def driver_model(uri: str, s3_endpoint: str | None = None):

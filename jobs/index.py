@@ -1,7 +1,7 @@
 """Build or update the sharded entity index (``otmel index``) on Ray Data.
 
     otmel index --model MODEL_URI --kb KB_URI --out INDEX_URI --shards S [--factory FAISS_FACTORY]
-                [--feature-dtype fp16|fp32] [--workers N|MIN-MAX] [--address ADDR]
+                [--feature-dtype fp16|fp32] [--workers auto|N|MIN-MAX] [--address ADDR]
     otmel index --update INDEX_URI --kb CHANGED_KB_URI --model MODEL_URI
 
 Build: Ray Data reads the KB (Parquet: a file, a directory or a glob), preprocesses it on CPU
@@ -63,9 +63,9 @@ class IndexConfig:
     feature_dtype: str = "fp16"  # fp16 | fp32 for the reranking features
     update: bool = False
     overwrite: bool = False  # replace an existing index at OUT
-    workers: int | str = 1  # encode actors: N, or MIN-MAX for a pool Ray Data autoscales
+    workers: int | str = "auto"  # encode actors: auto (a GPU each, or one 1-thread actor per CPU), N, or MIN-MAX
     batch_size: int = 64
-    cpus_per_actor: float = 0.5  # fractional: leaves room for Ray Data's read tasks on small machines
+    cpus_per_actor: float = 0.25  # Ray CPUs an encode actor holds (fractional: read tasks must still get CPUs)
     gpu: bool | None = None  # None = use a GPU per encode actor when the cluster has one
     train_size: int = 100_000  # vectors sampled to train IVF/PQ factories
     nprobe: int = 32  # IVF lists scanned per query (stored in the manifest; ignored by Flat/HNSW)
@@ -82,7 +82,7 @@ class IndexConfig:
 
         if self.shards < 1:
             raise ValueError(f"--shards must be >= 1, got {self.shards}")
-        parse_pool(self.workers, "--workers")
+        parse_pool(self.workers, "--workers", allow_auto=True)
         if self.feature_dtype not in ("fp16", "fp32"):
             raise ValueError(f"--feature-dtype must be fp16 or fp32, got {self.feature_dtype!r}")
 
@@ -225,7 +225,7 @@ def encoded_entities(cfg: IndexConfig, files: list[str], preprocessor, use_gpu: 
     if only_shards is not None:
         ds = ds.map_batches(rows_of_shards, batch_size=None, num_cpus=0.1,
                             fn_kwargs={"shards": only_shards[0], "num_shards": only_shards[1]})
-    # preprocessing on CPU tasks (its own resources keep Ray Data from fusing it into the actors)
+    # preprocessing on CPU tasks, never fused into the encode actors (encode_step)
     ds = ds.map_batches(preprocess_entities, batch_size=cfg.batch_size, num_cpus=0.25,
                         fn_kwargs={"preprocessor": preprocessor, "image_policy": policy, "bad_image": "text",
                                    "transform": transform})

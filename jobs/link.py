@@ -1,7 +1,7 @@
 """Bulk entity linking on Ray Data (``otmel link``).
 
     otmel link --model MODEL_URI --index INDEX_URI --input INPUT_URI --output OUTPUT_URI
-               [--top-k k] [--candidates K] [--nil-threshold T] [--workers N|MIN-MAX]
+               [--top-k k] [--candidates K] [--nil-threshold T] [--workers auto|N|MIN-MAX]
                [--link-actors N|MIN-MAX] [--shard-replicas R] [--batch-size B]
                [--detect-mentions alias] [--address ADDR]
 
@@ -13,8 +13,8 @@ Pipeline (DESIGN.md "Data flow"); no row passes through the driver:
    into one row per mention (given spans, or alias detection), bad rows become ``error`` rows,
    nothing dropped;
 2. preprocess (CPU tasks): tokenise, fetch (``image_uri``) and decode/resize images;
-3. encode (actor pool of ``--workers`` actors, N or MIN-MAX autoscaling, a GPU each on a GPU
-   cluster): mention features + stage-1 queries;
+3. encode (actor pool of ``--workers`` actors: auto, one per GPU or one single-thread actor
+   per CPU; N; or MIN-MAX autoscaling): mention features + stage-1 queries;
 4. link (a pool of ``--link-actors`` light actors, one batch in flight each, so several
    batches are always queued at the shard actors): a batch's features are put in the object
    store once and sent to one replica of every index shard (``ShardServer``: its FAISS
@@ -73,7 +73,7 @@ class LinkConfig:
     top_k: int = 5  # candidates written per mention
     candidates: int = 20  # K retrieved per shard before reranking
     nil_threshold: float | None = None  # None = the calibrated value in export.json / the checkpoint
-    workers: int | str = 1  # encode actors: N, or MIN-MAX for a pool Ray Data autoscales
+    workers: int | str = "auto"  # encode actors: auto (a GPU each, or one 1-thread actor per CPU), N, or MIN-MAX
     link_actors: int | str = 2  # link-stage actors (batches in flight at the shard actors): N or MIN-MAX
     shard_replicas: int = 1  # actors per index shard, each with its own copy (queries spread over them)
     shard_gpus: float | None = None  # GPU share of a shard actor (None: 0.25 on a GPU cluster, else 0)
@@ -93,7 +93,7 @@ class LinkConfig:
     kge_embeddings: str | None = None  # entity_id + vector Parquet (`otmel kge embed`): collective disambiguation
     coherence_weight: float | None = None  # W of otmel.coherence (None = the weight calibrated for these embeddings)
     force: bool = False  # recompute inputs whose output is already complete
-    cpus_per_actor: float = 0.5  # fractional: on small machines read tasks must still get CPUs
+    cpus_per_actor: float = 0.25  # Ray CPUs an encode actor holds (fractional: read tasks must still get CPUs)
     gpu: bool | None = None  # None = a GPU per encode actor when the cluster has one
     address: str | None = None
     s3_endpoint: str | None = None
@@ -111,7 +111,7 @@ class LinkConfig:
 
         image_transform(self.image_transform, False)  # a clear error for an unknown value
 
-        parse_pool(self.workers, "--workers")
+        parse_pool(self.workers, "--workers", allow_auto=True)
         parse_pool(self.link_actors, "--link-actors")
         if self.read_chunk_rows < 1 or self.read_chunk_bytes < 1:
             raise ValueError("read_chunk_rows and read_chunk_bytes must be >= 1")
@@ -671,8 +671,10 @@ def plan_inputs(cfg: LinkConfig, files: list[str], model_version: str, index_ver
     return todo, done, file_meta
 
 
-def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, use_gpu: bool):
-    """Steps 1-3 of the pipeline: read (one task per file) -> preprocess -> encode (actor pool)."""
+def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, use_gpu: bool,
+                     pool: str | None = None):
+    """Steps 1-3 of the pipeline: read (one task per file) -> preprocess -> encode (actor pool:
+    ``pool``, or ``--workers`` sized now)."""
     import ray.data
 
     from otmel.image_fetch import ImagePolicy
@@ -688,15 +690,15 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
                         fn_kwargs={"s3_endpoint": cfg.s3_endpoint, "detector": detector,
                                    "context_chars": cfg.context_chars, "chunk_rows": cfg.read_chunk_rows,
                                    "chunk_bytes": cfg.read_chunk_bytes})
-    # preprocessing stays on CPU tasks (its own resources keep Ray Data from fusing it into the actors)
+    # preprocessing stays on CPU tasks, never fused into the encode actors (encode_step)
     ds = ds.map_batches(preprocess_mentions, batch_size=cfg.batch_size, num_cpus=PREPROCESS_CPUS,
                         fn_kwargs={"preprocessor": preprocessor, "image_policy": policy, "bad_image": cfg.bad_image,
                                    "transform": transform})
-    return encode_step(ds, cfg, LINK_MENTION_FEATURES, use_gpu, transform)
+    return encode_step(ds, cfg, LINK_MENTION_FEATURES, use_gpu, transform, pool)
 
 
 def run(cfg: LinkConfig, progress=None) -> LinkResult:
-    from otmel.jobs.common import actor_pool, gpu_count, init_ray
+    from otmel.jobs.common import actor_pool, encode_pool, gpu_count, init_ray
     from otmel.link_output import STAGING_DIR, SUCCESS_FILE, output_name, write_success
     from otmel.storage import StorageError, delete_dir, delete_file, join, storage_failure
 
@@ -711,6 +713,7 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
     shard_batches: dict[str, list[int]] = {}
     t_work = time.perf_counter()
     startup = 0.0
+    encoders = str(cfg.workers)  # the encode pool, as sized at the start when there is work
     if todo:
         delete_file(join(cfg.output, SUCCESS_FILE), cfg.s3_endpoint)  # a stale one must not vouch for this run
         # parts an interrupted run staged belong to inputs not committed, i.e. to this run's todo
@@ -725,7 +728,8 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
             use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
             shards = ShardActors(cfg, manifest, use_gpu)  # loading while the pipeline starts
             actors = shards.actors
-            ds = encoded_mentions(cfg, todo, backend.preprocessor, pre["detector"], use_gpu)
+            encoders = encode_pool(cfg.workers, use_gpu)
+            ds = encoded_mentions(cfg, todo, backend.preprocessor, pre["detector"], use_gpu, encoders)
             ds = ds.map_batches(LinkStage, batch_size=cfg.batch_size, compute=actor_pool(cfg.link_actors, "--link-actors"),
                                 num_cpus=0.1,
                                 fn_constructor_kwargs={"shard_actors": actors, "coordinator": coordinator,
@@ -803,7 +807,7 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
         "nil_threshold": pre["nil_threshold"],
         "settings": dict(cfg.result_settings(), nil_threshold=pre["nil_threshold"]),
         "coherence": pre["coherence"],
-        "pools": {"encode": str(cfg.workers), "link": str(cfg.link_actors), "shard_replicas": cfg.shard_replicas},
+        "pools": {"encode": encoders, "link": str(cfg.link_actors), "shard_replicas": cfg.shard_replicas},
         "shard_batches": shard_batches,
     }
     success = write_success(cfg.output, summary, cfg.s3_endpoint)

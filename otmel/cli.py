@@ -9,7 +9,7 @@
     otmel index --model MODEL_URI --kb KB_URI --out INDEX_URI --shards S [--factory FAISS_FACTORY]
     otmel index --update INDEX_URI --kb CHANGED_KB_URI --model MODEL_URI
     otmel link --model MODEL_URI --index INDEX_URI --input INPUT_URI --output OUTPUT_URI [--top-k k]
-               [--candidates K] [--nil-threshold T] [--workers N|MIN-MAX] [--link-actors N|MIN-MAX]
+               [--candidates K] [--nil-threshold T] [--workers auto|N|MIN-MAX] [--link-actors N|MIN-MAX]
                [--shard-replicas R] [--detect-mentions alias]
     otmel calibrate --model MODEL_URI --index INDEX_URI --data DATA_URI [--split dev]
     otmel demo [--out DIR]
@@ -283,16 +283,17 @@ def cmd_demo(args) -> int:
 
 def _data_job_options(s: argparse.ArgumentParser) -> None:
     """Options the Ray Data jobs (index, link) share: actors, images, cluster, storage."""
-    s.add_argument("--workers", default="1", metavar="N|MIN-MAX",
+    s.add_argument("--workers", default="auto", metavar="auto|N|MIN-MAX",
                    help="encode actors: N, or MIN-MAX for a pool Ray Data scales with the queue (one GPU each "
-                        "on a GPU cluster)")
+                        "on a GPU cluster); auto (default): one per GPU of the cluster, or on CPU one "
+                        "single-thread actor per CPU of its nodes")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--gpu", dest="gpu", action="store_const", const=True, default=None,
                    help="a GPU per encode actor even if no GPU node is up yet (the autoscaler adds them)")
     g.add_argument("--cpu", dest="gpu", action="store_const", const=False, help="encode on CPUs even on a GPU cluster")
-    s.add_argument("--cpus-per-actor", type=float, default=0.5, metavar="C",
+    s.add_argument("--cpus-per-actor", type=float, default=0.25, metavar="C",
                    help="CPUs of each CPU encode actor; its intra-op threads: C if >= 1, else the node's CPUs over "
-                        "the pool's maximum size (the default 0.5 leaves room for the read tasks on small machines)")
+                        "the pool's maximum size (the default 0.25 leaves room for the read tasks on small machines)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--image-transform", choices=["auto", "cpu", "device"], default="auto",
                    help="where images are resized and normalised: in the CPU preprocess tasks, or on the encode "

@@ -77,6 +77,8 @@ def s3_link(s3_index, s3_inputs, onnx_model, s3_server):
 
 
 def test_every_input_mention_gives_exactly_one_row_in_the_contract_schema(s3_link, s3_inputs, s3_server):
+    import ray
+
     cfg, result, idx = s3_link
     out = read_link_output(cfg.output, s3_server)
     assert out.schema.remove_metadata() == LINK_OUTPUT_SCHEMA
@@ -85,6 +87,8 @@ def test_every_input_mention_gives_exactly_one_row_in_the_contract_schema(s3_lin
     assert counts["in"] == out.num_rows == sum(counts[s] for s in ("ok", "nil", "no_mention", "error"))
     # the encoder that ran is reported, and the index says what encoded its entities
     assert result.summary["model"] == {"kind": "onnx", "precision": "fp32"} == idx.manifest["encoder"]
+    # the default encode pool (--workers auto): one single-thread actor per CPU
+    assert result.summary["pools"]["encode"] == str(int(ray.cluster_resources()["CPU"]))
     # one output file per input file, named by the hash of its path
     for name, rows in s3_inputs["expected_rows"].items():
         part = pq.read_table(pa.BufferReader(_read(f"{cfg.output}/{output_name(cfg.input + name)}", s3_server)))
