@@ -16,13 +16,15 @@ For each size (``--sizes tiny base``; ``--clip DIR`` adds a pretrained CLIP; ben
    preprocess -> encode, consumed by the driver), in one local Ray instance: mentions/s of
    whole runs, start-up included (the job's shard actors load while its encode actors do, so
    the job has no start-up the encode-only pipeline has not); the shard actors' private RSS,
-   sampled from outside. ``--repeats N`` (default 3) pairs of the two runs in alternating
+   sampled from outside. ``--repeats N`` (default 2) pairs of the two runs in alternating
    order, compared pair by pair: the ratio moves by +-0.1 between runs on a shared 2-core
-   machine.
+   machine. ``--workers POOL [POOL ...]`` (default ``auto 1``) runs the pairs for each encode
+   pool, both runs of a pair with the same pool: ``auto`` (the jobs' default: one
+   single-thread actor per CPU) beside ``1`` (one actor running a thread per CPU).
 
 Writes bench/results/pipeline.md.
 
-    .venv/bin/python bench/pipeline.py [--sizes tiny base] [--clip DIR] [--repeats N]
+    .venv/bin/python bench/pipeline.py [--sizes tiny base] [--clip DIR] [--repeats N] [--workers auto 1]
 """
 
 from __future__ import annotations
@@ -149,17 +151,17 @@ class ShardMemory:
         self.thread.join()
 
 
-def job(onnx_dir: Path, index_dir: Path, inputs: Path, out: Path, repeats: int = 3) -> dict:
-    """The link job and its encode-only pipeline, ``repeats`` pairs in alternating order (the
-    machine's load drifts: each pair is compared within itself); per-pair rates and ratios, and
-    their medians."""
+def job(onnx_dir: Path, index_dir: Path, inputs: Path, out: Path, repeats: int = 2, workers: str = "auto") -> dict:
+    """The link job and its encode-only pipeline with the encode pool ``workers``, ``repeats``
+    pairs in alternating order (the machine's load drifts: each pair is compared within
+    itself); per-pair rates and ratios, and their medians."""
     from otmel.backend import load_backend
     from otmel.jobs.link import LinkConfig, encoded_mentions
     from otmel.jobs.link import run as link
     from otmel.link_input import list_input_files
 
     cfg = LinkConfig(model=str(onnx_dir), index=str(index_dir), input=str(inputs), output=str(out), candidates=20,
-                     top_k=10, batch_size=64, force=True)
+                     top_k=10, batch_size=64, force=True, workers=workers)
     files = list_input_files(cfg.input)
     pre = load_backend(str(onnx_dir)).preprocessor
 
@@ -172,9 +174,10 @@ def job(onnx_dir: Path, index_dir: Path, inputs: Path, out: Path, repeats: int =
     def end_to_end():
         t0 = time.perf_counter()
         r = link(cfg)
+        pool.append(r.summary["pools"]["encode"])
         return r.summary["counts"]["in"], time.perf_counter() - t0, r.summary["startup_seconds"]
 
-    pairs = []
+    pairs, pool = [], []
     with ShardMemory() as mem:
         for i in range(repeats):
             if i % 2 == 0:
@@ -183,13 +186,13 @@ def job(onnx_dir: Path, index_dir: Path, inputs: Path, out: Path, repeats: int =
                 (rows, t_e2e, startup), (n, t_enc) = end_to_end(), encode_only()
             pair = {"encode_only_rate": n / t_enc, "e2e_rate": rows / t_e2e, "shards_loaded_s": startup}
             pair["ratio"] = pair["e2e_rate"] / pair["encode_only_rate"]
-            print(f"  pair {i + 1}/{repeats}: {pair}", flush=True)
+            print(f"  --workers {workers}, pair {i + 1}/{repeats}: {pair}", flush=True)
             pairs.append(pair)
     out = {k: float(np.median([p[k] for p in pairs])) for k in pairs[0]}
-    return {**out, "rows": n, "pairs": pairs, "workers_mb": mem.memory.by_kind()}
+    return {**out, "rows": n, "pairs": pairs, "workers_mb": mem.memory.by_kind(), "actors": pool[0]}
 
 
-def run_size(size: str, clip: str | None, tmp: Path, repeats: int = 3) -> dict:
+def run_size(size: str, clip: str | None, tmp: Path, repeats: int = 2, pools=("auto", "1")) -> dict:
     from otmel.exporters.onnx import ExportConfig, export
     from otmel.jobs.index import IndexConfig
     from otmel.jobs.index import run as build_index
@@ -216,19 +219,24 @@ def run_size(size: str, clip: str | None, tmp: Path, repeats: int = 3) -> dict:
     print(f"[{size}] index: {out}", flush=True)
     out["breakdown"] = breakdown(onnx_dir, tmp / f"index-{size}", test, DATA[size][2])
     print(f"[{size}] breakdown: {out['breakdown']}", flush=True)
-    out["job"] = job(onnx_dir, tmp / f"index-{size}", inputs, tmp / f"out-{size}", repeats)
-    print(f"[{size}] job: {out['job']}", flush=True)
+    out["jobs"] = {}
+    for workers in pools:
+        out["jobs"][workers] = job(onnx_dir, tmp / f"index-{size}", inputs, tmp / f"out-{size}", repeats, workers)
+        print(f"[{size}] job, --workers {workers}: {out['jobs'][workers]}", flush=True)
+    out["job"] = out["jobs"][pools[0]]  # the first pool's (the default's) memory figures
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     bench_sizes.add_size_arguments(ap)
-    ap.add_argument("--repeats", type=int, default=3,
+    ap.add_argument("--repeats", type=int, default=2,
                     help="pairs of (encode-only pipeline, link job) runs, in alternating order; medians reported")
+    ap.add_argument("--workers", nargs="+", default=["auto", "1"], metavar="POOL",
+                    help="encode pools to run the pairs with (the first is the jobs' default)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "pipeline.md"))
     args = ap.parse_args()
-    from otmel.jobs.common import init_ray
+    from otmel.jobs.common import encode_threads, init_ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_ray(None, log_to_driver=False)
@@ -236,7 +244,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size in bench_sizes.runs(args):
-            results[size] = run_size(size, args.clip, Path(tmp), args.repeats)
+            results[size] = run_size(size, args.clip, Path(tmp), args.repeats, tuple(args.workers))
     sizes = list(results)
     head = " | ".join(sizes)
     row = lambda label, fn: f"| {label} | " + " | ".join(fn(results[s]) for s in sizes) + " |"  # noqa: E731
@@ -249,7 +257,8 @@ def main() -> None:
     lines = [
         "# The link pipeline at tiny and ViT-B/32 size",
         "",
-        f"`.venv/bin/python bench/pipeline.py --sizes {' '.join(args.sizes)}{' --clip ' + args.clip if args.clip else ''}` "
+        f"`.venv/bin/python bench/pipeline.py --sizes {' '.join(args.sizes)}{' --clip ' + args.clip if args.clip else ''} "
+        f"--repeats {args.repeats} --workers {' '.join(args.workers)}` "
         f"on {platform.machine()}, {os.cpu_count()} cores, {datetime.date.today()}; {time.perf_counter() - t_all:.0f} s "
         "in all. Models with random weights (speed does not depend on them), ONNX fp32; KB and mention images are "
         "640x480 JPEG photos; index: 2 shards, `--factory auto`, fp16 features.",
@@ -276,15 +285,26 @@ def main() -> None:
         for step, label in (("preprocess", "preprocessing"), ("encode", "encode"), ("faiss", "FAISS stage 1"),
                             ("gather", "reading candidate features"), ("rerank", "rerank (matcher)")):
             lines.append(row(f"time share, K={k}: {label}", lambda r, s=step, k=k: share(r, s, k)))
+    lines += [row("link job: mentions", lambda r: f"{r['job']['rows']:,}"),
+              row("pairs of runs (encode-only, link job) per encode pool, alternating order",
+                  lambda r: str(len(r["job"]["pairs"])))]
+    for workers in args.workers:
+        j = lambda r, w=workers: r["jobs"][w]  # noqa: E731
+        lines += [
+            row(f"`--workers {workers}`: encode actors x intra-op threads",
+                lambda r, j=j: f"{j(r)['actors']} x {encode_threads(0.25, int(j(r)['actors']), os.cpu_count())}"),
+            row(f"`--workers {workers}`: encode-only pipeline, mentions/s (median)",
+                lambda r, j=j: f"{j(r)['encode_only_rate']:,.1f}"),
+            row(f"`--workers {workers}`: link job end to end, mentions/s (median)",
+                lambda r, j=j: f"{j(r)['e2e_rate']:,.1f}"),
+            row(f"`--workers {workers}`: the job's shard actors loaded after, s (median; while its encode actors load)",
+                lambda r, j=j: f"{j(r)['shards_loaded_s']:.1f}"),
+            row(f"`--workers {workers}`: end to end / encode-only, per pair",
+                lambda r, j=j: ", ".join(f"{p['ratio']:.2f}" for p in j(r)["pairs"])),
+            row(f"**`--workers {workers}`: end to end / encode-only** (median of pairs)",
+                lambda r, j=j: f"**{j(r)['ratio']:.2f}**"),
+        ]
     lines += [
-        row("link job: mentions", lambda r: f"{r['job']['rows']:,}"),
-        row("pairs of runs (encode-only, link job), alternating order", lambda r: str(len(r["job"]["pairs"]))),
-        row("encode-only pipeline, mentions/s (median)", lambda r: f"{r['job']['encode_only_rate']:,.1f}"),
-        row("link job end to end, mentions/s (median)", lambda r: f"{r['job']['e2e_rate']:,.1f}"),
-        row("the job's shard actors loaded after, s (median; while its encode actors load)",
-            lambda r: f"{r['job']['shards_loaded_s']:.1f}"),
-        row("end to end / encode-only, per pair", lambda r: ", ".join(f"{p['ratio']:.2f}" for p in r["job"]["pairs"])),
-        row("**end to end / encode-only** (median of pairs)", lambda r: f"**{r['job']['ratio']:.2f}**"),
         "",
         "Time shares: each step timed alone on the same batch (medians of 3), as a share of their sum; writing the "
         "output is not in it (the job includes it). Both runs are timed whole, start-up included: the encode-only "
