@@ -106,12 +106,20 @@ def encode_pool(spec: int | str, use_gpu: bool) -> str:
 
 
 def actor_pool(spec: int | str, what: str = "--workers"):
-    """The Ray Data compute strategy of a pool spec (see :func:`parse_pool`)."""
+    """The Ray Data compute strategy of a pool spec (see :func:`parse_pool`).
+
+    ``N`` starts N actors but may go down to one: a pool Ray Data may not shrink deadlocks
+    when its cluster does. After a node is lost its actors are restarted elsewhere
+    (``max_restarts``); where the remaining nodes cannot hold them all, the ones that did
+    restart took the CPUs the read and preprocess tasks need, nothing feeds the actors, and
+    the job waits forever (seen on a 3-node cluster losing 2 nodes: 4 encode actors x 0.25,
+    4 shard actors x 0.25 and 2 link actors x 0.1 CPU on the last 2 CPUs). Ray Data scales
+    such a pool down to its budget instead, and back up when nodes return."""
     import ray.data
 
     low, high = parse_pool(spec, what)
     if low == high:
-        return ray.data.ActorPoolStrategy(size=low)
+        return ray.data.ActorPoolStrategy(min_size=1, max_size=high, initial_size=high)
     return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
 
 
