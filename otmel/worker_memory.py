@@ -32,6 +32,32 @@ def private_rss_mb(pid: int) -> float | None:
         return None
 
 
+def descends_from(process, root_pid: int) -> bool:
+    """Whether a ``psutil.Process`` runs under ``root_pid``: a Ray worker of the instance that
+    process started (its raylet is a child of it), not of another Ray on the machine."""
+    import psutil
+
+    try:
+        return any(q.pid == root_pid for q in process.parents())
+    except psutil.Error:
+        return False
+
+
+def ray_workers(kinds: tuple[str, ...] | None = None, root_pid: int | None = None) -> list:
+    """The Ray worker processes running ``kinds`` (all busy ones if None) on this machine, as
+    ``(psutil.Process, kind)``; with ``root_pid``, only those under it (:func:`descends_from`)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        kind = worker_kind(p.info["cmdline"])
+        if kind is None or (kinds is not None and kind not in kinds):
+            continue
+        if root_pid is None or descends_from(p, root_pid):
+            found.append((p, kind))
+    return found
+
+
 class WorkerMemory:
     """Peak private RSS of the Ray workers started after ``since`` (default: now), by kind;
     with ``root_pid``, only of the processes descending from it (the Ray instance a driver
@@ -45,16 +71,11 @@ class WorkerMemory:
         self.foreign: set[int] = set()  # Ray workers of another instance
 
     def _ours(self, p) -> bool:
-        import psutil
-
         if self.root_pid is None or p.pid in self.seen:
             return True
         if p.pid in self.foreign:
             return False
-        try:
-            ours = any(q.pid == self.root_pid for q in p.parents())
-        except psutil.Error:
-            return False
+        ours = descends_from(p, self.root_pid)
         if not ours:
             self.foreign.add(p.pid)
         return ours

@@ -53,7 +53,7 @@ def _peak_rss_mb(module: str, config: str, cfg: dict, workers: dict | None = Non
             "open('/proc/self/clear_refs', 'w').write('5')\n"
             f"r = run({config}(**{cfg!r}))\n"
             "hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
-            "print(json.dumps({'peak_kb': hwm, "
+            "print('OTMEL_REPORT', json.dumps({'peak_kb': hwm, "
             "'summary': getattr(r, 'summary', None) or {'count': getattr(r, 'count', None)}}, default=str))")
     from otmel.worker_memory import WorkerMemory
 
@@ -71,7 +71,9 @@ def _peak_rss_mb(module: str, config: str, cfg: dict, workers: dict | None = Non
     assert proc.returncode == 0, err[-3000:]
     if workers is not None:
         workers.update(memory.by_kind())
-    report = json.loads(out.strip().splitlines()[-1])
+    # the report's own line: Ray prints its workers' warnings (raylet) to the driver's stdout too
+    report = json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("OTMEL_REPORT "))
+                        .split(" ", 1)[1])
     return report["peak_kb"] / 1024, report["summary"]
 
 

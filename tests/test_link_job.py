@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -338,24 +339,22 @@ def test_a_job_leaves_no_shard_or_coordinator_actor_behind(ray_local, s3_index, 
     coordinator end with it (left to the garbage collector, two earlier jobs' shard actors
     were still alive holding 0.25 CPU each, and the third job on 2 cores ran at ~0.6 of the
     first's pace)."""
-    import psutil
+    from otmel.worker_memory import ray_workers
 
-    from otmel.worker_memory import worker_kind
+    def alive():  # the actors' worker processes, by their process titles (a killed actor's exits), of this session's Ray
+        return {p.pid: k for p, k in ray_workers(("ShardServer", "CommitCoordinator"), root_pid=os.getpid())}
 
-    def alive():  # the actors' worker processes, by their process titles (a killed actor's exits)
-        kinds = (worker_kind(p.info["cmdline"]) for p in psutil.process_iter(["cmdline"]))
-        return sorted(k for k in kinds if k in ("ShardServer", "CommitCoordinator"))
-
-    before = alive()
+    before = set(alive())  # an earlier test's, on their way out or not
     idx_cfg, _ = s3_index
     cfg = LinkConfig(model=onnx_model, index=idx_cfg.out, input=str(synth_dir / "mentions" / "test.parquet"),
                      output=str(tmp_path / "out"), top_k=3, candidates=10, s3_endpoint=s3_server)
     for _ in range(2):
         assert run(dataclasses.replace(cfg, force=True)).summary["counts"]["in"] > 0
     deadline = time.time() + 30  # a killed actor is reported dead within moments
-    while alive() != before and time.time() < deadline:
+    while set(alive()) - before and time.time() < deadline:
         time.sleep(0.5)
-    assert alive() == before
+    left = {pid: k for pid, k in alive().items() if pid not in before}
+    assert not left, left
 
 
 def test_job_level_mismatches_fail_before_any_work(s3_index, onnx_model, tmp_path, s3_server):

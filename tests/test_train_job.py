@@ -173,14 +173,15 @@ def _registered_checkpoints(run_uri: str, s3_endpoint) -> list:
 
 
 def _kill_a_train_worker() -> int:
+    """SIGKILLs a Ray Train worker of this session's Ray instance (not of another Ray on the machine)."""
+    import os
     import signal
 
-    import psutil
+    from otmel.worker_memory import ray_workers
 
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"):
-            p.send_signal(signal.SIGKILL)
-            return p.info["pid"]
+    for p, _ in ray_workers(("RayTrainWorker",), root_pid=os.getpid()):
+        p.send_signal(signal.SIGKILL)
+        return p.pid
     raise AssertionError("no Ray Train worker process found")
 
 

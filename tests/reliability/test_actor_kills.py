@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 from corpus import write_split_copies
+from job_driver import JobDriver
 
 
 def _staged(out: Path) -> int:
@@ -22,72 +22,84 @@ def _staged(out: Path) -> int:
     return sum(1 for p in root.rglob("*.parquet") if not p.name.startswith("commit-")) if root.exists() else 0
 
 
-def _wait(predicate, what: str, thread: threading.Thread, timeout: float = 300) -> None:
+def _wait(predicate, what: str, driver: JobDriver, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert thread.is_alive(), f"the job ended before {what}"
+        assert driver.poll() is None, f"the job ended before {what}:\n" + driver.output()
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
 
 
 def _alive(match: str) -> list:
-    """ALIVE actors whose class (Ray Data's pools: ``MapWorker(MapBatches(Encode))``) names ``match``."""
+    """ALIVE actors of this session's Ray instance whose class (Ray Data's pools:
+    ``MapWorker(MapBatches(Encode))``) names ``match``."""
+    import ray
     from ray.util.state import list_actors
 
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+    return [a for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                                   detail=True)
             if match in (a.class_name or "") or match in (a.repr_name or "")]
 
 
 def _kill_through_ray(actor_id: str) -> None:
-    """What ``ray.kill(handle, no_restart=False)`` does, for an actor this process holds no
-    handle to (the job's actors are anonymous)."""
+    """What ``ray.kill(handle, no_restart=False)`` asks of Ray, for an actor this process
+    holds no handle to (the job's actors are anonymous, owned by its driver): the GCS's
+    KillActorViaGcs call, restart allowed."""
+    import grpc
     import ray
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
-    ray._private.worker.global_worker.core_worker.kill_actor(ray.ActorID.from_hex(actor_id), False)
+    with grpc.insecure_channel(ray.get_runtime_context().gcs_address) as channel:
+        reply = gcs_service_pb2_grpc.ActorInfoGcsServiceStub(channel).KillActorViaGcs(
+            gcs_service_pb2.KillActorViaGcsRequest(actor_id=bytes.fromhex(actor_id), force_kill=True, no_restart=False),
+            timeout=30)
+    assert reply.status.code == 0, reply.status
 
 
-def test_killed_shard_encode_and_link_actors_are_restarted_and_every_row_is_linked_once(model_and_index, synth_dir,
-                                                                                         tmp_path, record_property):
-    from otmel.jobs.link import LinkConfig, run
+def test_killed_shard_encode_and_link_actors_are_restarted_and_every_row_is_linked_once(ray_local, model_and_index,
+                                                                                         synth_dir, tmp_path,
+                                                                                         record_property):
     from otmel.link_output import read_link_output
 
     onnx, index = model_and_index
     test = write_split_copies(synth_dir, tmp_path / "in", 4)
     out = tmp_path / "out"
-    outcome: dict = {}
-
-    def job():
-        try:
-            outcome["result"] = run(LinkConfig(model=onnx, index=index, input=str(tmp_path / "in"), output=str(out),
-                                               batch_size=4, read_chunk_rows=8))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=job, daemon=True)
-    thread.start()
+    driver = JobDriver("link", "LinkConfig", dict(model=onnx, index=index, input=str(tmp_path / "in"), output=str(out),
+                                                  batch_size=4, read_chunk_rows=8,
+                                                  address=ray_local.get_runtime_context().gcs_address),
+                       tmp_path / "driver.log")
     killed = {}
-    # the encode pool first: it runs ahead of the link stage and Ray Data ends it when done
-    _wait(lambda: _alive("Encode"), "the encode actor", thread)
-    encode = _alive("Encode")[0]
-    _kill_through_ray(encode.actor_id)
-    killed["encode"] = encode.actor_id
-    _wait(lambda: _staged(out) >= 2, "the first linked batches", thread)
-    shard = _alive("ShardServer")[0]
-    _kill_through_ray(shard.actor_id)
-    killed["shard"] = shard.actor_id
-    seen = _staged(out)
-    _wait(lambda: _staged(out) >= seen + 3, "batches after the shard actor's restart", thread)
-    link = _alive("LinkStage")[0]
-    os.kill(link.pid, signal.SIGKILL)
-    killed["link pid"] = link.pid
-    t0 = time.monotonic()
-    thread.join(600)
-    record_property("seconds_after_last_kill", round(time.monotonic() - t0, 1))  # figures for docs/reliability.md
-    assert "error" not in outcome, outcome.get("error")
-    r = outcome["result"]
+    try:
+        # the encode pool first: it runs ahead of the link stage and Ray Data ends it when done
+        _wait(lambda: _alive("Encode"), "the encode actor", driver)
+        encode = _alive("Encode")[0]
+        _kill_through_ray(encode.actor_id)
+        killed["encode"] = encode.actor_id
+        _wait(lambda: _staged(out) >= 2, "the first linked batches", driver)
+        shard = _alive("ShardServer")[0]
+        _kill_through_ray(shard.actor_id)
+        killed["shard"] = shard.actor_id
+        seen = _staged(out)
+        _wait(lambda: _staged(out) >= seen + 3, "batches after the shard actor's restart", driver)
+        link = _alive("LinkStage")[0]
+        os.kill(link.pid, signal.SIGKILL)
+        killed["link"] = link.actor_id
+        t0 = time.monotonic()
+        driver.wait(timeout=600)
+        record_property("seconds_after_last_kill", round(time.monotonic() - t0, 1))  # figures for docs/reliability.md
+    finally:
+        driver.kill()  # a failed test leaves no job running (its actors end with their driver)
+    assert driver.returncode == 0, driver.output()
+    summary = json.loads((out / "_SUCCESS.json").read_text())
     rows = read_link_output(str(out))
     ids = rows.column("mention_id").to_pylist()
-    assert len(ids) == len(set(ids)) == 4 * test.num_rows == r.summary["counts"]["in"], killed
+    assert len(ids) == len(set(ids)) == 4 * test.num_rows == summary["counts"]["in"], killed
     assert set(rows.column("status").to_pylist()) == {"ok"}
     assert len(list(out.glob("part-*.parquet"))) == 4 and not (out / "_staging").exists()
-    assert json.loads((out / "_SUCCESS.json").read_text())["files_processed"] == 4
+    assert summary["files_processed"] == 4
+    # the faults were real: each actor hit was restarted by Ray
+    from ray.util.state import get_actor
+
+    restarts = {what: get_actor(actor_id, address=ray_local.get_runtime_context().gcs_address).num_restarts
+                for what, actor_id in killed.items()}
+    assert all(n >= 1 for n in restarts.values()), restarts

@@ -8,8 +8,6 @@ command re-run completes it, equal to the undisturbed build."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from corpus import write_split_copies
+from job_driver import JobDriver
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +34,6 @@ def cluster(ray_local):
     c.shutdown()
 
 
-def _driver(module: str, config: str, cfg: dict) -> subprocess.Popen:
-    code = f"from otmel.jobs.{module} import {config}, run; run({config}(**{cfg!r}))"
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def _actors(address: str, class_name: str | None) -> list:
     from ray.util.state import list_actors
 
@@ -47,7 +41,7 @@ def _actors(address: str, class_name: str | None) -> list:
     return list_actors(address=address, filters=filters)
 
 
-def _remove_worker_node_of(cluster, workers, driver: subprocess.Popen, class_name: str | None,
+def _remove_worker_node_of(cluster, workers, driver: JobDriver, class_name: str | None,
                            holds_rows=lambda pid: True, timeout: float = 300) -> None:
     """Wait until an actor of ``class_name`` (None: any of the job's) runs on a worker node
     (and ``holds_rows(pid)``), then remove that node."""
@@ -57,7 +51,7 @@ def _remove_worker_node_of(cluster, workers, driver: subprocess.Popen, class_nam
     while time.monotonic() < deadline:
         if driver.poll() is not None:
             raise AssertionError(f"the job ended (exit {driver.returncode}) before the node could be removed:\n"
-                                 + driver.stdout.read()[-4000:])
+                                 + driver.output())
         candidates = [a for a in _actors(address, class_name) if a.node_id in by_id]
         until = time.monotonic() + 5  # actors stay where they are: watch them closely for a while
         while candidates and time.monotonic() < until:
@@ -102,24 +96,22 @@ def big_kb_index(model_and_index, synth_dir, tmp_path_factory):
 
 def test_an_index_build_whose_driver_is_killed_is_never_loadable_and_the_rerun_completes_it(ray_local, big_kb_index,
                                                                                              tmp_path, record_property):
-    import signal
-
-    import psutil
-
+    import os
     from otmel.entity_index import load_manifest
     from otmel.jobs.index import IndexConfig
     from otmel.jobs.index import run as build_index
+    from otmel.worker_memory import ray_workers
 
     index_cfg, undisturbed, _ = big_kb_index
     cfg = dict(index_cfg, out=str(tmp_path / "index"))
-    driver = _driver("index", "IndexConfig", dict(cfg, address=ray_local.get_runtime_context().gcs_address))
+    driver = JobDriver("index", "IndexConfig", dict(cfg, address=ray_local.get_runtime_context().gcs_address),
+                       tmp_path / "driver.log")
     try:
         deadline = time.monotonic() + 300
-        while not any(_has_appended_rows(p.pid) for p in psutil.process_iter(["cmdline"])
-                      if (p.info["cmdline"] or [""])[0].startswith("ray::ShardBuilder")):
+        while not any(_has_appended_rows(p.pid) for p, _ in ray_workers(("ShardBuilder",), root_pid=os.getpid())):
             assert driver.poll() is None and time.monotonic() < deadline, "no builder received rows"
             time.sleep(0.1)
-        driver.send_signal(signal.SIGKILL)
+        driver.sigkill()
         driver.wait(60)
     finally:
         driver.kill()
@@ -142,15 +134,16 @@ def test_a_node_lost_mid_build_and_mid_link_the_jobs_finish_with_the_same_result
     index_cfg, undisturbed, undisturbed_dir = big_kb_index
 
     # the index build: a worker node holding a shard builder with rows is removed
-    driver = _driver("index", "IndexConfig", dict(index_cfg, out=str(tmp_path / "disturbed"), address=c.address))
+    driver = JobDriver("index", "IndexConfig", dict(index_cfg, out=str(tmp_path / "disturbed"), address=c.address),
+                       tmp_path / "index-driver.log")
     try:
         _remove_worker_node_of(c, workers, driver, "ShardBuilder", _has_appended_rows)
         t0 = time.monotonic()
-        out, _ = driver.communicate(timeout=600)
+        driver.wait(timeout=600)
         record_property("index_seconds_after_node_loss", round(time.monotonic() - t0, 1))
     finally:
         driver.kill()
-    assert driver.returncode == 0, out[-4000:]
+    assert driver.returncode == 0, driver.output()
     # the node held a builder with rows: its shard was either rebuilt ("rebuilding it": the
     # restarted builder held fewer rows than were routed to it) or refilled by Ray re-running
     # the lost routing tasks (their outputs were on the node too); the index is the same
@@ -161,18 +154,19 @@ def test_a_node_lost_mid_build_and_mid_link_the_jobs_finish_with_the_same_result
     # the link job: the other worker node, running its actors, is removed mid-job
     test = write_split_copies(synth_dir, tmp_path / "in", 3)
     link_out = tmp_path / "out"
-    driver = _driver("link", "LinkConfig", dict(model=onnx, index=str(undisturbed_dir),
-                                                input=str(tmp_path / "in"), output=str(link_out), batch_size=8,
-                                                read_chunk_rows=16, address=c.address))
+    driver = JobDriver("link", "LinkConfig", dict(model=onnx, index=str(undisturbed_dir), input=str(tmp_path / "in"),
+                                                  output=str(link_out), batch_size=8, read_chunk_rows=16,
+                                                  address=c.address),
+                       tmp_path / "link-driver.log")
     try:
         staged = lambda pid: (link_out / "_staging").exists() and any((link_out / "_staging").rglob("*.parquet"))  # noqa: E731
         _remove_worker_node_of(c, workers, driver, None, staged)
         t0 = time.monotonic()
-        out, _ = driver.communicate(timeout=600)
+        driver.wait(timeout=600)
         record_property("link_seconds_after_node_loss", round(time.monotonic() - t0, 1))
     finally:
         driver.kill()
-    assert driver.returncode == 0, out[-4000:]
+    assert driver.returncode == 0, driver.output()
     rows = read_link_output(str(link_out))
     ids = rows.column("mention_id").to_pylist()
     assert len(ids) == len(set(ids)) == 3 * test.num_rows
