@@ -1,9 +1,10 @@
 """CLIP's pixel processing in torch, on the encoder's device (``--image-transform device``).
 
 The CPU path (``otmel.preprocessing.Preprocessor.images``) decodes each image small and runs
-the checkpoint's Hugging Face image processor: resize the shortest edge to ``S`` (PIL,
-bicubic), centre crop ``S x S``, rescale to [0, 1], normalise with CLIP's mean and std. At
-ViT-B/32 size that processor is most of a preprocessing task's time (a 640x480 JPEG: ~2.6 ms
+CLIP's image steps as the checkpoint's Hugging Face (PIL) image processor does them
+(``otmel.light_preprocessing.ClipImageSteps``, the same bits): resize the shortest edge to
+``S`` (PIL, bicubic), centre crop ``S x S``, rescale to [0, 1], normalise with CLIP's mean and
+std. At ViT-B/32 size those steps are most of a preprocessing task's time (a 640x480 JPEG: ~2.6 ms
 to decode, ~5.8 ms to resize and normalise on one core), so a GPU encoder needs 20+ cores of
 preprocessing to keep up. The device path keeps only the decode on the CPU: the preprocess
 task sends the decoded uint8 pixels (cut and reduced as ``otmel.images.decode_image`` does),

@@ -93,12 +93,24 @@ class Preprocessor:
     tokenizer : a CLIP tokenizer (``CLIPTokenizer.from_pretrained(dir)``)
     image_processor : a CLIP image processor (resize, centre crop, normalise)
     text_length : tokens per text (pad / truncate; 40 in the release)
+
+    The tokenizing and the image steps run on ``otmel.light_preprocessing`` (the tokenizer's
+    Rust backend, PIL and numpy: the same ids and pixels), and a pickled Preprocessor (what
+    Ray sends to preprocess tasks and training workers) carries those plus the Hugging Face
+    objects as their saved files, loaded only if asked for (:attr:`tokenizer`,
+    :attr:`image_processor`, :meth:`save_pretrained`): a fresh worker unpickles it without
+    importing torch or transformers (~3.6 s each here; see that module for why it matters).
     """
 
     def __init__(self, tokenizer, image_processor, text_length: int = 40,
                  mention_template: str = MENTION_TEMPLATE, entity_template: str = ENTITY_TEMPLATE):
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        from otmel.light_preprocessing import ClipImageSteps, TokenizerBackend
+
+        self._hf_tokenizer = tokenizer
+        self._hf_image_processor = image_processor
+        self._hf_files: dict[str, bytes] | None = None  # their saved files, once pickled
+        self.text_backend = TokenizerBackend.from_hf(tokenizer)  # None: the Hugging Face tokenizer tokenizes
+        self.image_steps = ClipImageSteps.from_hf(image_processor)  # None: the Hugging Face processor runs
         self.text_length = text_length
         self.mention_template = mention_template
         self.entity_template = entity_template
@@ -124,6 +136,46 @@ class Preprocessor:
         self.tokenizer.save_pretrained(str(directory))
         self.image_processor.save_pretrained(str(directory))
 
+    # ------------------------------------------------------------------ the Hugging Face objects, on demand
+    @property
+    def tokenizer(self):
+        if self._hf_tokenizer is None:
+            self._load_hf()
+        return self._hf_tokenizer
+
+    @property
+    def image_processor(self):
+        if self._hf_image_processor is None:
+            self._load_hf()
+        return self._hf_image_processor
+
+    def _load_hf(self) -> None:
+        import tempfile
+
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in self._hf_files.items():
+                (Path(tmp) / name).write_bytes(data)
+            self._hf_tokenizer = AutoTokenizer.from_pretrained(tmp)
+            self._hf_image_processor = AutoImageProcessor.from_pretrained(tmp)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self.text_backend is None or self.image_steps is None:
+            return state  # a Hugging Face object does the work: it goes as it is
+        if self._hf_files is None:  # once: Ray pickles a job's preprocessor for each of its steps
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                self.save_pretrained(tmp)
+                self._hf_files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+        state.update(_hf_tokenizer=None, _hf_image_processor=None, _hf_files=self._hf_files)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
     # ------------------------------------------------------------------ text
     def mention_texts(self, mentions: Sequence[str | None], contexts: Sequence[str | None]) -> tuple[list[str], list[str | None]]:
         texts, errors = [], []
@@ -143,6 +195,9 @@ class Preprocessor:
         return texts, errors
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+        if self.text_backend is not None:
+            ids, mask, lengths = self.text_backend.encode(texts, self.text_length)
+            return ids, mask, [n > self.text_length for n in lengths]
         enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.text_length,
                              return_tensors="np", return_overflowing_tokens=False, return_length=False)
         ids = enc["input_ids"].astype(np.int64)
@@ -175,7 +230,10 @@ class Preprocessor:
         S = self.image_size
         pixels = np.zeros((len(images), 3, S, S), dtype=np.float32)
         where = [i for i, d in enumerate(decoded) if d is not None]
-        if where:
+        if where and self.image_steps is not None:
+            for i in where:
+                pixels[i] = self.image_steps(decoded[i])
+        elif where:
             pixels[where] = self.image_processor([decoded[i] for i in where], return_tensors="np")["pixel_values"]
         return pixels, np.array([d is not None for d in decoded], dtype=bool), warn
 
