@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import warnings
 
 import numpy as np
 
@@ -353,7 +355,11 @@ def encode_step(ds, cfg, feature_names: tuple[str, ...], use_gpu: bool, transfor
     # explicitly because remote args that differ from the preprocess tasks' are what keeps
     # Ray Data from fusing preprocessing into the actors (it fuses a task step into the next
     # actor step when their remote args are equal, e.g. --cpus-per-actor 0.25 = its CPUs):
-    # the encoder's cores would then decode images between batches
+    # the encoder's cores would then decode images between batches. Ray 2.60 has no named
+    # parameter for it and warns that such remote args are deprecated (removed in 2.64, above
+    # the pinned 2.60.*): that one warning, for this call only, would be noise in every job's log
+    warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated", category=DeprecationWarning,
+                            module=re.escape(__name__))
     return ds.map_batches(Encode, batch_size=cfg.batch_size, compute=actor_pool(pool),
                           num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0, max_restarts=-1,
                           fn_constructor_kwargs={"model_uri": cfg.model, "feature_names": feature_names,

@@ -5,6 +5,8 @@ preprocessing never runs inside the encode actors."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 from conftest import own_worker_env
 
@@ -81,28 +83,37 @@ def test_preprocessing_stays_out_of_the_encode_actors_whatever_cpus_they_get(ray
     """Ray Data fuses a task step into the actor step after it when their remote args are
     equal: with ``--cpus-per-actor`` equal to the preprocess tasks' CPUs (0.25, the default)
     the encode actors would tokenise and decode images between batches, on the encoder's
-    cores. The optimised physical plan keeps preprocessing as tasks of its own."""
+    cores. The optimised physical plan keeps preprocessing as tasks of its own, and the
+    remote arg that keeps them apart puts no deprecation warning in the job's log."""
     from otmel.backend import load_backend
-    from otmel.jobs.link import PREPROCESS_CPUS
 
     pre = load_backend(onnx_model, encoder=False).preprocessor
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # pytest's own filters would hide what a job's log shows
+        ds = _encoded(job, onnx_model, synth_dir, pre)
+    # max_restarts is passed the only way Ray 2.60 has, which it calls deprecated: not in the log
+    assert not [w for w in caught if "ray_remote_args" in str(w.message)], [str(w.message) for w in caught]
+    ds.explain()
+    optimised = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    operators = [line.strip("+- ").strip() for line in optimised.splitlines() if "Operator[" in line]
+    preprocess = f"preprocess_{'mentions' if job == 'link' else 'entities'}"
+    assert "ActorPoolMapOperator[MapBatches(Encode)]" in operators, operators
+    assert any(op.startswith("TaskPoolMapOperator[") and op.endswith(f"MapBatches({preprocess})]")
+               for op in operators), operators
+
+
+def _encoded(job: str, onnx_model: str, synth_dir, pre):
+    from otmel.jobs.link import PREPROCESS_CPUS
+
     if job == "link":
         from otmel.jobs.link import LinkConfig, encoded_mentions
 
         cfg = LinkConfig(model=onnx_model, index="unused", input="unused", output="unused",
                          cpus_per_actor=PREPROCESS_CPUS, workers=2)
-        ds = encoded_mentions(cfg, [str(synth_dir / "mentions" / "test.parquet")], pre, None, False)
-        preprocess = "preprocess_mentions"
+        return encoded_mentions(cfg, [str(synth_dir / "mentions" / "test.parquet")], pre, None, False)
     else:
         from otmel.jobs.index import IndexConfig, encoded_entities
 
         cfg = IndexConfig(model=onnx_model, kb=str(synth_dir / "kb.parquet"), out="unused",
                           cpus_per_actor=PREPROCESS_CPUS, workers=2)
-        ds = encoded_entities(cfg, [str(synth_dir / "kb.parquet")], pre, False)
-        preprocess = "preprocess_entities"
-    ds.explain()
-    optimised = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
-    operators = [line.strip("+- ").strip() for line in optimised.splitlines() if "Operator[" in line]
-    assert "ActorPoolMapOperator[MapBatches(Encode)]" in operators, operators
-    assert any(op.startswith("TaskPoolMapOperator[") and op.endswith(f"MapBatches({preprocess})]")
-               for op in operators), operators
+        return encoded_entities(cfg, [str(synth_dir / "kb.parquet")], pre, False)
