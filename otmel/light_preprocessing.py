@@ -1,5 +1,5 @@
 """The preprocessing a worker runs, without torch or transformers: a fresh process starts in
-~0.1 s instead of the ~3.6 s their imports cost (measured on this 2-core machine).
+~0.1 s instead of the ~3.9 s their imports cost (measured on this 2-core machine).
 
 Why it matters: Ray kills idle task workers beyond one per CPU within a second, so the
 preprocess tasks of a job, of every training epoch and of every new node start in fresh
@@ -16,8 +16,9 @@ epoch for its data, ~0.4 s once the workers were kept alive. What the tasks need
   the same float operations give the same bits (``tests/test_light_preprocessing.py``).
 
 ``otmel.preprocessing.Preprocessor`` builds both from the Hugging Face objects it is given and
-runs them; a processor configured otherwise (another resize rule, padding crops) keeps the
-Hugging Face object for images.
+runs them; a processor configured otherwise (another resize rule, padding crops) or of
+another backend (transformers' default ``CLIPImageProcessor`` is the torchvision one when
+torchvision is installed) keeps the Hugging Face object for images.
 """
 
 from __future__ import annotations
@@ -56,9 +57,6 @@ class TokenizerBackend:
     def _build(self) -> None:
         from tokenizers import Tokenizer
 
-        self.plain = Tokenizer.from_str(self.state["tokenizer_json"])
-        self.plain.no_truncation()
-        self.plain.no_padding()
         self.padded = Tokenizer.from_str(self.state["tokenizer_json"])
         self._length = None
 
@@ -69,9 +67,10 @@ class TokenizerBackend:
         self.state = state
         self._build()
 
-    def encode(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """``(input_ids (B, length) int64, attention_mask (B, length) int64, untruncated
-        lengths)``: padded and truncated to ``length`` tokens, special tokens included."""
+    def encode(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+        """``(input_ids (B, length) int64, attention_mask (B, length) int64, truncated)``:
+        padded and truncated to ``length`` tokens, special tokens included; ``truncated[i]``
+        when text ``i`` had more (the tokens cut off are the encoding's overflow)."""
         if self._length != length:
             s = self.state
             self.padded.enable_truncation(max_length=length, stride=0, strategy="longest_first",
@@ -82,14 +81,21 @@ class TokenizerBackend:
         encoded = self.padded.encode_batch(texts)
         ids = np.array([e.ids for e in encoded], dtype=np.int64).reshape(len(texts), length)
         mask = np.array([e.attention_mask for e in encoded], dtype=np.int64).reshape(len(texts), length)
-        lengths = [len(e.ids) for e in self.plain.encode_batch(texts)]
-        return ids, mask, lengths
+        return ids, mask, [bool(e.overflowing) for e in encoded]
 
 
 def _edge(value, key: str):
     if isinstance(value, dict):
         return value.get(key)
     return getattr(value, key, None)
+
+
+def _pil_backend(processor) -> bool:
+    try:
+        from transformers.image_processing_backends import PilBackend
+    except ImportError:  # transformers 4: no PIL backend class, and no parity measured with it
+        return False
+    return isinstance(processor, PilBackend)
 
 
 #: PIL's resampling filter numbers (``PIL.Image.Resampling``): 3 = BICUBIC
@@ -120,7 +126,10 @@ class ClipImageSteps:
 
     @classmethod
     def from_hf(cls, processor) -> "ClipImageSteps | None":
-        """From a Hugging Face image processor that does exactly these steps (None otherwise)."""
+        """From a Hugging Face image processor that does exactly these steps (None otherwise):
+        one of the PIL backend (a torchvision processor resizes with other arithmetic)."""
+        if not _pil_backend(processor):
+            return None
         size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
         short = _edge(size, "shortest_edge")
         longest = _edge(size, "longest_edge")

@@ -99,7 +99,7 @@ class Preprocessor:
     Ray sends to preprocess tasks and training workers) carries those plus the Hugging Face
     objects as their saved files, loaded only if asked for (:attr:`tokenizer`,
     :attr:`image_processor`, :meth:`save_pretrained`): a fresh worker unpickles it without
-    importing torch or transformers (~3.6 s each here; see that module for why it matters).
+    importing torch or transformers (~3.9 s each here; see that module for why it matters).
     """
 
     def __init__(self, tokenizer, image_processor, text_length: int = 40,
@@ -173,9 +173,6 @@ class Preprocessor:
         state.update(_hf_tokenizer=None, _hf_image_processor=None, _hf_files=self._hf_files)
         return state
 
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-
     # ------------------------------------------------------------------ text
     def mention_texts(self, mentions: Sequence[str | None], contexts: Sequence[str | None]) -> tuple[list[str], list[str | None]]:
         texts, errors = [], []
@@ -196,8 +193,7 @@ class Preprocessor:
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
         if self.text_backend is not None:
-            ids, mask, lengths = self.text_backend.encode(texts, self.text_length)
-            return ids, mask, [n > self.text_length for n in lengths]
+            return self.text_backend.encode(texts, self.text_length)
         enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.text_length,
                              return_tensors="np", return_overflowing_tokens=False, return_length=False)
         ids = enc["input_ids"].astype(np.int64)

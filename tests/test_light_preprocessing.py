@@ -78,6 +78,19 @@ def test_a_processor_the_steps_do_not_reproduce_keeps_the_hugging_face_one():
     assert np.array_equal(pixels[0], processor([image], return_tensors="np")["pixel_values"][0])
 
 
+def test_a_processor_of_another_backend_keeps_its_own_processing_even_with_clips_settings():
+    """transformers' default CLIPImageProcessor is the torchvision one where torchvision is
+    installed (GPU images): the same settings, other resize arithmetic, so not these steps."""
+
+    class TorchvisionLike:  # the PIL processor's settings, not its backend
+        def __init__(self, pil):
+            self.__dict__.update(vars(pil))
+
+    processor = TorchvisionLike(tiny_image_processor(32))
+    assert processor.do_resize and processor.do_center_crop and processor.size["shortest_edge"] == 32
+    assert Preprocessor(build_tiny_tokenizer(["a"]), processor, text_length=8).image_steps is None
+
+
 def _png(seed: int) -> bytes:
     buf = io.BytesIO()
     _random_images(32, 0, seed)[1].save(buf, format="PNG")
