@@ -174,9 +174,9 @@ def job(onnx_dir: Path, index_dir: Path, inputs: Path, out: Path, repeats: int =
                 .iter_batches(batch_size=None, batch_format="numpy"))
         return n, time.perf_counter() - t0
 
-    def end_to_end(some=None):
+    def end_to_end(one_file=None):
         t0 = time.perf_counter()
-        r = link(cfg if some is None else dataclasses.replace(cfg, input=some[0], output=f"{cfg.output}-small"))
+        r = link(cfg if one_file is None else dataclasses.replace(cfg, input=one_file, output=f"{cfg.output}-small"))
         pool.append(r.summary["pools"]["encode"])
         return r.summary["counts"]["in"], time.perf_counter() - t0, r.summary["startup_seconds"]
 
@@ -189,10 +189,10 @@ def job(onnx_dir: Path, index_dir: Path, inputs: Path, out: Path, repeats: int =
         for i in range(repeats):
             if i % 2 == 0:
                 enc, e2e = encode_only(), end_to_end()
-                enc_small, e2e_small = encode_only(files[:1]), end_to_end(files[:1])
+                enc_small, e2e_small = encode_only(files[:1]), end_to_end(files[0])
             else:
                 e2e, enc = end_to_end(), encode_only()
-                e2e_small, enc_small = end_to_end(files[:1]), encode_only(files[:1])
+                e2e_small, enc_small = end_to_end(files[0]), encode_only(files[:1])
             (n, t_enc), (rows, t_e2e, startup) = enc, e2e
             pair = {"encode_only_rate": n / t_enc, "e2e_rate": rows / t_e2e, "shards_loaded_s": startup}
             pair["ratio"] = pair["e2e_rate"] / pair["encode_only_rate"]

@@ -64,7 +64,8 @@ ENCODE_ACTOR_MEMORY = int(1.5 * 1024**3)
 
 
 def parse_pool(spec: int | str, what: str = "--workers", allow_auto: bool = False) -> tuple[int, int]:
-    """An actor pool size: ``N`` (fixed) or ``MIN-MAX`` (Ray Data autoscales between them);
+    """An actor pool size: ``N`` or ``MIN-MAX`` (Ray Data autoscales between them; ``N``
+    runs as ``1-N`` starting at N, see :func:`actor_pool`);
     with ``allow_auto``, ``auto`` too (checked here, sized by :func:`encode_pool`)."""
     text = str(spec).strip()
     if allow_auto and text == AUTO_POOL:
@@ -86,14 +87,14 @@ def encode_pool(spec: int | str, use_gpu: bool) -> str:
     single-thread actor per CPU of the cluster's nodes (at most one per
     :data:`ENCODE_ACTOR_MEMORY` of Ray memory).
 
-    Why one thread per actor on CPU: the encoder is ~90% of a link's time at real model size,
-    and on a node whose cores it shares with the read, preprocess, link and shard work, a
-    multi-threaded ONNX Runtime session stalls at every operator whenever one of its threads
-    is preempted, where independent single-thread actors lose only the preempted one's time
-    (measured at ViT-B/32 size on 2 cores, bench/results/pipeline.md: the link job ran at 4.0
-    mentions/s, 1.00 of its encode-only pipeline, with two 1-thread actors, and at 3.7, 0.92,
-    with one 2-thread actor; the encode-only pipeline ran at the same pace either way). The
-    sizes are read once, at the job's start: on an autoscaling cluster give ``MIN-MAX``."""
+    Why one thread per actor on CPU: the encoder is ~83% of a link's CPU time at real model
+    size, and on a node whose cores it shares with the read, preprocess, link and shard work,
+    a multi-threaded ONNX Runtime session stalls at every operator whenever one of its
+    threads is preempted, where independent single-thread actors lose only the preempted
+    one's time (bench/results/pipeline.md, ViT-B/32 size on 2 cores: 0.90 of the encode-only
+    pipeline after start-up either way in the latest run, 1.00 vs 0.92 in an earlier one
+    with the machine under other load). The sizes are read once, at the job's start: on an
+    autoscaling cluster give ``MIN-MAX``."""
     if str(spec).strip() != AUTO_POOL:
         parse_pool(spec)
         return str(spec).strip()
@@ -116,7 +117,10 @@ def actor_pool(spec: int | str, what: str = "--workers"):
     restart took the CPUs the read and preprocess tasks need, nothing feeds the actors, and
     the job waits forever (seen on a 3-node cluster losing 2 nodes: 4 encode actors x 0.25,
     4 shard actors x 0.25 and 2 link actors x 0.1 CPU on the last 2 CPUs). Ray Data scales
-    such a pool down to its budget instead, and back up when nodes return."""
+    such a pool down to its budget instead, and back up when nodes return. The price: Ray
+    Data's autoscaler treats the pool as ``1-N``, so it also retires an actor while at most
+    half of them have a batch (a starved pool) and starts one again, loading the model anew,
+    once batches queue at 1.75 per actor (Ray 2.60's defaults)."""
     import ray.data
 
     low, high = parse_pool(spec, what)
