@@ -76,7 +76,7 @@ def create_model(config: ModelConfig, tiny: bool = False, words: Iterable[str] =
 
 def save_model(model: OTMEL, preprocessor: Preprocessor, out_dir: str | Path) -> Path:
     """Checkpoint dir = config.json + model.safetensors + tokenizer/processor files."""
-    return save_checkpoint(model, out_dir, preprocessor.tokenizer, preprocessor.image_processor)
+    return save_checkpoint(model, out_dir, preprocessor)
 
 
 def load_model(ckpt_dir: str | Path) -> tuple[OTMEL, Preprocessor]:

@@ -332,9 +332,10 @@ def model_version(model: OTMEL) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(model: OTMEL, out_dir: str | Path, tokenizer=None, image_processor=None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer and image-processor files), then
-    checksums.json (every file's size and sha256, verified at load)."""
+def save_checkpoint(model: OTMEL, out_dir: str | Path, preprocessor=None) -> Path:
+    """Write config.json + model.safetensors (+ the preprocessor's tokenizer and
+    image-processor files: ``preprocessor.save_pretrained``), then checksums.json (every
+    file's size and sha256, verified at load)."""
     from safetensors.torch import save_file
 
     from otmel.integrity import write_checksums
@@ -348,10 +349,8 @@ def save_checkpoint(model: OTMEL, out_dir: str | Path, tokenizer=None, image_pro
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    if image_processor is not None:
-        image_processor.save_pretrained(str(out))
+    if preprocessor is not None:
+        preprocessor.save_pretrained(out)
     write_checksums(out)
     return out
 

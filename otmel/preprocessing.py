@@ -133,6 +133,11 @@ class Preprocessor:
         return cls(tok, proc, text_length, **templates)
 
     def save_pretrained(self, directory: str | Path) -> None:
+        if self._hf_files is not None:  # a pickled copy (a training worker's): the files it carries, as saved
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            for name, data in self._hf_files.items():
+                (Path(directory) / name).write_bytes(data)
+            return
         self.tokenizer.save_pretrained(str(directory))
         self.image_processor.save_pretrained(str(directory))
 

@@ -102,29 +102,50 @@ import pickle, sys
 import numpy as np
 pre = pickle.loads(sys.stdin.buffer.read())
 batch = pre.mentions({"mention": ["paris", ""], "text": ["robert in paris", "x"], "image": [IMAGE, None]})
-heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
 np.savez(sys.argv[1], input_ids=batch.input_ids, attention_mask=batch.attention_mask,
          pixel_values=batch.pixel_values, has_image=batch.has_image, ok=batch.ok)
-pre.save_pretrained(sys.argv[2])  # the Hugging Face objects, from the files it carries
-print(",".join(heavy))
+pre.save_pretrained(sys.argv[2])  # what a training worker does for its checkpoint: the files it carries
+print(",".join(sorted(m for m in ("torch", "transformers") if m in sys.modules)))
 """
 
 
 def test_a_pickled_preprocessor_runs_in_a_fresh_process_without_torch_or_transformers(tmp_path):
-    from otmel.preprocessing import Preprocessor as P
-
-    pre = P(build_tiny_tokenizer(["paris", "robert"]), tiny_image_processor(32), text_length=16)
+    pre = Preprocessor(build_tiny_tokenizer(["paris", "robert"]), tiny_image_processor(32), text_length=16)
     image = _png(1)
     code = FRESH_PROCESS.replace("IMAGE", repr(image))
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out.npz"), str(tmp_path / "saved")],
                           input=pickle.dumps(pre), capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    assert proc.stdout.decode().strip() == ""  # neither was imported
+    assert proc.stdout.decode().strip() == ""  # neither was imported, not even to save
     got = np.load(tmp_path / "out.npz")
     want = pre.mentions({"mention": ["paris", ""], "text": ["robert in paris", "x"], "image": [image, None]})
     for name in ("input_ids", "attention_mask", "pixel_values", "has_image", "ok"):
         assert np.array_equal(got[name], getattr(want, name)), name
-    # what the fresh process saved loads back to the same preprocessing
-    again = P.from_pretrained(tmp_path / "saved", text_length=16)
+    # what the fresh process saved is what the original saves, and loads back to the same preprocessing
+    pre.save_pretrained(tmp_path / "original")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "saved").iterdir()} == \
+        {f.name: f.read_bytes() for f in (tmp_path / "original").iterdir()}
+    again = Preprocessor.from_pretrained(tmp_path / "saved", text_length=16)
     texts = _texts(50, seed=2)
     assert all(np.array_equal(a, b) for a, b in zip(again.tokenize(texts)[:2], pre.tokenize(texts)[:2]))
+
+
+def test_a_checkpoint_saved_by_a_training_worker_carries_the_original_preprocessing_files(tmp_path):
+    """A Ray Train worker holds an unpickled Preprocessor: the checkpoint it writes has the
+    tokenizer and image-processor files byte for byte as the driver's would be (a reload
+    through transformers rewrote tokenizer_config.json with keys of its own)."""
+    from conftest import make_model
+
+    from otmel.factory import load_model, save_model
+
+    model, pre = make_model()
+    save_model(model, pre, tmp_path / "driver")
+    save_model(model, pickle.loads(pickle.dumps(pre)), tmp_path / "worker")
+    files = {f.name for f in (tmp_path / "driver").iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"} <= files
+    assert files == {f.name for f in (tmp_path / "worker").iterdir()}
+    for name in files - {"model.safetensors", "checksums.json"}:
+        assert (tmp_path / "worker" / name).read_bytes() == (tmp_path / "driver" / name).read_bytes(), name
+    _, loaded = load_model(tmp_path / "worker")  # checksums verified
+    texts = _texts(20, seed=3)
+    assert np.array_equal(loaded.tokenize(texts)[0], pre.tokenize(texts)[0])
