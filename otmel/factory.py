@@ -15,7 +15,7 @@ from typing import Iterable
 
 from otmel.encoders import build_tiny_tokenizer, load_clip, tiny_clip_config, tiny_image_processor
 from otmel.model import OTMEL, ModelConfig, load_checkpoint, save_checkpoint
-from otmel.preprocessing import Preprocessor
+from otmel.preprocessing import Preprocessor, load_image_processor
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,12 @@ def create_model(config: ModelConfig, tiny: bool = False, words: Iterable[str] =
         config.clip_config = clip_cfg.to_dict()
         clip = load_clip(config=clip_cfg)
     else:
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
 
         if not config.clip:
             raise ValueError("a CLIP name or directory is needed (--clip), or tiny=True")
         tokenizer = AutoTokenizer.from_pretrained(config.clip)
-        processor = AutoImageProcessor.from_pretrained(config.clip)
+        processor = load_image_processor(config.clip)
         clip = load_clip(config.clip)
         max_pos = clip.config.text_config.max_position_embeddings
         if config.text_length > max_pos:

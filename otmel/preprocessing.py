@@ -38,6 +38,18 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "has_image")
 IMAGE_TRANSFORMS = ("cpu", "device")
 
 
+def load_image_processor(name_or_dir: str | Path):
+    """The image processor of a CLIP name or directory, with transformers' PIL backend:
+    transformers 5 otherwise picks its torchvision processor wherever torchvision is installed
+    (GPU images often have it), so one checkpoint would preprocess differently from node to
+    node, and only the PIL one is what ``otmel.light_preprocessing`` runs bit for bit."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    pil = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {}  # 4.x: PIL by default
+    return AutoImageProcessor.from_pretrained(str(name_or_dir), **pil)
+
+
 @dataclass
 class Batch:
     """Model inputs plus per-row accounting."""
@@ -126,11 +138,10 @@ class Preprocessor:
     @classmethod
     def from_pretrained(cls, directory: str | Path, text_length: int = 40, **templates) -> "Preprocessor":
         """Load the tokenizer and image-processor files saved beside a checkpoint / ONNX dir."""
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(directory))
-        proc = AutoImageProcessor.from_pretrained(str(directory))
-        return cls(tok, proc, text_length, **templates)
+        return cls(tok, load_image_processor(directory), text_length, **templates)
 
     def save_pretrained(self, directory: str | Path) -> None:
         if self._hf_files is not None:  # a pickled copy (a training worker's): the files it carries, as saved
@@ -157,13 +168,13 @@ class Preprocessor:
     def _load_hf(self) -> None:
         import tempfile
 
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
 
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in self._hf_files.items():
                 (Path(tmp) / name).write_bytes(data)
             self._hf_tokenizer = AutoTokenizer.from_pretrained(tmp)
-            self._hf_image_processor = AutoImageProcessor.from_pretrained(tmp)
+            self._hf_image_processor = load_image_processor(tmp)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

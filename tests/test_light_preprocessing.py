@@ -149,3 +149,23 @@ def test_a_checkpoint_saved_by_a_training_worker_carries_the_original_preprocess
     _, loaded = load_model(tmp_path / "worker")  # checksums verified
     texts = _texts(20, seed=3)
     assert np.array_equal(loaded.tokenize(texts)[0], pre.tokenize(texts)[0])
+
+
+def test_image_processors_load_with_the_pil_backend_whatever_the_node_has_installed(tmp_path, monkeypatch):
+    """transformers 5 loads its torchvision processor wherever torchvision is installed: a
+    checkpoint would then preprocess differently on a GPU node than on the driver, and not as
+    the light steps do. Every load asks for the PIL backend (this machine has no torchvision,
+    so the request itself is what is checked), and gets the light steps."""
+    import transformers
+
+    pre = Preprocessor(build_tiny_tokenizer(["a"]), tiny_image_processor(32), text_length=8)
+    pre.save_pretrained(tmp_path)
+    asked = []
+    load = transformers.AutoImageProcessor.from_pretrained
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained",
+                        lambda path, **kw: asked.append(kw) or load(path, **kw))
+    again = Preprocessor.from_pretrained(tmp_path, text_length=8)
+    unpickled = pickle.loads(pickle.dumps(pre))
+    assert unpickled.image_processor is not None  # loaded from the files it carries
+    assert asked == [{"backend": "pil"}, {"backend": "pil"}]
+    assert again.image_steps is not None
