@@ -100,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # one core, as a preprocess task has
     pre = Preprocessor(build_tiny_tokenizer(SYNTH_VOCABULARY), tiny_image_processor(224), text_length=40)
-    transform = PixelTransform(pre.image_processor, "cpu")
+    transform = PixelTransform(pre.image_steps, "cpu")
     hf = hugging_face_path(pre)
     texts = [" ".join(np.random.default_rng(i).choice(SYNTH_VOCABULARY, 30)) for i in range(args.rows)]
     rows = []

@@ -321,7 +321,7 @@ class Encode:
             from otmel.pixels import PixelTransform
 
             device = "cuda" if cpus is None and torch.cuda.is_available() else "cpu"
-            self.pixels = PixelTransform(self.backend.preprocessor.image_processor, device)
+            self.pixels = PixelTransform(self.backend.preprocessor.image_steps, device)
 
     def _inputs(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
         """The encoder inputs of ``rows``; with the device transform, their pixels made here."""

@@ -146,10 +146,8 @@ class ClipImageSteps:
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The resize target ``(height, width)``: the short side to ``S``, the long side
-        ``int(S * long / short)``; an image whose short side is ``S`` already is kept."""
+        ``int(S * long / short)`` (an image whose short side is ``S`` keeps its size)."""
         S = self.shortest_edge
-        if (height <= width and height == S) or (width <= height and width == S):
-            return height, width
         if width <= height:
             return int(S * height / width), S
         return S, int(S * width / height)

@@ -33,43 +33,33 @@ DEVICE_PIXEL_TOLERANCE = 0.02
 NO_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 
 
-def _edge(value, key: str) -> int | None:
-    if isinstance(value, dict):
-        return value.get(key)
-    return getattr(value, key, value if isinstance(value, int) else None)
-
-
 class PixelTransform:
     """resize shortest edge -> centre crop -> rescale -> normalise, in torch on ``device``.
 
-    Built from the checkpoint's image processor (CLIP's: ``size.shortest_edge``,
-    ``crop_size``, ``rescale_factor``, ``image_mean`` / ``image_std``, bicubic); one that does
-    something else is refused (use the CPU path).
+    Built from the preprocessor's image steps (:class:`otmel.light_preprocessing.ClipImageSteps`,
+    CLIP's, read from a PIL-backend image processor: ``size.shortest_edge``, ``crop_size``,
+    ``rescale_factor``, ``image_mean`` / ``image_std``); a preprocessor without them (a
+    processor doing something else), another resampling filter or a non-square crop is
+    refused (use the CPU path).
     """
 
-    def __init__(self, image_processor, device: str = "cpu"):
+    def __init__(self, steps, device: str = "cpu"):
         import torch
 
-        p = image_processor
-        self.short = _edge(p.size, "shortest_edge")
-        self.crop = _edge(p.crop_size, "height")
-        if not (self.short and self.crop and self.crop <= self.short and getattr(p, "do_resize", True)
-                and getattr(p, "do_center_crop", False) and int(getattr(p, "resample", 3)) == 3):
+        from otmel.light_preprocessing import BICUBIC
+
+        if steps is None or steps.resample != BICUBIC or steps.crop[0] != steps.crop[1]:
             raise ValueError("--image-transform device reproduces CLIP's processing only (resize the shortest edge "
                              "bicubic, centre crop); this model's image processor differs: use --image-transform cpu")
+        self.steps = steps
+        self.crop = steps.crop[0]
         self.device = torch.device(device)
-        scale = float(p.rescale_factor) if getattr(p, "do_rescale", True) else 1.0
-        mean = np.asarray(p.image_mean if getattr(p, "do_normalize", True) else [0.0] * 3, dtype=np.float32)
-        std = np.asarray(p.image_std if getattr(p, "do_normalize", True) else [1.0] * 3, dtype=np.float32)
+        scale = 1.0 if steps.rescale_factor is None else steps.rescale_factor
+        mean = np.zeros(3, np.float32) if steps.mean is None else steps.mean
+        std = np.ones(3, np.float32) if steps.std is None else steps.std
         # (x * scale - mean) / std  ==  x * a + b, per channel
-        self.a = torch.from_numpy(scale / std).view(3, 1, 1).to(self.device)
-        self.b = torch.from_numpy(-mean / std).view(3, 1, 1).to(self.device)
-
-    def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """The processor's resize target: the short side to S, the long side int(S * long / short)."""
-        if width <= height:
-            return int(self.short * height / width), self.short
-        return self.short, int(self.short * width / height)
+        self.a = torch.from_numpy((scale / std).astype(np.float32)).view(3, 1, 1).to(self.device)
+        self.b = torch.from_numpy((-mean / std).astype(np.float32)).view(3, 1, 1).to(self.device)
 
     def __call__(self, images) -> np.ndarray:
         """uint8 ``(H, W, 3)`` arrays (a zero-size one: no image) -> ``(B, 3, S, S)`` float32;
@@ -87,7 +77,7 @@ class PixelTransform:
                 h, w = img.shape[:2]
                 x = torch.from_numpy(np.ascontiguousarray(img)).to(self.device, non_blocking=True)
                 x = x.permute(2, 0, 1).unsqueeze(0).float()  # (1, 3, H, W), 0..255
-                nh, nw = self.output_size(h, w)
+                nh, nw = self.steps.output_size(h, w)  # the CPU path's resize target
                 # PIL resamples horizontally, then vertically, each pass into an 8-bit image:
                 # the same two passes, rounded and clipped between them
                 if nw != w:

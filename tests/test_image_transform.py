@@ -49,7 +49,7 @@ def test_the_device_transform_gives_the_cpu_paths_pixels_within_one_grey_level(e
     arrays, has_dev, warn_dev = pre.image_arrays(data)
     assert list(has_cpu) == list(has_dev) == [True] * (len(data) - 1) + [False] and warn_cpu == warn_dev
     assert arrays[-1].size == 0 and all(a.dtype == np.uint8 and a.ndim == 3 for a in arrays)
-    device = PixelTransform(pre.image_processor, "cpu")(arrays)
+    device = PixelTransform(pre.image_steps, "cpu")(arrays)
     assert device.shape == cpu.shape == (len(data), 3, edge, edge) and device.dtype == np.float32
     diff = np.abs(device - cpu).max(axis=(1, 2, 3))
     assert diff.max() <= DEVICE_PIXEL_TOLERANCE, dict(zip(IMAGES, diff.round(3)))
@@ -59,9 +59,12 @@ def test_the_device_transform_gives_the_cpu_paths_pixels_within_one_grey_level(e
 def test_a_processor_the_device_path_does_not_reproduce_is_refused():
     from transformers import CLIPImageProcessorPil
 
+    from otmel.encoders import build_tiny_tokenizer
+
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                      do_center_crop=False)
     with pytest.raises(ValueError, match="image-transform cpu"):
-        PixelTransform(CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                             do_center_crop=False))
+        PixelTransform(Preprocessor(build_tiny_tokenizer(["a"]), processor, text_length=8).image_steps)
 
 
 def test_a_link_job_with_the_device_transform_gives_the_cpu_paths_links(ray_local, onnx_model, s3_index, synth_dir,
