@@ -1,4 +1,12 @@
-"""Shared fixtures: tiny random OT-MEL models and random input batches (CPU only)."""
+"""Shared fixtures: tiny random OT-MEL models and random input batches (CPU only), and the
+session's expensive things, each built once per test run and shared by every test that needs
+it: one local Ray instance, one trained tiny checkpoint, its ONNX export, an index on the S3
+test endpoint and one on local disk, and the synth mentions linked against it.
+
+Which tests are slow is declared here (:func:`pytest_collection_modifyitems`): every test that
+uses the session's Ray (directly or through the fixtures above) or lives in tests/reliability
+or tests/cluster; ``make test-fast`` runs the others.
+"""
 
 from __future__ import annotations
 
@@ -62,6 +70,23 @@ def own_worker_env() -> dict:
     return {"env_vars": {"OTMEL_TEST_OWN_WORKER": uuid.uuid4().hex}}
 
 
+#: a test under these directories starts Ray or a cluster of its own
+SLOW_DIRECTORIES = ("reliability", "cluster")
+#: a test that uses one of these fixtures (directly or through another fixture) runs on Ray
+SLOW_FIXTURES = {"ray_local"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The one place where the fast/slow split is declared (``make test-fast`` = ``-m "not
+    slow"``): tests on Ray or in the fault and cluster suites are ``slow``, as are the few
+    others marked ``@pytest.mark.slow`` where they are (they train a model in-process)."""
+    root = os.path.dirname(__file__)
+    for item in items:
+        where = os.path.relpath(str(item.path), root).split(os.sep)[0]
+        if where in SLOW_DIRECTORIES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def kd_model():
     return make_model("kd")
@@ -84,10 +109,11 @@ def synth_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
-    """One local Ray instance for the session."""
+    """One local Ray instance for the whole run, with the dashboard: the fault suite finds the
+    actors and worker processes it kills through Ray's state API."""
     from ray_session import start_local_ray
 
-    yield start_local_ray(tmp_path_factory)
+    yield start_local_ray(tmp_path_factory, include_dashboard=True)
     import ray
 
     ray.shutdown()
@@ -146,3 +172,37 @@ def s3_index(ray_local, onnx_model, synth_dir, s3_server):
     cfg = IndexConfig(model=onnx_model, kb="s3://otmel-test/data/kb.parquet", out="s3://otmel-test/index-2",
                       shards=2, s3_endpoint=s3_server)
     return cfg, run(cfg)
+
+
+@pytest.fixture(scope="session")
+def local_index(ray_local, onnx_model, synth_dir, tmp_path_factory):
+    """A 2-shard index of the synth KB on local disk, built on the session's Ray with the
+    session's ONNX export (the fault suite's and the cluster suite's reference index)."""
+    from otmel.jobs.index import IndexConfig, run
+
+    out = tmp_path_factory.mktemp("local-index") / "index"
+    run(IndexConfig(model=onnx_model, kb=str(synth_dir / "kb.parquet"), out=str(out), shards=2))
+    return str(out)
+
+
+#: the candidates of the reference link run (and of the runs compared with it)
+REFERENCE_CANDIDATES = 32
+
+
+@pytest.fixture(scope="session")
+def reference_link(ray_local, onnx_model, local_index, synth_dir, tmp_path_factory):
+    """The synth mentions (train, dev, test) linked against :func:`local_index` on one node,
+    the session's local Ray: what runs on more nodes must reproduce row for row."""
+    from otmel.jobs.link import LinkConfig, run
+
+    out = tmp_path_factory.mktemp("reference-link") / "out"
+    run(LinkConfig(model=onnx_model, index=local_index, input=str(synth_dir / "mentions"), output=str(out),
+                   candidates=REFERENCE_CANDIDATES))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def model_and_index(onnx_model, local_index):
+    """The fault suite's model and index (tests/reliability: it compares runs with and without
+    faults, it does not judge accuracy): the session's ONNX export and local index."""
+    return onnx_model, local_index

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import time
@@ -396,6 +397,14 @@ def _read(uri, endpoint):
     return read_bytes(uri, endpoint)
 
 
+def _send_png(handler, body: bytes) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Type", "image/png")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 @pytest.fixture
 def image_server(tmp_path):
     """A local HTTP server on 127.0.0.1 serving one PNG at /img.png."""
@@ -409,11 +418,7 @@ def image_server(tmp_path):
             if self.path != "/img.png":
                 self.send_error(404)
                 return
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            _send_png(self, body)
 
         def log_message(self, *args):
             pass
@@ -460,10 +465,10 @@ def test_detected_mentions_in_posts_with_http_and_local_images(s3_index, onnx_mo
     assert r.summary["counts"] == {"in": 7, "ok": 4, "nil": 0, "no_mention": 1, "error": 2}
 
 
-def _wait_for(predicate, what: str, thread=None, timeout: float = 300.0) -> None:
+def _wait_for(predicate, what: str, timeout: float = 300.0, alive=lambda: True) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert thread is None or thread.is_alive(), f"the job ended before {what}"
+        assert alive(), f"the job ended before {what}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
 
@@ -525,12 +530,56 @@ def test_the_commit_tracker_counts_a_retried_part_once_and_refuses_overlapping_r
         tracker.add(f, 5, write_part(rows(2, 5), out, f))
 
 
+class GatedImages:
+    """A local HTTP server that holds every image request until :meth:`open`: a stalled image
+    host, applied from outside (the rows that need its images cannot get past preprocessing)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        body = png_bytes(5)
+        self.lock = threading.Condition()
+        self.waiting = 0  # requests held now
+        self.opened = False
+        gate = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                with gate.lock:
+                    gate.waiting += 1
+                    while not gate.opened:
+                        gate.lock.wait()
+                    gate.waiting -= 1
+                _send_png(self, body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def open(self) -> None:
+        with self.lock:
+            self.opened = True
+            self.lock.notify_all()
+
+    def close(self) -> None:
+        self.open()
+        self.server.shutdown()
+
+
 def test_a_killed_driver_leaves_only_whole_files_and_the_rerun_completes_them_once(ray_local, s3_index, onnx_model,
                                                                                    synth_dir, tmp_path, s3_server):
     """A small input file is committed as soon as its rows are linked, while the big one is
-    still being linked (parts of it keep being staged after the commit); the driver is then
-    SIGKILLed: readers (pyarrow.dataset, DuckDB) see the committed file whole and nothing of
-    the other; a re-run skips the first and links the second exactly once."""
+    still being linked: the big file's first row group is linked and staged, its other rows
+    carry images from a host that holds them (a stalled image host, applied from outside), so
+    it cannot finish and the job cannot end, however fast or slow the machine is. The driver
+    is then SIGKILLed: readers (pyarrow.dataset, DuckDB) see the committed file whole and
+    nothing of the other, whose parts stay staged; a re-run skips the first and links the
+    second exactly once."""
     import signal
     import subprocess
     import sys
@@ -539,39 +588,54 @@ def test_a_killed_driver_leaves_only_whole_files_and_the_rerun_completes_them_on
     import pyarrow.dataset as pads
     import ray
 
+    from PIL import Image
+
     test = pq.read_table(synth_dir / "mentions" / "test.parquet")
     (tmp_path / "in").mkdir()
-    pq.write_table(test.slice(0, 5), tmp_path / "in" / "a-small.parquet")
-    big = pa.concat_tables([test.set_column(0, "mention_id", pa.array([f"{i}-{m}" for m in test.column("mention_id").to_pylist()]))
-                            for i in range(12)])
-    pq.write_table(big, tmp_path / "in" / "b-big.parquet")
+    # 16 rows: a read block of its own, at least a batch (a smaller block waits for other
+    # rows to make up a batch with)
+    small_rows = test.slice(0, 16)
+    pq.write_table(small_rows, tmp_path / "in" / "a-small.parquet")
+    images = GatedImages()
+    # the big file: a first row group of 8 rows with ~1.5 MB inline images (past Ray Data's
+    # 8 MiB block size: a block of its own, a batch, linked and staged) then rows whose images
+    # the host holds
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)).save(buf, "PNG")
+    held = test.set_column(test.column_names.index("image"), "image", pa.nulls(test.num_rows, pa.binary()))
+    held = held.set_column(held.column_names.index("image_uri"), "image_uri",
+                           pa.array([f"{images.url}/img.png?row={r}" for r in range(held.num_rows)]))
+    fat = test.slice(0, 8).set_column(test.column_names.index("image"), "image", pa.array([buf.getvalue()] * 8))
+    big = pa.concat_tables([fat, held])
+    big = big.set_column(0, "mention_id", pa.array([f"big-{i}" for i in range(big.num_rows)]))
+    pq.write_table(big, tmp_path / "in" / "b-big.parquet", row_group_size=8)
     out = tmp_path / "out"
     cfg = LinkConfig(model=onnx_model, index=s3_index[0].out, input=str(tmp_path / "in"), output=str(out),
-                     read_chunk_rows=16, batch_size=8, s3_endpoint=s3_server,
-                     address=ray.get_runtime_context().gcs_address)
+                     read_chunk_rows=16, read_chunk_bytes=64 << 20, batch_size=8, s3_endpoint=s3_server,
+                     allow_private_hosts=True, image_timeout_s=600, address=ray.get_runtime_context().gcs_address)
     code = f"from otmel.jobs.link import LinkConfig, run; run(LinkConfig(**{cfg.to_dict()!r}))"
     driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     small, large = (str(tmp_path / "in" / f) for f in ("a-small.parquet", "b-big.parquet"))
     try:
-        _wait_for(lambda: (out / output_name(small)).exists(), "the small file's commit", timeout=600)
-        at_commit = len(_staged_parts(out, large))
-        # committed while the big file is being linked, not at the end of the job
-        _wait_for(lambda: len(_staged_parts(out, large)) >= at_commit + 3, "parts of the big file after the commit",
-                  timeout=120)
-        assert not (out / output_name(large)).exists() and driver.poll() is None
+        _wait_for(lambda: (out / output_name(small)).exists() and _staged_parts(out, large),
+                  "the small file's commit and a staged part of the big one", timeout=600,
+                  alive=lambda: driver.poll() is None)
+        assert images.waiting and not (out / output_name(large)).exists() and driver.poll() is None
         driver.send_signal(signal.SIGKILL)
         driver.wait(60)
+        seen = pads.dataset(str(out), format="parquet").to_table()
+        assert sorted(seen.column("mention_id").to_pylist()) == sorted(small_rows.column("mention_id").to_pylist())
+        assert duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchall() == [(16,)]
+        assert not (out / "_SUCCESS.json").exists() and _staged_parts(out, large)
+        images.open()
+        again = run(LinkConfig(**{**cfg.to_dict(), "address": None}))
     finally:
         if driver.poll() is None:
             driver.kill()
-    seen = pads.dataset(str(out), format="parquet").to_table()
-    assert sorted(seen.column("mention_id").to_pylist()) == sorted(test.slice(0, 5).column("mention_id").to_pylist())
-    assert duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchall() == [(5,)]
-    assert not (out / "_SUCCESS.json").exists()
-    again = run(LinkConfig(**{**cfg.to_dict(), "address": None}))
+        images.close()
     assert again.summary["files_skipped_complete"] == 1 and again.summary["files_processed"] == 1
     rows = read_link_output(str(out))
-    assert rows.num_rows == 5 + big.num_rows == len(set(rows.column("mention_id").to_pylist()))
+    assert rows.num_rows == 16 + big.num_rows == len(set(rows.column("mention_id").to_pylist()))
     assert not _staged_parts(out) and again.summary["counts"]["ok"] == rows.num_rows
 
 

@@ -119,48 +119,6 @@ def test_two_workers_train_like_one_process_through_the_job(trained_run, tmp_pat
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
-def _restored_digests_match(ckpt_uri: str, entry: dict, s3_endpoint=None) -> None:
-    """The model/optimizer state a worker had in memory right after its restore == the files."""
-    import io
-
-    import torch
-
-    from otmel.storage import read_bytes
-    from otmel.training import state_digest
-
-    assert state_digest(_weights(ckpt_uri, s3_endpoint)) == entry["model_sha256"]
-    optimizer = torch.load(io.BytesIO(read_bytes(f"{ckpt_uri}/optimizer.pt", s3_endpoint)), weights_only=True)
-    assert state_digest(optimizer["optimizer"]) == entry["optimizer_sha256"]
-
-
-def test_s3_run_resumed_three_times_restores_model_and_optimizer_each_time(ray_local, tmp_path, s3_server):
-    """2 workers resuming from the S3 endpoint (each rank copies the checkpoint into its own
-    directory, verified by checksum): 3 resumes in a row, each restoring the saved state
-    (each costs a Ray Train start, ~30 s here: 5 in a row made it the suite's longest test)."""
-    from otmel.synth import write_synthetic_dataset
-
-    write_synthetic_dataset(tmp_path, n_entities=30, n_mentions=120, seed=1)  # a few steps an epoch
-    base = dict(data=str(tmp_path), out="s3://otmel-test/runs", mode="att", workers=2, batch_size=16, lr=1e-3,
-                tiny_clip=True, name="s3run", s3_endpoint=s3_server, eval_every=0, model={"text_length": 24},
-                max_failures=0)
-    first = run(TrainConfig(epochs=1, **base))
-    steps = _state(first.latest_checkpoint, s3_server)["step"]
-    assert first.latest_checkpoint.startswith("s3://otmel-test/runs/s3run/checkpoint_")
-    with pytest.raises(ValueError, match="--resume"):
-        preflight(TrainConfig(epochs=2, **base))  # an existing run is never silently overwritten
-    previous = first.latest_checkpoint
-    for epochs in range(2, 5):
-        result = run(TrainConfig(epochs=epochs, resume=True, **base))
-        state = _state(result.latest_checkpoint, s3_server)
-        assert state["epoch"] == epochs - 1 and state["step"] == epochs * steps  # from the saved step, not 0
-        assert [h["epoch"] for h in state["history"]] == list(range(epochs))
-        assert [r["step"] for r in state["resumes"]] == [e * steps for e in range(1, epochs)]
-        last = state["resumes"][-1]
-        assert last["checkpoint"].endswith(previous.rsplit("/", 1)[-1])
-        _restored_digests_match(previous, last, s3_server)
-        previous = result.latest_checkpoint
-
-
 def _registered_checkpoints(run_uri: str, s3_endpoint) -> list:
     """Checkpoints Ray Train's controller has registered (its own snapshot in the run dir):
     files on storage alone are not yet a checkpoint a restart would restore from."""
@@ -213,10 +171,28 @@ def test_killed_worker_is_restored_from_s3_and_the_run_ends_as_if_uninterrupted(
                          atol=1e-6)
 
 
-def test_killed_driver_then_the_same_command_with_resume_ends_as_if_uninterrupted(trained_run, tmp_path):
-    """The training driver (its own process, as `otmel train`) is SIGKILLed after the first
-    checkpoint is registered; Ray ends its workers with it. The same command with --resume
-    continues from that checkpoint and ends with the uninterrupted run's weights."""
+def _checkpoint_digests(ckpt_uri: str, s3_endpoint=None) -> tuple[str, str]:
+    """Digests of the model and optimizer state a checkpoint's files hold."""
+    import io
+
+    import torch
+
+    from otmel.storage import read_bytes
+    from otmel.training import state_digest
+
+    optimizer = torch.load(io.BytesIO(read_bytes(f"{ckpt_uri}/optimizer.pt", s3_endpoint)), weights_only=True)
+    return state_digest(_weights(ckpt_uri, s3_endpoint)), state_digest(optimizer["optimizer"])
+
+
+def test_killed_driver_then_resume_from_s3_twice_ends_as_if_uninterrupted(trained_run, s3_server):
+    """The training driver (its own process, as `otmel train`, run storage on the S3 endpoint)
+    is SIGKILLed after the first checkpoint is registered; Ray ends its workers with it. The
+    same command without --resume is refused (a run is never silently overwritten); with
+    --resume, 2 workers copy the checkpoint from S3 (each rank into its own directory, verified
+    by checksum) and continue from its step, ending with the uninterrupted run's weights.
+    Resumed again for one more epoch, the audit trail grows: each restore's in-memory model
+    and optimizer equal the files it restored from, and training continues from the saved
+    step, not 0."""
     import signal
     import subprocess
     import sys
@@ -224,14 +200,16 @@ def test_killed_driver_then_the_same_command_with_resume_ends_as_if_uninterrupte
 
     import ray
 
+    from otmel.jobs.train import find_latest_checkpoint
+
     cfg, uninterrupted = trained_run
-    killed = TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "runs"), "name": "killed",
+    killed = TrainConfig(**{**cfg.to_dict(), "out": "s3://otmel-test/runs", "name": "killed", "s3_endpoint": s3_server,
                             "address": ray.get_runtime_context().gcs_address})
     code = f"from otmel.jobs.train import TrainConfig, run; run(TrainConfig(**{killed.to_dict()!r}))"
     driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while not _registered_checkpoints(killed.run_uri, None):
+        while not _registered_checkpoints(killed.run_uri, s3_server):
             assert driver.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
             time.sleep(0.2)
         assert driver.poll() is None  # killed mid-run, not after it
@@ -242,11 +220,24 @@ def test_killed_driver_then_the_same_command_with_resume_ends_as_if_uninterrupte
             driver.kill()
     with pytest.raises(ValueError, match="--resume"):
         preflight(killed)  # the same command without --resume is refused, never overwrites
-    result = run(TrainConfig(**{**killed.to_dict(), "resume": True, "address": None}))
-    state = _state(result.latest_checkpoint)
     steps = _state(uninterrupted.latest_checkpoint)["step"] // 2
+    resumed_from = find_latest_checkpoint(killed.run_uri, s3_server)
+    expected = [_checkpoint_digests(resumed_from, s3_server)]  # before a resumed run may prune it
+
+    result = run(TrainConfig(**{**killed.to_dict(), "resume": True, "address": None}))
+    state = _state(result.latest_checkpoint, s3_server)
     assert [r["step"] for r in state["resumes"]] == [steps] and state["step"] == 2 * steps
-    _assert_same_weights(_weights(result.latest_checkpoint), _weights(uninterrupted.latest_checkpoint), atol=1e-6)
+    assert state["resumes"][0]["checkpoint"].endswith(resumed_from.rsplit("/", 1)[-1])
+    _assert_same_weights(_weights(result.latest_checkpoint, s3_server), _weights(uninterrupted.latest_checkpoint),
+                         atol=1e-6)
+    expected.append(_checkpoint_digests(result.latest_checkpoint, s3_server))
+
+    again = run(TrainConfig(**{**killed.to_dict(), "resume": True, "address": None, "epochs": 3}))
+    state = _state(again.latest_checkpoint, s3_server)
+    assert [r["step"] for r in state["resumes"]] == [steps, 2 * steps] and state["step"] == 3 * steps
+    assert [h["epoch"] for h in state["history"]] == [0, 1, 2]
+    assert state["resumes"][1]["checkpoint"].endswith(result.latest_checkpoint.rsplit("/", 1)[-1])
+    assert [(r["model_sha256"], r["optimizer_sha256"]) for r in state["resumes"]] == expected
 
 
 def _newer_copy(src, dst, step: int) -> None:

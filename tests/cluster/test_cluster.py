@@ -2,12 +2,14 @@
 started by Ray's autoscaler with the fake multi-node provider, token auth on):
 
 * the data jobs joined with --address give the index (checksums) and the link rows of a
-  one-node run (issue 10);
+  one-node run (issue 10: the session's reference index and link rows, tests/conftest.py);
 * `otmel submit/status/logs/stop/jobs` through the Jobs API, a refused submit without the
   token, `otmel scale` up and down, a job submitted while scaled up using the new nodes
   (issue 11).
 
-Runs in its own pytest invocation (`make test`): it owns its clusters.
+Its clusters are its own (the session's local Ray instance idles meanwhile); the cluster of
+`otmel cluster local` is started once for the module and shared by every test here that does
+not stop a cluster.
 """
 
 from __future__ import annotations
@@ -41,34 +43,21 @@ def otmel(*args, env=None, timeout=600, check=True) -> subprocess.CompletedProce
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A small synth set and an (untrained, tiny) ONNX model: the jobs' outputs are compared
-    between runs, not judged for accuracy."""
-    import torch
-
-    from otmel.exporters.onnx import ExportConfig, export
-    from otmel.factory import TINY, create_model, save_model
-    from otmel.model import ModelConfig
-    from otmel.synth import SYNTH_VOCABULARY, write_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("data")
-    write_synthetic_dataset(root / "synth", n_entities=60, n_mentions=400, seed=3)
-    torch.manual_seed(0)
-    model, pre = create_model(ModelConfig(mode="kd", text_length=24, **TINY), tiny=True, words=SYNTH_VOCABULARY)
-    ckpt = save_model(model, pre, root / "ckpt")
-    export(ExportConfig(checkpoint=str(ckpt), out=str(root / "onnx"), parity_batches=(4,)))
+def data(onnx_model, synth_dir, local_index, tmp_path_factory):
+    """This module's working directory: the session's (tiny) ONNX model, synth set and
+    one-node index linked in as ``onnx``, ``synth`` and ``index-1``; every run here writes
+    beside them. The jobs' outputs are compared between runs, not judged for accuracy."""
+    root = tmp_path_factory.mktemp("cluster-data")
+    for name, target in (("onnx", onnx_model), ("synth", synth_dir), ("index-1", local_index)):
+        (root / name).symlink_to(target, target_is_directory=True)
     return root
 
 
 @pytest.fixture(scope="module")
-def one_node(data):
-    """The reference: index + link on a fresh one-node local Ray instance."""
-    env = _env(RAY_AUTH_MODE="disabled")
-    otmel("index", "--model", data / "onnx", "--kb", data / "synth" / "kb.parquet", "--out", data / "index-1",
-          "--shards", 2, env=env)
-    otmel("link", "--model", data / "onnx", "--index", data / "index-1", "--input", data / "synth" / "mentions",
-          "--output", data / "out-1", "--candidates", 32, env=env)
-    return data / "index-1", data / "out-1"
+def one_node(data, reference_link):
+    """The reference: the session's index and its link rows (candidates 32), both made on a
+    one-node local Ray instance."""
+    return data / "index-1", Path(reference_link)
 
 
 def _start_cluster(directory: Path, *args) -> dict:
