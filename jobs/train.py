@@ -8,10 +8,14 @@
   with gloo here (fractional CPUs so Ray Data's tasks can run beside them).
 * Data: the driver joins mentions with their gold KB rows (skipped rows counted) and puts
   the raw pairs in the object store once. Every epoch the whole training set is reshuffled
-  from (seed, epoch) (``otmel.training.global_batches``) and each worker streams ITS share of
-  every global batch through its own Ray Data pipeline (CPU tasks: tokenise, decode +
-  CLIP-process images), in order: N workers step on exactly the batches one process would,
-  and every pair is seen once per epoch. The rows received are checked against the schedule
+  from (seed, epoch) (``otmel.training.global_batches``) and each worker takes ITS share of
+  every global batch, in order: N workers step on exactly the batches one process would,
+  and every pair is seen once per epoch. Where the pairs are tokenised and their images
+  decoded and CLIP-processed is ``--preprocess``: ``tasks``, a Ray Data pipeline per worker
+  (CPU tasks beside it, so a GPU is not kept waiting), or ``inline``, in the worker's own
+  process; ``auto`` (the default) is ``tasks`` with GPUs and ``inline`` on CPU, where the
+  tasks would take the workers' own cores and the pipeline's executor, running in each
+  worker, cost more CPU than the preprocessing it moved (bench/results/train_preprocess.md). The rows received are checked against the schedule
   at every step; each epoch's metrics record how many pairs were seen and a digest of
   their order.
 * Global in-batch negatives (``otmel.distributed``): every loss term sees all B entities.
@@ -79,6 +83,7 @@ class TrainConfig:
     seed: int = 0
     s3_endpoint: str | None = None
     model: dict | None = None  # ModelConfig overrides (dim, text_length, missing_image, ...)
+    preprocess: str = "auto"  # tasks (Ray Data CPU tasks) | inline (in each worker) | auto (tasks with GPUs)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -163,6 +168,8 @@ def preflight(cfg: TrainConfig) -> dict:
 
     if cfg.mode not in ("ot", "att", "kd"):
         raise ValueError(f"--mode must be ot, att or kd, got {cfg.mode!r}")
+    if cfg.preprocess not in PREPROCESS_CHOICES:
+        raise ValueError(f"--preprocess must be {', '.join(PREPROCESS_CHOICES)}, got {cfg.preprocess!r}")
     if cfg.lr_schedule not in SCHEDULES:
         raise ValueError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {cfg.lr_schedule!r}")
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:
@@ -234,22 +241,39 @@ def preprocess_pair_rows(batch: dict[str, np.ndarray], pairs: list, preprocessor
     return out
 
 
-def epoch_batches(pairs: list, rows: np.ndarray, step_sizes: list[int], preprocessor, device):
-    """This worker's batches of one epoch, in schedule order: its ``rows`` (one Ray Data
-    block per step) preprocessed on CPU tasks and yielded as torch batches on ``device``;
-    each batch is checked against the schedule (a data-order bug fails loudly)."""
-    import ray.data
+#: where a worker's pairs are preprocessed (``--preprocess``)
+PREPROCESS_CHOICES = ("auto", "tasks", "inline")
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the schedule's order, whatever task finishes first
-    ctx.enable_progress_bars = False  # one pipeline per worker per epoch: keep the logs quiet
+
+def preprocess_inline(cfg: TrainConfig) -> bool:
+    """``--preprocess`` resolved: ``auto`` is inline on CPU, Ray Data tasks with GPUs."""
+    return cfg.preprocess == "inline" or (cfg.preprocess == "auto" and not cfg.gpu)
+
+
+def epoch_batches(pairs: list, rows: np.ndarray, step_sizes: list[int], preprocessor, device, inline: bool = False):
+    """This worker's batches of one epoch, in schedule order: its ``rows`` (one Ray Data
+    block per step) preprocessed on CPU tasks, or with ``inline`` in this process, and
+    yielded as torch batches on ``device``; each batch is checked against the schedule (a
+    data-order bug fails loudly)."""
     bounds = np.cumsum([0, *step_sizes])
-    blocks = [pa.table({"pair_row": rows[a:b]}) for a, b in zip(bounds[:-1], bounds[1:])]
-    ds = ray.data.from_arrow(blocks).map_batches(
-        preprocess_pair_rows, batch_size=None, num_cpus=PREPROCESS_CPUS,
-        fn_kwargs={"pairs": pairs, "preprocessor": preprocessor})
-    it = ds.iter_torch_batches(batch_size=max(step_sizes), device=device, drop_last=False)
-    for step, batch in enumerate(it):
+    if inline:
+        import torch
+
+        batches = ({k: torch.as_tensor(v).to(device) for k, v in
+                    preprocess_pair_rows({"pair_row": rows[a:b]}, pairs, preprocessor).items()}
+                   for a, b in zip(bounds[:-1], bounds[1:]))
+    else:
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # the schedule's order, whatever task finishes first
+        ctx.enable_progress_bars = False  # one pipeline per worker per epoch: keep the logs quiet
+        blocks = [pa.table({"pair_row": rows[a:b]}) for a, b in zip(bounds[:-1], bounds[1:])]
+        ds = ray.data.from_arrow(blocks).map_batches(
+            preprocess_pair_rows, batch_size=None, num_cpus=PREPROCESS_CPUS,
+            fn_kwargs={"pairs": pairs, "preprocessor": preprocessor})
+        batches = ds.iter_torch_batches(batch_size=max(step_sizes), device=device, drop_last=False)
+    for step, batch in enumerate(batches):
         want = rows[bounds[step]:bounds[step + 1]]
         got = batch["pair_row"].cpu().numpy()
         if not np.array_equal(got, want):
@@ -319,7 +343,7 @@ def train_loop_per_worker(config: dict) -> None:
         t0, sums, n = time.perf_counter(), {}, 0
         batches = global_batches(n_pairs, cfg.batch_size, cfg.seed, epoch, world)
         rows, step_sizes = worker_rows(batches, rank, world)
-        for batch in epoch_batches(config["pairs"], rows, step_sizes, preprocessor, device):
+        for batch in epoch_batches(config["pairs"], rows, step_sizes, preprocessor, device, preprocess_inline(cfg)):
             ids = [str(x) for x in batch["entity_code"].tolist()]
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 losses = model(_inputs(batch, "m_"), _inputs(batch, "e_"), ids, gather=gather)

@@ -76,7 +76,8 @@ def cmd_train(args) -> int:
                       clip=args.clip, tiny_clip=args.tiny_clip, resume=args.resume, address=args.address,
                       name=args.name, eval_every=args.eval_every, eval_retrieve=args.eval_retrieve,
                       max_failures=args.max_failures, seed=args.seed, s3_endpoint=args.s3_endpoint,
-                      cpus_per_worker=args.cpus_per_worker, model=model_overrides or None)
+                      cpus_per_worker=args.cpus_per_worker, model=model_overrides or None,
+                      preprocess=args.preprocess)
     result = run(cfg)
     m = result.metrics
     _print(f"trained {cfg.mode} for {m.get('epoch', -1) + 1} epochs ({m.get('step')} steps): train loss "
@@ -350,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dev evaluation by retrieve K + rerank instead of exhaustive")
     s.add_argument("--max-failures", type=int, default=2, help="worker failures to survive")
     s.add_argument("--cpus-per-worker", type=float, default=0.5)
+    s.add_argument("--preprocess", choices=["auto", "tasks", "inline"], default="auto",
+                   help="where pairs are tokenised and their images processed: Ray Data CPU tasks beside the "
+                        "workers, or inline in each worker (default auto: tasks with --gpu, inline on CPU)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
     s.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")

@@ -141,13 +141,15 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def trained_run(ray_local, synth_dir, tmp_path_factory):
-    """ONE tiny 2-worker KD training run per session (Ray Train start-up costs ~30 s here);
-    later tests (export, index, link) reuse its checkpoint."""
+    """ONE tiny 2-worker KD training run per session (Ray Train start-up costs ~20 s here);
+    later tests (export, index, link) reuse its checkpoint. Its pairs go through Ray Data
+    preprocessing tasks (``--preprocess tasks``, the GPU default); the other training tests
+    run as on CPU (inline) and compare with it."""
     from otmel.jobs.train import TrainConfig, run
 
     out = tmp_path_factory.mktemp("runs")
     cfg = TrainConfig(data=str(synth_dir), out=str(out), mode="kd", workers=2, epochs=2, batch_size=16, lr=1e-3,
-                      tiny_clip=True, name="tiny", model={"text_length": 24}, max_failures=0)
+                      tiny_clip=True, name="tiny", model={"text_length": 24}, max_failures=0, preprocess="tasks")
     return cfg, run(cfg)
 
 

@@ -111,9 +111,12 @@ def _assert_same_weights(a: dict, b: dict, atol: float) -> None:
 
 def test_two_workers_train_like_one_process_through_the_job(trained_run, tmp_path):
     """The Ray Train job with 1 worker and with 2 workers (global negatives gathered) takes
-    the same steps: same losses, same weights after 2 epochs."""
+    the same steps: same losses, same weights after 2 epochs. The 2-worker run preprocessed
+    in Ray Data tasks, this one inline: the two ways feed the same batches too."""
     cfg, two = trained_run
-    one = run(TrainConfig(**{**cfg.to_dict(), "workers": 1, "out": str(tmp_path), "eval_every": 0}))
+    assert cfg.preprocess == "tasks"
+    one = run(TrainConfig(**{**cfg.to_dict(), "workers": 1, "out": str(tmp_path), "eval_every": 0,
+                             "preprocess": "inline"}))
     _assert_same_weights(_weights(one.latest_checkpoint), _weights(two.latest_checkpoint), atol=1e-5)
     losses = [[json.loads(x)["train_loss"] for x in open(f"{r.run_uri}/metrics.jsonl")] for r in (one, two)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
@@ -145,23 +148,31 @@ def _kill_a_train_worker() -> int:
 
 def test_killed_worker_is_restored_from_s3_and_the_run_ends_as_if_uninterrupted(trained_run, s3_server):
     """A training worker process is SIGKILLed from outside after the first checkpoint reached
-    S3; FailureConfig restores the worker group from it, and the run finishes with the weights
-    of the uninterrupted run (which it can only do if weights AND optimizer were restored)."""
+    S3, while the store stalls (a proxy holds every later write, then drops what it held);
+    FailureConfig restores the worker group from that checkpoint, and the run finishes with
+    the weights of the uninterrupted run (which it can only do if weights AND optimizer were
+    restored)."""
     import threading
     import time
 
+    from fault_proxy import FaultProxy, Faults
+
     cfg, uninterrupted = trained_run
-    flaky = TrainConfig(**{**cfg.to_dict(), "out": "s3://otmel-test/runs", "name": "flaky", "s3_endpoint": s3_server,
-                           "max_failures": 1})
-    outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=run(flaky)), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 300
-    while not _registered_checkpoints(flaky.run_uri, s3_server):  # uploaded AND registered by Ray Train
-        assert thread.is_alive() and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.2)
-    _kill_a_train_worker()
-    thread.join(600)
+    faults = Faults(stall_writes_after="checkpoint_manager_snapshot.json")
+    with FaultProxy(s3_server, faults) as proxy:
+        flaky = TrainConfig(**{**cfg.to_dict(), "out": "s3://otmel-test/runs", "name": "flaky",
+                               "s3_endpoint": proxy.endpoint, "max_failures": 1, "preprocess": "auto"})
+        outcome: dict = {}
+        thread = threading.Thread(target=lambda: outcome.update(result=run(flaky)), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 300
+        while not _registered_checkpoints(flaky.run_uri, s3_server):  # uploaded AND registered by Ray Train
+            assert thread.is_alive() and time.monotonic() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.2)
+        assert faults.stalled.is_set() and thread.is_alive()  # the run cannot have ended: it is stalled
+        _kill_a_train_worker()
+        faults.end_stall()
+        thread.join(600)
     result = outcome["result"]
     state = _state(result.latest_checkpoint, s3_server)
     steps = _state(uninterrupted.latest_checkpoint)["step"] // 2
@@ -186,7 +197,8 @@ def _checkpoint_digests(ckpt_uri: str, s3_endpoint=None) -> tuple[str, str]:
 
 def test_killed_driver_then_resume_from_s3_twice_ends_as_if_uninterrupted(trained_run, s3_server):
     """The training driver (its own process, as `otmel train`, run storage on the S3 endpoint)
-    is SIGKILLed after the first checkpoint is registered; Ray ends its workers with it. The
+    is SIGKILLed after the first checkpoint is registered, while its store stalls (a proxy
+    holds every later write); Ray ends its workers with it. The
     same command without --resume is refused (a run is never silently overwritten); with
     --resume, 2 workers copy the checkpoint from S3 (each rank into its own directory, verified
     by checksum) and continue from its step, ending with the uninterrupted run's weights.
@@ -202,22 +214,30 @@ def test_killed_driver_then_resume_from_s3_twice_ends_as_if_uninterrupted(traine
 
     from otmel.jobs.train import find_latest_checkpoint
 
+    from fault_proxy import FaultProxy, Faults
+
     cfg, uninterrupted = trained_run
-    killed = TrainConfig(**{**cfg.to_dict(), "out": "s3://otmel-test/runs", "name": "killed", "s3_endpoint": s3_server,
-                            "address": ray.get_runtime_context().gcs_address})
-    code = f"from otmel.jobs.train import TrainConfig, run; run(TrainConfig(**{killed.to_dict()!r}))"
-    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not _registered_checkpoints(killed.run_uri, s3_server):
-            assert driver.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-            time.sleep(0.2)
-        assert driver.poll() is None  # killed mid-run, not after it
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(60)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
+    # the driver's S3 goes through a proxy that stalls every write after the first checkpoint
+    # is registered: the run cannot end before the kill, however fast or slow the machine
+    faults = Faults(stall_writes_after="checkpoint_manager_snapshot.json")
+    with FaultProxy(s3_server, faults) as proxy:
+        killed = TrainConfig(**{**cfg.to_dict(), "out": "s3://otmel-test/runs", "name": "killed",
+                                "s3_endpoint": proxy.endpoint, "address": ray.get_runtime_context().gcs_address,
+                                "preprocess": "auto"})
+        code = f"from otmel.jobs.train import TrainConfig, run; run(TrainConfig(**{killed.to_dict()!r}))"
+        driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 300
+            while not _registered_checkpoints(killed.run_uri, s3_server):
+                assert driver.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+                time.sleep(0.2)
+            assert faults.stalled.is_set() and driver.poll() is None  # killed mid-run, not after it
+            driver.send_signal(signal.SIGKILL)
+            driver.wait(60)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    killed = TrainConfig(**{**killed.to_dict(), "s3_endpoint": s3_server})
     with pytest.raises(ValueError, match="--resume"):
         preflight(killed)  # the same command without --resume is refused, never overwrites
     steps = _state(uninterrupted.latest_checkpoint)["step"] // 2
@@ -298,6 +318,8 @@ def test_preflight_rejects_missing_columns_and_empty_splits(synth_dir, tmp_path)
         preflight(_cfg(tmp_path / "nowhere", tmp_path / "o"))
     with pytest.raises(ValueError, match="multiple of --workers"):
         preflight(_cfg(synth_dir, tmp_path / "o", workers=3))
+    with pytest.raises(ValueError, match="--preprocess"):
+        preflight(_cfg(synth_dir, tmp_path / "o", preprocess="gpu"))
 
 
 def test_preflight_rejects_resume_with_another_mode(trained_run):

@@ -5,7 +5,10 @@ The proxy sits between otmel (boto3/pyarrow speaking S3 over HTTP) and the moto 
 each request it draws (seeded) whether to answer 503 SlowDown, 500 InternalError, reset the
 connection without an answer, or delay the answer, and otherwise forwards the request
 unchanged. ``rules`` pick the requests faults apply to (method, path prefix) and ``always``
-turns a rule into a permanent failure. The tests own it; nothing in otmel knows it exists.
+turns a rule into a permanent failure. ``stall_writes_after`` makes a store that hangs: once
+a write to a path containing it has gone through, every later write waits, unanswered, until
+:meth:`Faults.end_stall`; the writes held are then dropped (a reset connection), as a store
+or a network that stopped for a while does, and later ones go through again. The tests own it; nothing in otmel knows it exists.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+WRITES = ("PUT", "POST", "DELETE")
 SLOW_DOWN = (503, "SlowDown", "Please reduce your request rate.")
 INTERNAL = (500, "InternalError", "We encountered an internal error. Please try again.")
 
@@ -35,6 +39,7 @@ class Faults:
     path_contains: str = ""
     always: bool = False
     delay_s: float = 0.3
+    stall_writes_after: str = ""
     seed: int = 0
     injected: dict = field(default_factory=dict)
     forwarded: int = 0
@@ -42,6 +47,30 @@ class Faults:
     def __post_init__(self):
         self._rng = random.Random(self.seed)
         self._lock = threading.Lock()
+        self.stalled = threading.Event()  # set: writes wait (stall_writes_after went through)
+        self._stall_over = threading.Event()
+
+    def end_stall(self) -> None:
+        """The writes waiting in the stall are dropped; later ones go through."""
+        self._stall_over.set()
+
+    def wait_if_stalled(self, method: str) -> bool:
+        """True if this request was held in the stall (and must now be dropped)."""
+        if method not in WRITES or not self.stalled.is_set() or self._stall_over.is_set():
+            return False
+        with self._lock:
+            self.injected["stalled"] = self.injected.get("stalled", 0) + 1
+        self._stall_over.wait()
+        return True
+
+    def went_through(self, method: str, path: str) -> None:
+        """Called for every request forwarded with success: the stall starts once an object
+        whose path contains ``stall_writes_after`` is written whole (a PUT that is not one part
+        of a multipart upload, or the POST that completes one)."""
+        if not self.stall_writes_after or self.stall_writes_after not in path:
+            return
+        if (method == "PUT" and "partNumber=" not in path) or (method == "POST" and "uploadId=" in path):
+            self.stalled.set()
 
     def draw(self, method: str, path: str) -> str | None:
         if method not in self.methods or self.path_contains not in path:
@@ -85,7 +114,7 @@ class FaultProxy:
 
             def _handle(self):
                 body = self._body()
-                kind = proxy.faults.draw(self.command, self.path)
+                kind = "reset" if proxy.faults.wait_if_stalled(self.command) else proxy.faults.draw(self.command, self.path)
                 if kind == "reset":
                     # RST, no answer: what a dropped connection looks like to the client
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -116,6 +145,8 @@ class FaultProxy:
                     conn.close()
                 with proxy.faults._lock:
                     proxy.faults.forwarded += 1
+                if resp.status < 300:
+                    proxy.faults.went_through(self.command, self.path)
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "content-length", "connection", "server", "date"):
@@ -139,5 +170,6 @@ class FaultProxy:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.faults.end_stall()
         self.server.shutdown()
         self.server.server_close()
