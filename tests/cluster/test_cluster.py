@@ -141,10 +141,10 @@ def _alive_nodes(cluster) -> list:
 
 def test_without_address_a_job_has_its_own_ray_while_another_cluster_comes_and_goes(data, one_node):
     """The embedded default is embedded (issue 14). Another Ray cluster runs on the machine and
-    the shell exports RAY_ADDRESS for it (as its users do): `otmel link --address auto` joins
-    it and says so; without --address the job starts its own local instance and says so, the
-    other cluster is stopped mid-job (by its own shutdown: `ray stop` would kill every Ray on
-    the machine), and the job still writes every row."""
+    the shell exports RAY_ADDRESS for it (as its users do): without --address the job starts
+    its own local instance and says so, the other cluster is stopped mid-job (by its own
+    shutdown: `ray stop` would kill every Ray on the machine), and the job still writes every
+    row. (`--address auto` joining RAY_ADDRESS's cluster: the three-node test.)"""
     from ray.cluster_utils import Cluster
 
     other = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
@@ -152,10 +152,6 @@ def test_without_address_a_job_has_its_own_ray_while_another_cluster_comes_and_g
         env = _env(RAY_AUTH_MODE="disabled", RAY_ADDRESS=other.address)
         args = ["link", "--model", data / "onnx", "--index", one_node[0], "--input", data / "synth" / "mentions",
                 "--candidates", 32]
-        joined = otmel(*args, "--output", data / "out-auto", "--address", "auto", env=env)
-        assert f"joined the Ray cluster at {other.address}" in joined.stderr, joined.stderr[-2000:]
-        assert_same_link_rows(_rows(data / "out-auto"), _rows(one_node[1]))
-
         proc = subprocess.Popen([OTMEL, *map(str, args), "--output", str(data / "out-own")], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         seen = []
@@ -174,45 +170,23 @@ def test_without_address_a_job_has_its_own_ray_while_another_cluster_comes_and_g
 
 
 def test_index_and_link_on_three_nodes_equal_one_node(cluster, one_node, data):
-    """--address HEAD:PORT: same shard files (sha256) and the same rows as on one node; the
-    work ran on more than one node."""
+    """--address HEAD:PORT (the index) and --address auto with the shell's RAY_ADDRESS (the
+    link job, which says it joined): same shard files (sha256) and the same rows as on one
+    node; the work ran on more than one node."""
     env = cluster["client_env"]
     assert len(_alive_nodes(cluster)) == NODES
     otmel("index", "--model", data / "onnx", "--kb", data / "synth" / "kb.parquet", "--out", data / "index-3",
           "--shards", 2, "--address", cluster["gcs_address"], env=env)
-    otmel("link", "--model", data / "onnx", "--index", data / "index-3", "--input", data / "synth" / "mentions",
-          "--output", data / "out-3", "--candidates", 32, "--workers", 2, "--address", cluster["gcs_address"], env=env)
+    joined = otmel("link", "--model", data / "onnx", "--index", data / "index-3", "--input", data / "synth" / "mentions",
+                   "--output", data / "out-3", "--candidates", 32, "--workers", 2, "--address", "auto",
+                   env={**env, "RAY_ADDRESS": cluster["gcs_address"]})
+    assert f"joined the Ray cluster at {cluster['gcs_address']}" in joined.stderr, joined.stderr[-2000:]
     index_1, out_1 = one_node
     assert _index_digests(data / "index-3") == _index_digests(index_1)
     assert_same_link_rows(_rows(data / "out-3"), _rows(out_1))
     used = {a.node_id for a in _state(cluster, "actors") if a.class_name.endswith(("ShardServer", "ShardBuilder"))
             or "MapBatches" in (a.class_name or "")}
     assert len(used) >= 2, used
-
-
-def test_submit_wait_links_to_s3_and_the_rows_are_right(cluster, one_node, data, s3_server):
-    import boto3
-
-    out = "s3://otmel-test/cluster-out"
-    proc = otmel("submit", "--address", cluster["dashboard_url"], "--wait", "link", "--", "--model", data / "onnx",
-                 "--index", one_node[0], "--input", data / "synth" / "mentions", "--output", out, "--candidates", 32,
-                 "--s3-endpoint", s3_server, env=cluster["client_env"])
-    job_id = proc.stdout.splitlines()[0].strip()
-    assert "SUCCEEDED" in proc.stderr and "linked" in proc.stdout  # the job's own summary, streamed
-    from otmel.storage import local_copy
-
-    with local_copy(out, s3_server) as d:
-        assert_same_link_rows(_rows(d), _rows(one_node[1]))
-    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
-        Bucket="otmel-test", Prefix="cluster-out/")["Contents"]]
-    assert "cluster-out/_SUCCESS.json" in keys and not any("_staging" in k for k in keys)
-    status = otmel("status", job_id, "--address", cluster["dashboard_url"], env=cluster["client_env"])
-    assert status.stdout.startswith(f"{job_id}: SUCCEEDED")
-    logs = otmel("logs", job_id, "--address", cluster["dashboard_url"], env=cluster["client_env"])
-    assert "linked" in logs.stdout
-    listing = otmel("jobs", "--address", cluster["dashboard_url"], env=cluster["client_env"])
-    assert any(line.startswith(job_id) and "SUCCEEDED" in line and "otmel link" in line
-               for line in listing.stdout.splitlines())
 
 
 def test_a_failing_job_exits_nonzero_with_its_error_line(cluster, data):
@@ -257,7 +231,15 @@ def _wait_for_nodes(cluster, n: int, what: str, timeout: float = 120) -> None:
         time.sleep(2)
 
 
-def test_scale_up_adds_nodes_a_job_uses_them_and_clear_lets_them_go(cluster, one_node, data):
+def test_scale_up_then_a_submitted_job_links_to_s3_on_the_new_nodes_and_clear_lets_them_go(cluster, one_node, data,
+                                                                                            s3_server):
+    """`otmel scale` adds the nodes asked for and holds them; `otmel submit --wait` streams a
+    link job that writes to S3 and uses the new nodes (its rows are the one-node rows, no
+    staging left; `status`, `logs` and `jobs` report it); `scale --clear` lets them go."""
+    import boto3
+
+    from otmel.storage import local_copy
+
     env = cluster["client_env"]
     # the earlier jobs' demand may have added a node for a while: idle ones go after 6 s
     _wait_for_nodes(cluster, NODES, "the cluster did not settle at its minimum size")
@@ -266,24 +248,40 @@ def test_scale_up_adds_nodes_a_job_uses_them_and_clear_lets_them_go(cluster, one
     # every node has 2 CPUs: 2 x MAX_NODES CPUs need MAX_NODES nodes
     up = otmel("scale", "--address", cluster["gcs_address"], "--cpus", 2 * MAX_NODES, "--timeout", 120, env=env)
     assert f"before: {NODES} node(s)" in up.stdout and f"after: {MAX_NODES} node(s)" in up.stdout, up.stdout
+    up_at = time.monotonic()
     new = {n.node_id for n in _alive_nodes(cluster)} - before
     assert len(new) == MAX_NODES - NODES
-    # Ray Data's AutoscalingCoordinator, left by the earlier link jobs, rewrites the cluster's
-    # one resource request every 20 s: the new nodes must outlive that and the 6 s idle timeout
     assert any(a.name == "AutoscalingCoordinator" and a.state == "ALIVE" for a in _state(cluster, "actors"))
-    time.sleep(30)
-    assert new <= {n.node_id for n in _alive_nodes(cluster)}, "the scaled-up nodes were removed while requested"
+    out = "s3://otmel-test/cluster-out"
     proc = otmel("submit", "--address", cluster["dashboard_url"], "--wait", "link", "--", "--model", data / "onnx",
-                 "--index", one_node[0], "--input", data / "synth" / "mentions", "--output", data / "out-scaled",
-                 "--candidates", 32, "--workers", 4, env=env)
+                 "--index", one_node[0], "--input", data / "synth" / "mentions", "--output", out,
+                 "--candidates", 32, "--workers", 4, "--s3-endpoint", s3_server, env=env)
     job_id = proc.stdout.splitlines()[0].strip()
-    assert_same_link_rows(_rows(data / "out-scaled"), _rows(one_node[1]))
+    assert "SUCCEEDED" in proc.stderr and "linked" in proc.stdout  # the job's own summary, streamed
+    with local_copy(out, s3_server) as d:
+        assert_same_link_rows(_rows(d), _rows(one_node[1]))
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
+        Bucket="otmel-test", Prefix="cluster-out/")["Contents"]]
+    assert "cluster-out/_SUCCESS.json" in keys and not any("_staging" in k for k in keys)
+    status = otmel("status", job_id, "--address", cluster["dashboard_url"], env=env)
+    assert status.stdout.startswith(f"{job_id}: SUCCEEDED")
+    logs = otmel("logs", job_id, "--address", cluster["dashboard_url"], env=env)
+    assert "linked" in logs.stdout
+    listing = otmel("jobs", "--address", cluster["dashboard_url"], env=env)
+    assert any(line.startswith(job_id) and "SUCCEEDED" in line and "otmel link" in line
+               for line in listing.stdout.splitlines())
     ray_job = next(j for j in __import__("ray.job_submission", fromlist=["x"]).JobSubmissionClient(
         cluster["dashboard_url"], headers={"Authorization": f"Bearer {Path(cluster['token_file']).read_text()}"}
     ).list_jobs() if j.submission_id == job_id).job_id
     ran_on = {t.node_id for t in _state(cluster, "tasks", job_id=ray_job)} | \
              {a.node_id for a in _state(cluster, "actors", job_id=ray_job)}
     assert ran_on & new, (ran_on, new)
+    # Ray Data's AutoscalingCoordinator, left by the earlier link jobs, rewrites the cluster's
+    # one resource request every 20 s: the new nodes must outlive that and the 6 s idle timeout,
+    # so they are checked 30 s after the scale-up at the earliest and 10 s after the job left
+    # them idle (minimum waits: a loaded machine only makes them longer)
+    time.sleep(max(up_at + 30 - time.monotonic(), 10))
+    assert new <= {n.node_id for n in _alive_nodes(cluster)}, "the scaled-up nodes were removed while requested"
     down = otmel("scale", "--address", cluster["gcs_address"], "--clear", env=env)
     assert "request cleared" in down.stdout and f"{MAX_NODES} node hold(s) released" in down.stdout, down.stdout
     _wait_for_nodes(cluster, NODES, "idle nodes were not removed after --clear")  # back to min_workers (which nodes stay is the autoscaler's choice)
