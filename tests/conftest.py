@@ -26,6 +26,22 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_REGION", "us-east-1")
 
+# Ray settings of a test session, inherited by every Ray process the tests start (the session's
+# instance, the jobs' own drivers and instances, the clusters' nodes). Neither changes what a
+# job computes; both cut the CPU the suite spends beside its work, on a machine where the suite
+# is CPU-bound (a quiet run keeps both cores busy): no metrics collection or usage stats (the
+# metrics agents sampled every process of every node), and idle task workers kept for the next
+# task of the same job instead of a new process each (a worker starts in ~1-2 s of CPU, most of
+# it `import ray.data`). Measured on tests/test_link_job.py: 287 -> 240 CPU-seconds, 161 -> 136 s.
+RAY_TEST_SETTINGS = {
+    "RAY_enable_metrics_collection": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_num_workers_soft_limit": "10",
+    "RAY_idle_worker_killing_time_threshold_ms": "120000",
+}
+for _name, _value in RAY_TEST_SETTINGS.items():
+    os.environ.setdefault(_name, _value)
+
 WORDS = "robert downey holland actor singer paris france tennis watch spider man red blue".split()
 TEXT_LENGTH = 16
 
