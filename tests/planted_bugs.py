@@ -1,0 +1,264 @@
+"""Plant each bug the suite is meant to catch, run the tests that should catch it, restore.
+
+    python tests/planted_bugs.py                 # every plant (~25 min here): a markdown table
+    python tests/planted_bugs.py --list          # what would be planted, and the tests
+    python tests/planted_bugs.py rerank shuffle  # only the plants whose key contains one of these
+    python tests/planted_bugs.py --check         # every plant still applies (its text is in the code)
+
+One row of tests/README.md's table per plant: the property, the tests that prove it, the bug
+planted and whether the tests failed. A plant edits shipped code in this checkout (never a
+switch in it) and is undone in a ``finally`` whatever happens; run it on a clean checkout
+(it refuses a dirty one, so a forgotten restore could not go unnoticed either). A plant whose
+text no longer matches the code fails loudly: update the plant with the code it guards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Plant:
+    key: str
+    prop: str  # the property the tests prove
+    bug: str  # the bug, in words
+    file: str
+    edits: tuple[tuple[str, str], ...]  # (text in the file, exactly once; its replacement)
+    tests: tuple[str, ...]
+
+
+PLANTS = (
+    Plant("exactly-once-kills", "Exactly-once link output when encode, link and shard actors are killed mid-job",
+          "the commit coordinator keeps a retried batch's part a second time",
+          "jobs/link.py",
+          (("        if key in parts:\n            self.retried_parts += 1\n            return\n", ""),),
+          ("tests/reliability/test_actor_kills.py",
+           "tests/test_link_job.py::test_the_commit_tracker_counts_a_retried_part_once_and_refuses_overlapping_rows")),
+    Plant("per-file-commit", "A file's output is committed as soon as the file is finished, not at the end",
+          "commit every file at the end of the dataset",
+          "jobs/link.py",
+          (("        if self.have[f] == self.total.get(f):\n            self._start(f)\n", ""),
+           ("        incomplete = sorted(self.parts)\n",
+            "        for f in [f for f in list(self.parts) if self.have[f] == self.total.get(f)]:\n"
+            "            self._start(f)\n        incomplete = sorted(self.parts)\n")),
+          ("tests/test_link_job.py::test_a_killed_driver_leaves_only_whole_files_and_the_rerun_completes_them_once",)),
+    Plant("link-resume", "A re-run links only the files without a complete output (resume after a killed driver)",
+          "resume re-reads finished files (every input treated as not done)",
+          "jobs/link.py",
+          (("meta = None if cfg.force else is_complete(", "meta = None if True else is_complete("),),
+          ("tests/test_link_job.py::test_rerun_skips_complete_outputs_and_forced_rerun_reproduces_them",
+           "tests/test_link_job.py::test_a_killed_driver_leaves_only_whole_files_and_the_rerun_completes_them_once")),
+    Plant("two-workers", "2 Ray Train workers reach the weights of 1 process on the same global batches",
+          "the global negatives are gathered without gradient (dist.all_gather, not the autograd one)",
+          "otmel/distributed.py",
+          (("        return torch.cat(all_gather(x.contiguous()))\n",
+            "        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]\n"
+            "        dist.all_gather(parts, x.contiguous())\n        return torch.cat(parts)\n"),),
+          ("tests/test_distributed.py",
+           "tests/test_train_job.py::test_two_workers_train_like_one_process_through_the_job")),
+    Plant("global-shuffle", "Every pair is trained once per epoch, in a new global order each epoch",
+          "shuffle disabled across epochs (the order ignores the epoch)",
+          "otmel/training.py",
+          (("np.random.default_rng([seed, epoch]).permutation(n_pairs)", "np.random.default_rng([seed, 0]).permutation(n_pairs)"),),
+          ("tests/test_train_job.py::test_every_pair_is_trained_once_per_epoch_in_a_new_order",)),
+    Plant("train-restore", "A killed worker's run is restored from S3 and ends with the uninterrupted run's weights",
+          "the restore skips the optimizer state (Adam's moments start again)",
+          "jobs/train.py",
+          (("        opt.load_state_dict(restored[\"optimizer\"][\"optimizer\"])\n", ""),),
+          ("tests/test_train_job.py::test_killed_worker_is_restored_from_s3_and_the_run_ends_as_if_uninterrupted",)),
+    Plant("checkpoint-interrupted", "Resume skips a checkpoint whose upload was interrupted",
+          "the latest checkpoint is taken without checking that its files are all there",
+          "jobs/train.py",
+          (("        missing = _incomplete_files(fs, files, CHECKSUMS_FILE)\n", "        missing = []\n"),),
+          ("tests/test_train_job.py::test_resume_skips_a_checkpoint_whose_upload_was_interrupted",)),
+    Plant("onnx-parity", "The ONNX export scores real rows as the PyTorch model does (parity 1e-4)",
+          "the export drops the attention mask (every token attended)",
+          "exporters/onnx.py",
+          (("        f = self.model.encode(input_ids, attention_mask, pixel_values, has_image)",
+            "        f = self.model.encode(input_ids, torch.ones_like(attention_mask), pixel_values, has_image)"),),
+          ("tests/test_export.py::test_onnx_backend_matches_torch_backend_on_real_rows",)),
+    Plant("fp16", "An fp16 export is really converted and within its stated tolerance",
+          "the fp16 conversion is skipped (the fp32 graph labelled fp16)",
+          "exporters/onnx.py",
+          (("OnnxModel(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True))",
+            "OnnxModel(onnx.load(str(path)))"),),
+          ("tests/test_export.py::test_fp16_export_is_converted_and_close_to_pytorch",)),
+    Plant("int8", "An int8 export quantises the matmuls and stays within its stated tolerance",
+          "quantisation limited to Gemm (none in the graph: an fp32 copy labelled int8)",
+          "exporters/onnx.py",
+          (('op_types_to_quantize=["MatMul", "Gemm"]', 'op_types_to_quantize=["Gemm"]'),),
+          ("tests/test_export.py::test_int8_export_quantises_the_matmuls_within_its_tolerance",)),
+    Plant("rerank", "Reranked scores equal exhaustive scores; top-k follows when it lies in the candidates",
+          "the rerank candidates are truncated to a quarter",
+          "otmel/linking.py",
+          (("        K = min(candidates, self.shard.count)\n", "        K = min(max(1, candidates // 4), self.shard.count)\n"),),
+          ("tests/test_link_job.py::test_rerank_scores_equal_exhaustive_scores_and_topk_follows",)),
+    Plant("index-update", "`otmel index --update` gives the index a full rebuild gives",
+          "the update keeps the old rows of changed entities",
+          "jobs/index.py",
+          (("keep = np.array([e not in changed for e in ids], dtype=bool)", "keep = np.array([True for e in ids], dtype=bool)"),),
+          ("tests/test_index_job.py::test_update_equals_a_full_rebuild_and_leaves_untouched_shards_alone",)),
+    Plant("node-loss-index", "A node lost mid-build and mid-link: the jobs finish with the same results",
+          "a shard builder keeps the rows a retried routing task sends again",
+          "jobs/index.py",
+          (("fresh = [i for i, e in enumerate(entity_ids) if e not in self.seen]",
+            "fresh = list(range(len(entity_ids)))"),),
+          ("tests/reliability/test_node_loss.py::test_a_node_lost_mid_build_and_mid_link_the_jobs_finish_with_the_same_results",)),
+    Plant("index-driver-memory", "The index driver holds metadata only: its peak RSS is flat in the KB size",
+          "the driver collects the encoded features of every batch",
+          "jobs/index.py",
+          (('            "routed": np.array([json.dumps(routed)], dtype=object)}',
+            '            "routed": np.array([json.dumps(routed)], dtype=object), "kept": np.array(['
+            '__import__("pickle").dumps({k: batch[k] for k in STORED_FEATURES})], dtype=object)}'),
+           ("    seen, skipped, routed = 0, Counter(), Counter()\n",
+            "    seen, skipped, routed = 0, Counter(), Counter()\n    kept = []\n"),
+           ('        seen += int(meta["rows"].sum())\n', '        seen += int(meta["rows"].sum())\n        kept.extend(meta["kept"])\n')),
+          ("tests/test_driver_memory.py::test_index_driver_memory_is_flat_in_the_kb_size",)),
+    Plant("hostile-rows", "Hostile rows become error rows with their reason, the rest of the file is linked",
+          "a span outside the post text is linked instead of reported",
+          "otmel/link_input.py",
+          (("or not 0 <= start < end <= len(text)):", "or not 0 <= start):"),),
+          ("tests/test_link_job.py::test_bad_rows_become_error_rows_with_their_reason",
+           "tests/reliability/test_hostile_corpus.py")),
+    Plant("pixel-cap", "Hostile files are contained: a decompression bomb is refused before decoding",
+          "the pixel cap is not checked",
+          "otmel/images.py",
+          (("        if width * height > max_pixels:\n", "        if False:\n"),),
+          ("tests/reliability/test_hostile_corpus.py::test_the_pixel_cap_refuses_a_bomb_before_decoding",
+           "tests/test_image_decoding.py")),
+    Plant("ssrf", "http(s) images on loopback/private/link-local addresses are refused (SSRF)",
+          "the private-address check is skipped",
+          "otmel/image_fetch.py",
+          (("        if not policy.allow_private_hosts:\n", "        if False:\n"),),
+          ("tests/test_image_fetch.py",)),
+    Plant("local-paths", "Local image paths are read only under an allowed prefix",
+          "the prefix check is skipped",
+          "otmel/image_fetch.py",
+          (("    if not any(_inside(real, root) for root in roots):\n", "    if False:\n"),),
+          ("tests/test_image_fetch.py",)),
+    Plant("credentials", "Credentials reach no output, metadata or Ray's job table",
+          "AWS credentials are sent in the workers' runtime_env",
+          "jobs/common.py",
+          (('if (k.startswith("AWS_") and k not in AWS_SECRETS) or k.startswith("OTMEL_")',
+            'if k.startswith("AWS_") or k.startswith("OTMEL_")'),),
+          ("tests/reliability/test_tampering.py::test_credentials_reach_no_output_metadata_or_job_table",)),
+    Plant("checksums", "A checkpoint with one flipped byte is refused, naming the file",
+          "checkpoint checksums are not verified on load",
+          "otmel/integrity.py",
+          (('    verify_files(d, json.loads(path.read_text()), what=f"recorded in {CHECKSUMS_FILE} at save")\n', ""),),
+          ("tests/reliability/test_tampering.py::test_a_checkpoint_with_one_flipped_byte_is_refused_naming_the_file",
+           "tests/reliability/test_tampering.py::test_an_onnx_export_with_one_flipped_byte_is_refused_naming_the_file")),
+    Plant("index-tamper", "The link job refuses a tampered index shard in one line",
+          "shard files are loaded without their sha256 check",
+          "otmel/entity_index.py",
+          (("                if not p.is_file() or sha256_file(p) != digest:\n", "                if not p.is_file():\n"),),
+          ("tests/reliability/test_tampering.py::test_the_link_job_refuses_a_tampered_index_shard_in_one_line",)),
+    Plant("storage-retries", "Transient storage faults are retried; the output equals a healthy run's",
+          "no retries (one attempt per S3 call and per transfer)",
+          "otmel/storage.py",
+          (("S3_RETRIES = 8\n", "S3_RETRIES = 1\n"), ("TRANSFER_ATTEMPTS = 3\n", "TRANSFER_ATTEMPTS = 1\n")),
+          ("tests/reliability/test_storage_faults.py::test_transient_faults_are_retried_and_the_output_equals_a_healthy_run",)),
+    Plant("token-auth", "A cluster refuses a submit without its token or with a wrong one",
+          "the local cluster runs without token auth",
+          "otmel/cluster_ops.py",
+          (('return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_file}',
+            'return {"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN_PATH": self.token_file}'),),
+          ("tests/cluster/test_cluster.py::test_a_submit_without_the_token_or_with_a_wrong_one_is_refused",)),
+    Plant("scale-down", "`otmel scale` adds nodes a job uses; `--clear` lets them go",
+          "--clear leaves the node holds in place",
+          "otmel/cluster_ops.py",
+          (("        released = _release_holds()\n", "        released = 0\n"),),
+          ("tests/cluster/test_cluster.py::test_scale_up_then_a_submitted_job_links_to_s3_on_the_new_nodes_and_clear_lets_them_go",)),
+    Plant("kge-filtered", "KGE filtered ranks equal a brute-force reference over all splits",
+          "the filter knows the training triples only",
+          "otmel/kge/data.py",
+          (("        for arr in self.splits.values():\n            for h, r, t in arr.tolist():\n",
+            "        for arr in [self.splits[\"train\"]]:\n            for h, r, t in arr.tolist():\n"),),
+          ("tests/test_kge.py::test_filtered_ranks_equal_a_brute_force_reference",)),
+    Plant("sinkhorn-pot", "Masked Sinkhorn equals POT's on the unpadded problem; padded entries are exactly 0",
+          "the column mask is ignored",
+          "otmel/ot.py",
+          (('    mask_b = _check_mask(mask_b, m, "mask_b")\n', '    mask_b = _check_mask(None, m, "mask_b")\n'),),
+          ("tests/test_ot.py::test_matches_pot_masked", "tests/test_ot.py::test_padded_entries_exactly_zero_and_ignored")),
+)
+
+
+def _apply(plant: Plant) -> dict[Path, str]:
+    originals: dict[Path, str] = {}
+    for old, new in plant.edits:
+        path = ROOT / plant.file
+        text = originals.get(path) or path.read_text()
+        originals.setdefault(path, text)
+        current = path.read_text()
+        n = current.count(old)
+        if n != 1:
+            raise SystemExit(f"plant {plant.key}: {plant.file} holds the planted text {n} times (expected once): "
+                             f"update the plant with the code\n{old}")
+        path.write_text(current.replace(old, new))
+    return originals
+
+
+def _restore(originals: dict[Path, str]) -> None:
+    for path, text in originals.items():
+        path.write_text(text)
+
+
+def run_plant(plant: Plant, timeout: float) -> tuple[str, float, str]:
+    """(result, seconds, last line): 'caught' when the tests fail with the bug planted."""
+    originals = _apply(plant)
+    started = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *plant.tests],
+                              cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+        last = lines[-1] if lines else proc.stderr.strip()[-200:]
+        result = "caught" if proc.returncode == 1 else ("NOT CAUGHT" if proc.returncode == 0 else f"error rc={proc.returncode}")
+    except subprocess.TimeoutExpired:
+        last, result = f"timed out after {timeout:.0f} s", "timeout"
+    finally:
+        _restore(originals)
+    return result, time.monotonic() - started, last
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("keys", nargs="*", help="run only the plants whose key contains one of these")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--check", action="store_true", help="check that every plant applies, run nothing")
+    p.add_argument("--timeout", type=float, default=900)
+    args = p.parse_args(argv)
+    plants = [pl for pl in PLANTS if not args.keys or any(k in pl.key for k in args.keys)]
+    if args.list:
+        for pl in plants:
+            print(f"{pl.key}: {pl.bug} ({pl.file}) -> {' '.join(pl.tests)}")
+        return 0
+    if args.check:
+        for pl in plants:
+            _restore(_apply(pl))
+        print(f"{len(plants)} plant(s) apply")
+        return 0
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    if dirty:
+        raise SystemExit(f"refusing to plant bugs in a checkout with changes:\n{dirty}")
+    print("| property | tests | bug planted | the tests fail |\n|---|---|---|---|", flush=True)
+    missed = 0
+    for pl in plants:
+        result, seconds, last = run_plant(pl, args.timeout)
+        missed += result != "caught"
+        tests = "<br>".join(f"`{t.removeprefix('tests/')}`" for t in pl.tests)
+        verdict = "yes" if result == "caught" else f"**{result}**"
+        print(f"| {pl.prop} | {tests} | {pl.bug} (`{pl.file}`) | {verdict} |", flush=True)
+        print(f"  {pl.key}: {result} in {seconds:.0f} s: {last}", file=sys.stderr, flush=True)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
