@@ -28,12 +28,12 @@ import pyarrow.parquet as pq
 LINK_DRIVER_GROWTH_MB = 5
 #: the index driver reads the KB's identity (ids, aliases: ~2.2 KB per entity here, +6.5 MB
 #: from 1k to 4k entities); holding the extra entities' features would add ~6.8 KB per entity
-#: more (measured +20.4 MB for 3k). From 1k to 8k entities: ~15 MB of identity against ~63 MB
-#: with the features, so the limit sits ~15 MB from both (a loaded machine moved the 4k
+#: more (measured +20.4 MB for 3k). From 1k to 6k entities: ~11 MB of identity against ~45 MB
+#: with the features, so the limit sits ~17 MB from both (a loaded machine moved the 4k
 #: figure by up to 6 MB; a limit of 12 MB over 3k entities failed at 12.3 MB under load).
-INDEX_DRIVER_GROWTH_MB = 32
+INDEX_DRIVER_GROWTH_MB = 28
 #: the KB sizes the index driver is measured at
-INDEX_KB_SIZES = (1_000, 8_000)
+INDEX_KB_SIZES = (1_000, 6_000)
 #: allowed growth of a link worker kind's peak private RSS (read, encode, link, shard actors,
 #: the commit coordinator) from the small to the 4x input, MB. Measured with 8 MiB blocks
 #: (jobs/common.py TARGET_BLOCK_BYTES): read +16, link +8, encode +0.1, shard and

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 
+@pytest.mark.slow  # trains for ~20 s: not in make test-fast
 @pytest.mark.parametrize("mode", ["kd"])
 def test_tiny_model_learns_to_link_far_above_chance(mode, tmp_path):
     from otmel.data import PairDataset, load_split
