@@ -125,11 +125,11 @@ def synth_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
-    """One local Ray instance for the whole run, with the dashboard: the fault suite finds the
-    actors and worker processes it kills through Ray's state API."""
+    """One local Ray instance for the whole run, without the dashboard (its processes took ~8%
+    of a core all along; the fault tests read the GCS's actor table, not the state API)."""
     from ray_session import start_local_ray
 
-    yield start_local_ray(tmp_path_factory, include_dashboard=True)
+    yield start_local_ray(tmp_path_factory)
     import ray
 
     ray.shutdown()

@@ -6,8 +6,8 @@ from __future__ import annotations
 def start_local_ray(tmp_path_factory, include_dashboard: bool = False):
     """A local Ray instance for a test session (token auth off explicitly: in Ray 2.60
     ray.init() would otherwise turn it on and write ~/.ray/auth_token, making behaviour
-    depend on test order). The dashboard serves Ray's state API (the fault suites find the
-    actors to kill through it)."""
+    depend on test order). The dashboard serves Ray's state API, which no test of the session's
+    instance needs."""
     import os
 
     import ray

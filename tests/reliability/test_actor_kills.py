@@ -1,7 +1,7 @@
 """Actors and worker processes killed from outside while a link job runs: an index-shard
 actor and an encode actor are killed through Ray (as ``ray.kill(handle, no_restart=False)``
-does, by the ids Ray's state API lists), then a link actor's worker process is SIGKILLed by
-the PID the state API gives. Ray restarts them and retries their calls; the job finishes
+does, by the ids in the GCS's actor table), then a link actor's worker process is SIGKILLed by
+the PID the table gives. Ray restarts them and retries their calls; the job finishes
 with every input mention exactly once (a retried link batch reports its part again: counted
 once), one committed file per input, nothing left staged."""
 
@@ -31,14 +31,24 @@ def _wait(predicate, what: str, driver: JobDriver, timeout: float = 300) -> None
 
 
 def _alive(match: str) -> list:
-    """ALIVE actors of this session's Ray instance whose class (Ray Data's pools:
-    ``MapWorker(MapBatches(Encode))``) names ``match``."""
-    import ray
-    from ray.util.state import list_actors
+    """ALIVE actors of this session's Ray instance (the GCS's actor table) whose worker process
+    runs ``match`` by its title (Ray Data's pools: ``ray::MapWorker(MapBatches(Encode))``)."""
+    from types import SimpleNamespace
 
-    return [a for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
-                                   detail=True)
-            if match in (a.class_name or "") or match in (a.repr_name or "")]
+    import psutil
+    from ray._private.state import actors
+
+    from otmel.worker_memory import worker_kind
+
+    found = []
+    for a in actors(actor_state_name="ALIVE").values():
+        try:
+            kind = worker_kind(psutil.Process(a["Pid"]).cmdline())
+        except psutil.Error:
+            continue
+        if kind and match in kind:
+            found.append(SimpleNamespace(actor_id=a["ActorID"], pid=a["Pid"]))
+    return found
 
 
 def _kill_through_ray(actor_id: str) -> None:
@@ -98,8 +108,7 @@ def test_killed_shard_encode_and_link_actors_are_restarted_and_every_row_is_link
     assert len(list(out.glob("part-*.parquet"))) == 4 and not (out / "_staging").exists()
     assert summary["files_processed"] == 4
     # the faults were real: each actor hit was restarted by Ray
-    from ray.util.state import get_actor
+    from ray._private.state import actors
 
-    restarts = {what: get_actor(actor_id, address=ray_local.get_runtime_context().gcs_address).num_restarts
-                for what, actor_id in killed.items()}
+    restarts = {what: actors(actor_id=actor_id)["NumRestarts"] for what, actor_id in killed.items()}
     assert all(n >= 1 for n in restarts.values()), restarts
