@@ -171,3 +171,20 @@ def test_fp16_stored_features_move_reranked_scores_by_less_than_the_stated_toler
     grid = lambda f: {n: np.broadcast_to(v[None], (M, *v.shape)) for n, v in f.items()}  # noqa: E731
     diff = np.abs(backend.score(m, grid(stored))["overall"] - backend.score(m, grid(fresh))["overall"])
     assert 0 < diff.max() <= FP16_RERANK_TOLERANCE, diff.max()
+
+
+def test_a_shard_builder_keeps_each_row_once_when_a_retried_routing_task_sends_it_again(tmp_path):
+    """A routing task retried after its node died re-sends the batches it had already sent
+    (the node-loss test may or may not hit that window): the builder keeps each entity once,
+    counts the repeats, and its shard holds each row once."""
+    from test_entity_index import SHAPES, _features
+
+    from jobs.index import KeyPlan, ShardBuilder
+
+    feats, ids = _features(6, seed=0), [f"Q{i}" for i in range(6)]
+    builder = ShardBuilder("shard-00000", "shard-00000", str(tmp_path / "index"),
+                           KeyPlan(factory="Flat", feature_dtype="fp32", missing_image="zeros", in_faiss=True))
+    assert builder.append(ids[:4], {k: v[:4] for k, v in feats.items()}) == 4
+    assert builder.append(ids[2:], {k: v[2:] for k, v in feats.items()}) == 2  # rows 2 and 3 sent again
+    entry, kept, appended = builder.close("Flat", 6, SHAPES)
+    assert appended == 6 and builder.repeated == 2 and entry["count"] == 6 and sorted(kept) == ids
