@@ -33,7 +33,12 @@ os.environ.setdefault("AWS_REGION", "us-east-1")
 # metrics agents sampled every process of every node), and idle task workers kept for the next
 # task of the same job instead of a new process each (a worker starts in ~1-2 s of CPU, most of
 # it `import ray.data`). Measured on tests/test_link_job.py: 287 -> 240 CPU-seconds, 161 -> 136 s.
+# And Ray's workers at the niceness of every other process: Ray starts them at nice 15, so
+# beside any CPU-bound process at nice 0 (another build, another test run: CI's machines are
+# shared) they got ~3% of a core each and the suite crawled (under two such processes the
+# first test's set-up had not ended after 18 minutes; it takes ~1 minute on a quiet machine).
 RAY_TEST_SETTINGS = {
+    "RAY_worker_niceness": "0",
     "RAY_enable_metrics_collection": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_num_workers_soft_limit": "10",
