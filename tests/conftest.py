@@ -27,8 +27,8 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_REGION", "us-east-1")
 
 # Ray settings of a test session, inherited by every Ray process the tests start (the session's
-# instance, the jobs' own drivers and instances, the clusters' nodes). Neither changes what a
-# job computes; both cut the CPU the suite spends beside its work, on a machine where the suite
+# instance, the jobs' own drivers and instances, the clusters' nodes). None changes what a
+# job computes. Two cut the CPU the suite spends beside its work, on a machine where the suite
 # is CPU-bound (a quiet run keeps both cores busy): no metrics collection or usage stats (the
 # metrics agents sampled every process of every node), and idle task workers kept for the next
 # task of the same job instead of a new process each (a worker starts in ~1-2 s of CPU, most of

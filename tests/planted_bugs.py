@@ -192,29 +192,27 @@ PLANTS = (
 )
 
 
-def _apply(plant: Plant) -> dict[Path, str]:
-    originals: dict[Path, str] = {}
+def _apply(plant: Plant) -> str:
+    """Plant the bug; returns the file's original text (for :func:`_restore`)."""
+    path = ROOT / plant.file
+    original = text = path.read_text()
     for old, new in plant.edits:
-        path = ROOT / plant.file
-        text = originals.get(path) or path.read_text()
-        originals.setdefault(path, text)
-        current = path.read_text()
-        n = current.count(old)
+        n = text.count(old)
         if n != 1:
             raise SystemExit(f"plant {plant.key}: {plant.file} holds the planted text {n} times (expected once): "
                              f"update the plant with the code\n{old}")
-        path.write_text(current.replace(old, new))
-    return originals
+        text = text.replace(old, new)
+    path.write_text(text)
+    return original
 
 
-def _restore(originals: dict[Path, str]) -> None:
-    for path, text in originals.items():
-        path.write_text(text)
+def _restore(plant: Plant, original: str) -> None:
+    (ROOT / plant.file).write_text(original)
 
 
 def run_plant(plant: Plant, timeout: float) -> tuple[str, float, str]:
     """(result, seconds, last line): 'caught' when the tests fail with the bug planted."""
-    originals = _apply(plant)
+    original = _apply(plant)
     started = time.monotonic()
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *plant.tests],
@@ -225,7 +223,7 @@ def run_plant(plant: Plant, timeout: float) -> tuple[str, float, str]:
     except subprocess.TimeoutExpired:
         last, result = f"timed out after {timeout:.0f} s", "timeout"
     finally:
-        _restore(originals)
+        _restore(plant, original)
     return result, time.monotonic() - started, last
 
 
@@ -243,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.check:
         for pl in plants:
-            _restore(_apply(pl))
+            _restore(pl, _apply(pl))
         print(f"{len(plants)} plant(s) apply")
         return 0
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
