@@ -134,7 +134,7 @@ class ShardMemory:
     """Peak private RSS of this process's Ray workers by kind, sampled in a thread."""
 
     def __init__(self):
-        from otmel.worker_memory import WorkerMemory
+        from otmel.worker_memory import SAMPLE_EVERY_S, WorkerMemory
 
         self.memory = WorkerMemory(root_pid=os.getpid())
         self.stop = threading.Event()
@@ -143,7 +143,7 @@ class ShardMemory:
     def _run(self):
         while not self.stop.is_set():
             self.memory.sample()
-            time.sleep(0.25)
+            time.sleep(SAMPLE_EVERY_S)
 
     def __enter__(self):
         self.thread.start()

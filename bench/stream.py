@@ -74,7 +74,7 @@ def write_input(template: pa.Table, out: Path, total_rows: int, files: int, imag
 
 def run_link(cfg: dict) -> dict:
     """The link job as a driver process of its own; workers sampled from outside."""
-    from otmel.worker_memory import WorkerMemory
+    from otmel.worker_memory import SAMPLE_EVERY_S, WorkerMemory
 
     code = ("import json; from otmel.jobs.link import LinkConfig, run\n"
             "open('/proc/self/clear_refs', 'w').write('5')\n"
@@ -86,7 +86,7 @@ def run_link(cfg: dict) -> dict:
     memory = WorkerMemory(started, root_pid=proc.pid)  # the Ray instance this job starts
     while proc.poll() is None:
         memory.sample()
-        time.sleep(0.25)
+        time.sleep(SAMPLE_EVERY_S)
     out, err = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"link job failed:\n{err[-3000:]}")
@@ -178,7 +178,7 @@ def main() -> None:
     for kind in kinds:
         row(f"peak private RSS, `{kind}`", [f"{r['workers_peak_mb'][kind]:.0f} MB" if kind in r["workers_peak_mb"]
                                             else "-" for _, _, r in results])
-    lines += ["", "Worker figures are the largest peak private RSS (RssAnon, sampled every 0.25 s from "
+    lines += ["", "Worker figures are the largest peak private RSS (RssAnon, sampled every 50 ms from "
               "outside) among the processes of each kind of the job's own Ray instance; shared "
               "object-store pages are not counted. A task worker runs many tasks in turn and is "
               "labelled by the first one seen. With photos, a read worker's floor is set by the "
