@@ -132,8 +132,22 @@ def test_bad_rows_become_error_rows_with_their_reason(s3_link, s3_inputs, s3_ser
     assert result.summary["errors_by_reason"]["bad_json"] == 2
 
 
+def _job_actors() -> dict[int, str]:
+    """The shard and commit-coordinator actors' worker processes of this session's Ray, by
+    their process titles (a killed actor's process exits)."""
+    from otmel.worker_memory import ray_workers
+
+    return {p.pid: k for p, k in ray_workers(("ShardServer", "CommitCoordinator"), root_pid=os.getpid())}
+
+
 def test_rerun_skips_complete_outputs_and_forced_rerun_reproduces_them(s3_link, s3_server):
+    """Re-runs of a library caller in one Ray instance: a complete output is skipped, a
+    rewritten input relinked alone, a forced run reproduces every file; and each job's shard
+    actors and commit coordinator end with it (left to the garbage collector, two earlier
+    jobs' shard actors were still alive holding 0.25 CPU each, and the third job on 2 cores
+    ran at ~0.6 of the first's pace)."""
     cfg, first, _ = s3_link
+    before = set(_job_actors())  # an earlier job's, on their way out or not
     again = run(cfg)
     assert again.summary["files_processed"] == 0 and again.summary["files_skipped_complete"] == 6
     assert again.summary["counts"] == first.summary["counts"]
@@ -146,6 +160,11 @@ def test_rerun_skips_complete_outputs_and_forced_rerun_reproduces_them(s3_link, 
     assert forced.summary["files_processed"] == 6
     a, b = read_link_output(cfg.output, s3_server), read_link_output(forced.output, s3_server)
     assert_same_link_rows(a.to_pylist(), b.to_pylist())  # same files (hash names), rows in the same order
+    deadline = time.time() + 30  # a killed actor is reported dead within moments
+    while set(_job_actors()) - before and time.time() < deadline:
+        time.sleep(0.5)
+    left = {pid: k for pid, k in _job_actors().items() if pid not in before}
+    assert not left, left
 
 
 #: a value other than the s3_link fixture's for every LinkConfig field; True = the field
@@ -212,35 +231,55 @@ def test_rerun_keys_recompute_exactly_the_files_whose_result_would_change(s3_lin
         _write(a, original, s3_server)
 
 
-def test_sharded_replicated_index_gives_the_single_shard_results(s3_index, onnx_model, synth_dir, tmp_path,
-                                                                 s3_server):
-    """Flat index, K >= shard size: 2 shards x 2 replicas == 1 shard x 1 replica, candidates
-    and scores; every replica serves batches, each batch going to one replica of every shard."""
-    from otmel.jobs.index import IndexConfig
-    from otmel.jobs.index import run as build
+def _exhaustive_top(backend, index_dir: str, mentions: pa.Table, k: int) -> dict[str, list[tuple[str, float]]]:
+    """Brute force, in this process: S_O of every mention against every stored entity of the
+    index, the top ``k`` per mention by (-score, entity id): what any sharding must return."""
+    from otmel.entity_index import open_shards
+    from otmel.linking import LINK_MENTION_FEATURES
+    from otmel.model import ENTITY_FEATURES
+    from otmel.preprocessing import MODEL_INPUTS
 
-    build(IndexConfig(model=onnx_model, kb=str(synth_dir / "kb.parquet"), out=str(tmp_path / "one"), shards=1))
-    mentions = str(synth_dir / "mentions" / "test.parquet")
+    batch = backend.preprocessor.mentions(mentions.select(["mention", "text", "image"]).to_pydict())
+    m = backend.encode({n: getattr(batch, n) for n in MODEL_INPUTS}, LINK_MENTION_FEATURES)
+    _, shards = open_shards(index_dir)
+    ids = np.concatenate([s.entity_ids for s in shards])
+    grid = {n: np.concatenate([s.gather(np.arange(s.count)[None], (n,))[n][0] for s in shards]) for n in ENTITY_FEATURES}
+    M = mentions.num_rows
+    scores = backend.score(m, {n: np.broadcast_to(v[None], (M, *v.shape)) for n, v in grid.items()})["overall"]
+    top = {}
+    for i, mention_id in enumerate(mentions.column("mention_id").to_pylist()):
+        order = sorted(range(len(ids)), key=lambda j: (-scores[i, j], ids[j]))[:k]
+        top[mention_id] = [(str(ids[j]), float(scores[i, j])) for j in order]
+    return top
+
+
+def test_sharded_replicated_index_gives_the_exhaustive_results(s3_index, onnx_model, synth_dir, tmp_path, s3_server):
+    """Flat index, K >= shard size: the job on 2 shards x 2 replicas returns, for every
+    mention, the top-5 of an exhaustive S_O over all 60 entities (brute force in this
+    process), candidates and scores; every replica serves batches, each batch going to one
+    replica of every shard."""
+    from otmel.backend import load_backend
+    from otmel.storage import local_copy
+
+    mentions = pq.read_table(synth_dir / "mentions" / "test.parquet")
     K = 64  # >= every shard's size (60 entities in all)
-    outs, served = [], []
-    for index, replicas in ((s3_index[0].out, 2), (str(tmp_path / "one"), 1)):
-        r = run(LinkConfig(model=onnx_model, index=index, input=mentions, output=str(tmp_path / f"out{len(outs)}"),
-                           top_k=5, candidates=K, batch_size=16, shard_replicas=replicas, s3_endpoint=s3_server))
-        assert r.summary["pools"]["shard_replicas"] == replicas
-        outs.append(read_link_output(r.output).to_pylist())
-        served.append(r.summary["shard_batches"])
-    two, one = outs
-    assert [r["mention_id"] for r in two] == [r["mention_id"] for r in one]
-    for a, b in zip(two, one):
-        assert a["entity_id"] == b["entity_id"]
-        assert [c["entity_id"] for c in a["candidates"]] == [c["entity_id"] for c in b["candidates"]]
-        assert np.allclose([c["score"] for c in a["candidates"]], [c["score"] for c in b["candidates"]], atol=1e-6)
-    replicated, single = served
-    batches = -(-len(one) // 16)
-    assert len(single) == 1 and sum(*single.values()) >= batches, single
+    r = run(LinkConfig(model=onnx_model, index=s3_index[0].out, input=str(synth_dir / "mentions" / "test.parquet"),
+                       output=str(tmp_path / "out"), top_k=5, candidates=K, batch_size=16, shard_replicas=2,
+                       s3_endpoint=s3_server))
+    assert r.summary["pools"]["shard_replicas"] == 2
+    rows = read_link_output(r.output).to_pylist()
+    with local_copy(s3_index[0].out, s3_server) as d:
+        exhaustive = _exhaustive_top(load_backend(onnx_model), str(d), mentions, 5)
+    assert sorted(row["mention_id"] for row in rows) == sorted(exhaustive)
+    for row in rows:
+        expected = exhaustive[row["mention_id"]]
+        assert [c["entity_id"] for c in row["candidates"]] == [e for e, _ in expected], row["mention_id"]
+        assert np.allclose([c["score"] for c in row["candidates"]], [s for _, s in expected], atol=1e-5)
+        assert row["entity_id"] in (None, expected[0][0])  # the top candidate, or NIL
     # per shard: 2 replicas, both serving; every batch reached every shard once
-    assert len(replicated) == 2 and all(len(v) == 2 and min(v) > 0 for v in replicated.values()), replicated
-    assert len({sum(v) for v in replicated.values()}) == 1 and sum(next(iter(replicated.values()))) >= batches
+    served, batches = r.summary["shard_batches"], -(-len(rows) // 16)
+    assert len(served) == 2 and all(len(v) == 2 and min(v) > 0 for v in served.values()), served
+    assert len({sum(v) for v in served.values()}) == 1 and sum(next(iter(served.values()))) >= batches
 
 
 def test_rerank_scores_equal_exhaustive_scores_and_topk_follows(onnx_model, s3_index, synth_dir, s3_server):
@@ -332,30 +371,6 @@ def test_shard_actors_and_the_link_stage_score_and_merge_without_torch_or_transf
     assert found.entity_ids.shape == (8, 3) and np.isfinite(found.scores).all()
     assert ray.get(actor.__ray_call__.remote(link_stage_imports)) == []
     ray.kill(actor)
-
-
-def test_a_job_leaves_no_shard_or_coordinator_actor_behind(ray_local, s3_index, onnx_model, synth_dir, tmp_path,
-                                                           s3_server):
-    """A library caller's jobs in one Ray instance: each one's shard actors and commit
-    coordinator end with it (left to the garbage collector, two earlier jobs' shard actors
-    were still alive holding 0.25 CPU each, and the third job on 2 cores ran at ~0.6 of the
-    first's pace)."""
-    from otmel.worker_memory import ray_workers
-
-    def alive():  # the actors' worker processes, by their process titles (a killed actor's exits), of this session's Ray
-        return {p.pid: k for p, k in ray_workers(("ShardServer", "CommitCoordinator"), root_pid=os.getpid())}
-
-    before = set(alive())  # an earlier test's, on their way out or not
-    idx_cfg, _ = s3_index
-    cfg = LinkConfig(model=onnx_model, index=idx_cfg.out, input=str(synth_dir / "mentions" / "test.parquet"),
-                     output=str(tmp_path / "out"), top_k=3, candidates=10, s3_endpoint=s3_server)
-    for _ in range(2):
-        assert run(dataclasses.replace(cfg, force=True)).summary["counts"]["in"] > 0
-    deadline = time.time() + 30  # a killed actor is reported dead within moments
-    while set(alive()) - before and time.time() < deadline:
-        time.sleep(0.5)
-    left = {pid: k for pid, k in alive().items() if pid not in before}
-    assert not left, left
 
 
 def test_job_level_mismatches_fail_before_any_work(s3_index, onnx_model, tmp_path, s3_server):
