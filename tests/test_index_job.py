@@ -91,9 +91,10 @@ def _by_id(directory) -> dict[str, dict]:
 
 
 def test_update_equals_a_full_rebuild_and_leaves_untouched_shards_alone(ray_local, trained_run, synth_dir, tmp_path):
-    """Apply adds, replacements and deletions to a 4-shard index built from a PyTorch checkpoint."""
+    """Apply adds, replacements and deletions to a 3-shard index built from a PyTorch checkpoint
+    (one encode actor per build: each imports torch and loads the model)."""
     _, train = trained_run
-    S = 4
+    S = 3
     kb = pq.read_table(synth_dir / "kb.parquet")
     ids = kb.column("entity_id").to_pylist()
     shard = shard_of(ids, S)
@@ -107,12 +108,12 @@ def test_update_equals_a_full_rebuild_and_leaves_untouched_shards_alone(ray_loca
                               renamed_rows, kb.take(pa.array(added))])
     for name, table in (("v1", v1), ("changes", changes), ("final", final)):
         pq.write_table(table, tmp_path / f"{name}.parquet")
-    common = dict(model=train.latest_checkpoint, shards=S, feature_dtype="fp32")
+    common = dict(model=train.latest_checkpoint, shards=S, feature_dtype="fp32", workers=1)
     run(IndexConfig(kb=str(tmp_path / "v1.parquet"), out=str(tmp_path / "updated"), **common))
     before = json.loads((tmp_path / "updated" / "manifest.json").read_text())
     v1_feats = _by_id(tmp_path / "updated")
     result = run(IndexConfig(model=train.latest_checkpoint, kb=str(tmp_path / "changes.parquet"),
-                             out=str(tmp_path / "updated"), update=True))
+                             out=str(tmp_path / "updated"), update=True, workers=1))
     run(IndexConfig(kb=str(tmp_path / "final.parquet"), out=str(tmp_path / "rebuilt"), **common))
 
     after = json.loads((tmp_path / "updated" / "manifest.json").read_text())
