@@ -1,6 +1,6 @@
 """Plant each bug the suite is meant to catch, run the tests that should catch it, restore.
 
-    python tests/planted_bugs.py                 # every plant (~25 min here): a markdown table
+    python tests/planted_bugs.py                 # every plant (~40 min here): a markdown table
     python tests/planted_bugs.py --list          # what would be planted, and the tests
     python tests/planted_bugs.py rerank shuffle  # only the plants whose key contains one of these
     python tests/planted_bugs.py --check         # every plant still applies (its text is in the code)
