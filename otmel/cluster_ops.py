@@ -541,9 +541,10 @@ def start_local_cluster(nodes: int = 3, autoscale: bool = False, max_nodes: int 
     return cluster
 
 
-def _processes_under(temp_dir: str) -> list[int]:
-    """PIDs whose command line names the cluster's temp dir (every Ray process of it does)."""
-    pids = []
+def _processes_under(temp_dir: str) -> dict[int, str]:
+    """The processes whose command line names the cluster's temp dir (every Ray process of
+    it does): PID -> command line."""
+    found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
@@ -552,37 +553,31 @@ def _processes_under(temp_dir: str) -> list[int]:
         except OSError:
             continue
         if temp_dir in cmdline:
-            pids.append(int(proc.name))
-    return pids
+            found[int(proc.name)] = cmdline
+    return found
 
 
-#: the order a local cluster's processes are stopped in, by a part of their command line (the
-#: rest between the last two): sent SIGTERM all at once, the GCS and the raylets stayed up
-#: until the SIGKILL 20 s later (each waiting on the other); in this order every wave ends
-#: within a second. The autoscaler first, so that it starts no node while the rest go.
-STOP_ORDER = ("autoscaler/_private/monitor.py", None, "gcs_server")
+#: a local cluster's processes are stopped in three waves, by their command lines: the
+#: autoscaler (so that it starts no node while the rest go), then everything but the GCS
+#: (raylets, agents, workers), then the GCS. Sent SIGTERM all at once, the GCS and the raylets
+#: stayed up until the SIGKILL 20 s later (each waiting on the other); in waves each ends
+#: within a second.
+STOP_FIRST, STOP_LAST = "autoscaler/_private/monitor.py", "gcs_server"
 
 
-def _stop_waves(pids: list[int]) -> list[list[int]]:
-    def command(pid: int) -> str:
-        try:
-            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            return ""
-
-    named = {pid: command(pid) for pid in pids}
-    marks = [m for m in STOP_ORDER if m is not None]
-    return [[p for p, c in named.items() if (m in c if m is not None else not any(x in c for x in marks))]
-            for m in STOP_ORDER]
+def _stop_waves(processes: dict[int, str]) -> list[list[int]]:
+    return [[p for p, c in processes.items() if STOP_FIRST in c],
+            [p for p, c in processes.items() if STOP_FIRST not in c and STOP_LAST not in c],
+            [p for p, c in processes.items() if STOP_LAST in c]]
 
 
 def stop_local_cluster(directory: str | Path | None = None, timeout: float = 20.0, out=sys.stdout) -> int:
     """Stop every process of the local cluster recorded in ``directory`` (and nothing else:
-    other Ray instances on the machine are left alone), in :data:`STOP_ORDER`: SIGTERM and up
+    other Ray instances on the machine are left alone), in waves (:data:`STOP_FIRST`): SIGTERM and up
     to ``timeout`` seconds per wave, SIGKILL for what is left. Returns how many were stopped."""
     directory = Path(directory or LOCAL_CLUSTER_DIR)
     cluster = LocalCluster.load(directory)
-    pids = _processes_under(cluster.temp_dir)
+    processes = _processes_under(cluster.temp_dir)
 
     def signal_and_wait(targets: list[int], sig, wait: float) -> list[int]:
         for pid in targets:
@@ -591,19 +586,19 @@ def stop_local_cluster(directory: str | Path | None = None, timeout: float = 20.
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + wait
-        while (targets := [p for p in targets if Path(f"/proc/{p}").exists() and not _zombie(p)]) \
-                and time.monotonic() < deadline:
+        while (targets := [p for p in targets if not _ended(p)]) and time.monotonic() < deadline:
             time.sleep(0.1)
         return targets
 
-    left = [p for wave in _stop_waves(pids) for p in signal_and_wait(wave, signal.SIGTERM, timeout)]
+    left = [p for wave in _stop_waves(processes) for p in signal_and_wait(wave, signal.SIGTERM, timeout)]
     signal_and_wait(left, signal.SIGKILL, 5.0)
     (directory / "state.json").unlink(missing_ok=True)
     print(f"local cluster at {cluster.gcs_address} stopped", file=out)
-    return len(pids)
+    return len(processes)
 
 
-def _zombie(pid: int) -> bool:
+def _ended(pid: int) -> bool:
+    """The process is gone, or a zombie (dead, not yet reaped by its parent)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
     except (OSError, IndexError):
