@@ -231,26 +231,29 @@ def test_rerun_keys_recompute_exactly_the_files_whose_result_would_change(s3_lin
         _write(a, original, s3_server)
 
 
-def _exhaustive_top(backend, index_dir: str, mentions: pa.Table, k: int) -> dict[str, list[tuple[str, float]]]:
-    """Brute force, in this process: S_O of every mention against every stored entity of the
-    index, the top ``k`` per mention by (-score, entity id): what any sharding must return."""
-    from otmel.entity_index import open_shards
+def _encoded_mentions(backend, mentions: pa.Table) -> dict[str, np.ndarray]:
+    """The link job's mention features, computed in this process."""
     from otmel.linking import LINK_MENTION_FEATURES
-    from otmel.model import ENTITY_FEATURES
     from otmel.preprocessing import MODEL_INPUTS
 
     batch = backend.preprocessor.mentions(mentions.select(["mention", "text", "image"]).to_pydict())
-    m = backend.encode({n: getattr(batch, n) for n in MODEL_INPUTS}, LINK_MENTION_FEATURES)
-    _, shards = open_shards(index_dir)
+    return backend.encode({n: getattr(batch, n) for n in MODEL_INPUTS}, LINK_MENTION_FEATURES)
+
+
+def _exhaustive_scores(backend, shards, m: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force, in this process: every stored entity's id, and S_O of every mention
+    against every one of them (mentions x entities)."""
+    from otmel.model import ENTITY_FEATURES
+
     ids = np.concatenate([s.entity_ids for s in shards])
     grid = {n: np.concatenate([s.gather(np.arange(s.count)[None], (n,))[n][0] for s in shards]) for n in ENTITY_FEATURES}
-    M = mentions.num_rows
-    scores = backend.score(m, {n: np.broadcast_to(v[None], (M, *v.shape)) for n, v in grid.items()})["overall"]
-    top = {}
-    for i, mention_id in enumerate(mentions.column("mention_id").to_pylist()):
-        order = sorted(range(len(ids)), key=lambda j: (-scores[i, j], ids[j]))[:k]
-        top[mention_id] = [(str(ids[j]), float(scores[i, j])) for j in order]
-    return top
+    M = len(next(iter(m.values())))
+    return ids, backend.score(m, {n: np.broadcast_to(v[None], (M, *v.shape)) for n, v in grid.items()})["overall"]
+
+
+def _top(ids: np.ndarray, scores: np.ndarray, k: int) -> list[int]:
+    """The ``k`` best entities of one mention by (-score, entity id), as the link job orders them."""
+    return sorted(range(len(ids)), key=lambda j: (-scores[j], ids[j]))[:k]
 
 
 def test_sharded_replicated_index_gives_the_exhaustive_results(s3_index, onnx_model, synth_dir, tmp_path, s3_server):
@@ -259,6 +262,7 @@ def test_sharded_replicated_index_gives_the_exhaustive_results(s3_index, onnx_mo
     process), candidates and scores; every replica serves batches, each batch going to one
     replica of every shard."""
     from otmel.backend import load_backend
+    from otmel.entity_index import open_shards
     from otmel.storage import local_copy
 
     mentions = pq.read_table(synth_dir / "mentions" / "test.parquet")
@@ -268,8 +272,11 @@ def test_sharded_replicated_index_gives_the_exhaustive_results(s3_index, onnx_mo
                        s3_endpoint=s3_server))
     assert r.summary["pools"]["shard_replicas"] == 2
     rows = read_link_output(r.output).to_pylist()
+    backend = load_backend(onnx_model)
     with local_copy(s3_index[0].out, s3_server) as d:
-        exhaustive = _exhaustive_top(load_backend(onnx_model), str(d), mentions, 5)
+        ids, scores = _exhaustive_scores(backend, open_shards(d)[1], _encoded_mentions(backend, mentions))
+    exhaustive = {mention_id: [(str(ids[j]), float(scores[i, j])) for j in _top(ids, scores[i], 5)]
+                  for i, mention_id in enumerate(mentions.column("mention_id").to_pylist())}
     assert sorted(row["mention_id"] for row in rows) == sorted(exhaustive)
     for row in rows:
         expected = exhaustive[row["mention_id"]]
@@ -287,27 +294,21 @@ def test_rerank_scores_equal_exhaustive_scores_and_topk_follows(onnx_model, s3_i
     same pairs; top-k == exhaustive top-k when it lies in the candidates; identical when K = E."""
     from otmel.backend import load_backend
     from otmel.entity_index import open_shards
-    from otmel.preprocessing import MODEL_INPUTS
-    from otmel.linking import LINK_MENTION_FEATURES, ShardLinker, link_locally
-    from otmel.model import ENTITY_FEATURES
+    from otmel.linking import ShardLinker, link_locally
     from otmel.storage import local_copy
 
     backend = load_backend(onnx_model)
     test = pq.read_table(synth_dir / "mentions" / "test.parquet")
-    batch = backend.preprocessor.mentions(test.select(["mention", "text", "image"]).to_pydict())
-    m = backend.encode({k: getattr(batch, k) for k in MODEL_INPUTS}, LINK_MENTION_FEATURES)
+    m = _encoded_mentions(backend, test)
     with local_copy(s3_index[0].out, s3_server) as d:
         _, shards = open_shards(d)
         linkers = [ShardLinker(s, backend) for s in shards]
         E = sum(s.count for s in shards)
-        # exhaustive S_O over every stored entity
-        all_ids = np.concatenate([s.entity_ids for s in shards])
-        grid = {n: np.concatenate([s.gather(np.arange(s.count)[None], (n,))[n][0] for s in shards]) for n in ENTITY_FEATURES}
+        all_ids, exhaustive = _exhaustive_scores(backend, shards, m)  # S_O over every stored entity
         M = len(test)
-        exhaustive = backend.score(m, {n: np.broadcast_to(v[None], (M, *v.shape)) for n, v in grid.items()})["overall"]
         lookup = {e: j for j, e in enumerate(all_ids)}
         k = 3
-        ex_top = [sorted(range(E), key=lambda j: (-exhaustive[i, j], all_ids[j]))[:k] for i in range(M)]
+        ex_top = [_top(all_ids, exhaustive[i], k) for i in range(M)]
         full = link_locally(linkers, m, E, k)
         small = link_locally(linkers, m, 4, k)
     for i in range(M):
@@ -345,14 +346,10 @@ def test_shard_actors_and_the_link_stage_score_and_merge_without_torch_or_transf
     from otmel.backend import load_backend
     from otmel.entity_index import load_manifest
     from otmel.jobs.link import ShardServer
-    from otmel.linking import LINK_MENTION_FEATURES
-    from otmel.preprocessing import MODEL_INPUTS
 
     idx_cfg, _ = s3_index
     backend = load_backend(onnx_model)
-    test = pq.read_table(synth_dir / "mentions" / "test.parquet").slice(0, 8)
-    batch = backend.preprocessor.mentions(test.select(["mention", "text", "image"]).to_pydict())
-    feats = backend.encode({k: getattr(batch, k) for k in MODEL_INPUTS}, LINK_MENTION_FEATURES)
+    feats = _encoded_mentions(backend, pq.read_table(synth_dir / "mentions" / "test.parquet").slice(0, 8))
     manifest = load_manifest(idx_cfg.out, s3_server)
 
     def link_stage_imports(self):
