@@ -517,7 +517,13 @@ def start_local_cluster(nodes: int = 3, autoscale: bool = False, max_nodes: int 
            f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}",
            f"--autoscaling-config={config}", "--disable-usage-stats"]
     cluster.save()  # before start: `down` can clean up a half-started cluster
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # the cluster's processes get a session of their own, as a daemon's do: they outlive the
+    # terminal, and on Linux, where the scheduler shares the CPU between sessions before the
+    # processes within one (autogroup), they are one group beside the terminal's other work.
+    # Left in the terminal's session beside CPU-bound processes there, the drivers of submitted
+    # jobs (Ray starts each in a session of its own) got ~1% of a core: a 60-entity link job
+    # took 240 s instead of 30 s (tests/README.md, "Under load")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, start_new_session=True)
     if proc.returncode != 0:
         stop_local_cluster(directory, out=open(os.devnull, "w"))
         raise ClusterError(f"ray start failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")

@@ -190,6 +190,12 @@ PLANTS = (
           "otmel/cluster_ops.py",
           (("        released = _release_holds()\n", "        released = 0\n"),),
           ("tests/cluster/test_cluster.py::test_scale_up_then_a_submitted_job_links_to_s3_on_the_new_nodes_and_clear_lets_them_go",)),
+    Plant("cluster-session", "The local cluster runs in a session of its own (a submitted job's driver is not "
+          "starved beside CPU-bound work in the terminal's session)",
+          "`ray start` in the caller's session",
+          "otmel/cluster_ops.py",
+          (("capture_output=True, text=True, start_new_session=True)", "capture_output=True, text=True)"),),
+          ("tests/cluster/test_cluster.py::test_scale_up_then_a_submitted_job_links_to_s3_on_the_new_nodes_and_clear_lets_them_go",)),
     Plant("kge-filtered", "KGE filtered ranks equal a brute-force reference over all splits",
           "the filter knows the training triples only",
           "otmel/kge/data.py",

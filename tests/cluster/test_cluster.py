@@ -254,6 +254,18 @@ def test_scale_up_then_a_submitted_job_links_to_s3_on_the_new_nodes_and_clear_le
     new = {n.node_id for n in _alive_nodes(cluster)} - before
     assert len(new) == MAX_NODES - NODES
     assert any(a.name == "AutoscalingCoordinator" and a.state == "ALIVE" for a in _state(cluster, "actors"))
+    # the cluster's processes, the new node's too, run in a session of their own, not the
+    # terminal's (here the test's): beside CPU-bound work in the terminal's session a submitted
+    # job's driver got ~1% of a core on Linux (autogroup scheduling; tests/README.md)
+    from otmel.cluster_ops import _processes_under
+
+    sessions = set()
+    for pid in _processes_under(cluster["temp_dir"]):  # raylets, GCS, agents, monitors
+        try:
+            sessions.add(os.getsid(pid))
+        except ProcessLookupError:  # ended since it was listed
+            pass
+    assert sessions and os.getsid(0) not in sessions, "the cluster's processes share the terminal's session"
     out = "s3://otmel-test/cluster-out"
     proc = otmel("submit", "--address", cluster["dashboard_url"], "--wait", "link", "--", "--model", data / "onnx",
                  "--index", one_node[0], "--input", data / "synth" / "mentions", "--output", out,
