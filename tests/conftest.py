@@ -47,6 +47,15 @@ RAY_TEST_SETTINGS = {
 for _name, _value in RAY_TEST_SETTINGS.items():
     os.environ.setdefault(_name, _value)
 
+# The tests' own torch work (tiny models trained and evaluated in this process) on one thread.
+# With torch's default of one per core, every operator waits for both threads, and beside
+# other CPU-bound processes one of them is often preempted: the in-process training tests
+# (test_learning, test_kge's fusion test, test_image_decoding) took 197 s instead of 44 s
+# beside two such processes, and 69 s on one thread (47 s quiet: a second core gains these
+# small operators little). Processes the tests start keep their own settings (Ray Train
+# workers: OTMEL_TORCH_THREADS; encode and shard actors: their thread options).
+torch.set_num_threads(1)
+
 WORDS = "robert downey holland actor singer paris france tennis watch spider man red blue".split()
 TEXT_LENGTH = 16
 
