@@ -43,55 +43,41 @@ def cluster(ray_local):
     c.shutdown()
 
 
-def _actors(address: str, class_name: str | None) -> list:
-    from ray.util.state import list_actors
-
-    filters = [("state", "=", "ALIVE")] + ([("class_name", "=", class_name)] if class_name else [])
-    return list_actors(address=address, filters=filters)
+#: the link job's actors, by the start of their process titles (`ray::ShardServer`,
+#: `ray::MapWorker(MapBatches(Encode))`, ...)
+LINK_ACTORS = ("ShardServer", "CommitCoordinator", "MapWorker")
 
 
-def _remove_worker_node_of(cluster, workers, driver: JobDriver, class_name: str | None,
-                           holds_rows=lambda pid: True, timeout: float = 300) -> None:
-    """Wait until an actor of ``class_name`` (None: any of the job's) runs on a worker node
-    (and ``holds_rows(pid)``), then remove that node.
+def _remove_worker_node_of(workers, driver: JobDriver, kinds: tuple[str, ...], holds_rows, remove,
+                           timeout: float = 300) -> None:
+    """Wait until a worker node runs one of the job's actors whose process title starts with one
+    of ``kinds`` and ``holds_rows(pid)``, then ``remove(node)``.
 
-    The actors are listed through the state API in a thread of their own, again and again,
-    while this one checks the listed ones every 20 ms: beside other CPU-bound work one listing
-    took seconds, as long as the small link job's window with staged parts, and a loaded run
-    saw the job end before a listing and a staged part coincided."""
-    import threading
+    The actors are found among the processes the node's raylet started, every 50 ms: through Ray's
+    state API, beside other CPU-bound work, one listing took as long as the link job's window
+    with staged parts, and loaded runs saw the job end before a listing and a staged part
+    coincided (twice, also with the listing in a thread of its own)."""
+    from otmel.worker_memory import descends_from, ray_workers
 
-    by_id = {w.node_id: w for w in workers}
-    listed: list = []  # the latest listing: actors on worker nodes
-    errors: list[str] = []
-    stop = threading.Event()
-
-    def keep_listing():
-        while not stop.is_set():
-            try:
-                listed[:] = [a for a in _actors(cluster.address, class_name) if a.node_id in by_id]
-            except Exception as exc:  # a listing that timed out on a loaded machine: the next one
-                errors[:] = [f"{type(exc).__name__}: {exc}"]
-            stop.wait(0.1)
-
-    lister = threading.Thread(target=keep_listing, daemon=True)
-    lister.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if driver.poll() is not None:
-                raise AssertionError(f"the job ended (exit {driver.returncode}) before the node could be removed:\n"
-                                     + driver.output())
-            for a in list(listed):
-                if holds_rows(a.pid):
-                    cluster.remove_node(by_id[a.node_id])
-                    workers.remove(by_id[a.node_id])
-                    return
-            time.sleep(0.02)
-    finally:
-        stop.set()
-        lister.join(60)
-    raise AssertionError(f"no {class_name} actor on a worker node in time (last listing error: {errors})")
+    raylets = {w.all_processes["raylet"][0].process.pid: w for w in workers}
+    seen: dict[str, set] = {}  # what the worker nodes ran, by raylet (for the failure message)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if driver.poll() is not None:
+            raise AssertionError(f"the job ended (exit {driver.returncode}) before the node could be removed "
+                                 f"(job actors seen on the worker nodes, by raylet: {seen}):\n" + driver.output())
+        for p, kind in ray_workers():  # the busy Ray workers of the machine
+            if not kind.startswith(kinds):
+                continue
+            raylet = next((r for r in raylets if descends_from(p, r)), None)
+            if raylet is None:
+                continue
+            seen.setdefault(str(raylet), set()).add(kind)
+            if holds_rows(p.pid):
+                remove(raylets[raylet])
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no {kinds} actor on a worker node in time (seen, by raylet: {seen})")
 
 
 def _has_appended_rows(pid: int) -> bool:
@@ -162,11 +148,15 @@ def test_a_node_lost_mid_build_and_mid_link_the_jobs_finish_with_the_same_result
     onnx, _ = model_and_index
     index_cfg, undisturbed, undisturbed_dir = big_kb_index
 
+    def remove(node):
+        c.remove_node(node)
+        workers.remove(node)
+
     # the index build: a worker node holding a shard builder with rows is removed
     driver = JobDriver("index", "IndexConfig", dict(index_cfg, out=str(tmp_path / "disturbed"), address=c.address),
                        tmp_path / "index-driver.log")
     try:
-        _remove_worker_node_of(c, workers, driver, "ShardBuilder", _has_appended_rows)
+        _remove_worker_node_of(workers, driver, ("ShardBuilder",), _has_appended_rows, remove)
         t0 = time.monotonic()
         driver.wait(timeout=600)
         record_property("index_seconds_after_node_loss", round(time.monotonic() - t0, 1))
@@ -189,7 +179,7 @@ def test_a_node_lost_mid_build_and_mid_link_the_jobs_finish_with_the_same_result
                        tmp_path / "link-driver.log")
     try:
         staged = lambda pid: (link_out / "_staging").exists() and any((link_out / "_staging").rglob("*.parquet"))  # noqa: E731
-        _remove_worker_node_of(c, workers, driver, None, staged)
+        _remove_worker_node_of(workers, driver, LINK_ACTORS, staged, remove)
         t0 = time.monotonic()
         driver.wait(timeout=600)
         record_property("link_seconds_after_node_loss", round(time.monotonic() - t0, 1))
