@@ -517,9 +517,9 @@ def start_local_cluster(nodes: int = 3, autoscale: bool = False, max_nodes: int 
            f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}",
            f"--autoscaling-config={config}", "--disable-usage-stats"]
     cluster.save()  # before start: `down` can clean up a half-started cluster
-    # the cluster's processes get a session of their own, as a daemon's do: they outlive the
-    # terminal, and on Linux, where the scheduler shares the CPU between sessions before the
-    # processes within one (autogroup), they are one group beside the terminal's other work.
+    # the cluster's processes get a session of their own, as a daemon's do: on Linux, where the
+    # scheduler shares the CPU between sessions before the processes within one (autogroup),
+    # they are one group beside the terminal's other work.
     # Left in the terminal's session beside CPU-bound processes there, the drivers of submitted
     # jobs (Ray starts each in a session of its own) got ~1% of a core: a 60-entity link job
     # took 240 s instead of 30 s (tests/README.md, "Under load")
@@ -549,7 +549,11 @@ def start_local_cluster(nodes: int = 3, autoscale: bool = False, max_nodes: int 
 
 def _processes_under(temp_dir: str) -> dict[int, str]:
     """The processes whose command line names the cluster's temp dir (every Ray process of
-    it does): PID -> command line."""
+    it does), as a whole path: ``/tmp/otmel-ray-6379`` is not in ``/tmp/otmel-ray-63790/...``,
+    another local cluster's. PID -> command line."""
+    import re
+
+    names_it = re.compile(re.escape(temp_dir.rstrip("/")) + r"(?=/|\s|$)")
     found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
@@ -558,7 +562,7 @@ def _processes_under(temp_dir: str) -> dict[int, str]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if temp_dir in cmdline:
+        if names_it.search(cmdline):
             found[int(proc.name)] = cmdline
     return found
 

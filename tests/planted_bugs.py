@@ -196,6 +196,12 @@ PLANTS = (
           "otmel/cluster_ops.py",
           (("capture_output=True, text=True, start_new_session=True)", "capture_output=True, text=True)"),),
           ("tests/cluster/test_cluster.py::test_scale_up_then_a_submitted_job_links_to_s3_on_the_new_nodes_and_clear_lets_them_go",)),
+    Plant("cluster-down-own", "`otmel cluster down` stops its own cluster's processes only (another local cluster's "
+          "temp dir with a longer name is not its)",
+          "the temp dir matched as a substring of the command line",
+          "otmel/cluster_ops.py",
+          (("        if names_it.search(cmdline):\n", "        if temp_dir in cmdline:\n"),),
+          ("tests/test_cluster_configs.py::test_cluster_down_finds_its_own_processes_only",)),
     Plant("kge-filtered", "KGE filtered ranks equal a brute-force reference over all splits",
           "the filter knows the training triples only",
           "otmel/kge/data.py",

@@ -341,3 +341,26 @@ def test_checks_catch_broken_configs(breakage, monkeypatch):
     tag = documented_image_tag(DOCKERFILE.read_text())
     with pytest.raises((AssertionError, jsonschema.ValidationError)):
         BROKEN[breakage](monkeypatch, tag, project_version())
+
+
+def test_cluster_down_finds_its_own_processes_only(tmp_path):
+    """`otmel cluster down` stops the processes whose command line names its cluster's temp dir
+    as a whole path: another local cluster's dir with a longer name (``...-6379`` vs
+    ``...-63790``) is not its."""
+    import subprocess
+    import sys
+
+    from otmel.cluster_ops import _processes_under
+
+    ours, other = str(tmp_path / "otmel-ray-6379"), str(tmp_path / "otmel-ray-63790")
+    argvs = {"flag": [f"--temp-dir={ours}"], "path": [f"{ours}/session_1/logs"],
+             "other-flag": [f"--temp-dir={other}"], "other-path": [f"{other}/session_1/logs"]}
+    procs = {k: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *a]) for k, a in argvs.items()}
+    try:
+        found = set(_processes_under(ours))
+        assert {procs["flag"].pid, procs["path"].pid} <= found
+        assert not {procs["other-flag"].pid, procs["other-path"].pid} & found
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
