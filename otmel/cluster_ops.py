@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -551,8 +552,6 @@ def _processes_under(temp_dir: str) -> dict[int, str]:
     """The processes whose command line names the cluster's temp dir (every Ray process of
     it does), as a whole path: ``/tmp/otmel-ray-6379`` is not in ``/tmp/otmel-ray-63790/...``,
     another local cluster's. PID -> command line."""
-    import re
-
     names_it = re.compile(re.escape(temp_dir.rstrip("/")) + r"(?=/|\s|$)")
     found = {}
     for proc in Path("/proc").iterdir():

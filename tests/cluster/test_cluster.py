@@ -14,6 +14,7 @@ not stop a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -261,10 +262,8 @@ def test_scale_up_then_a_submitted_job_links_to_s3_on_the_new_nodes_and_clear_le
 
     sessions = set()
     for pid in _processes_under(cluster["temp_dir"]):  # raylets, GCS, agents, monitors
-        try:
+        with contextlib.suppress(ProcessLookupError):  # ended since it was listed
             sessions.add(os.getsid(pid))
-        except ProcessLookupError:  # ended since it was listed
-            pass
     assert sessions and os.getsid(0) not in sessions, "the cluster's processes share the terminal's session"
     out = "s3://otmel-test/cluster-out"
     proc = otmel("submit", "--address", cluster["dashboard_url"], "--wait", "link", "--", "--model", data / "onnx",

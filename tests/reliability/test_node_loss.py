@@ -48,10 +48,10 @@ def cluster(ray_local):
 LINK_ACTORS = ("ShardServer", "CommitCoordinator", "MapWorker")
 
 
-def _remove_worker_node_of(workers, driver: JobDriver, kinds: tuple[str, ...], holds_rows, remove,
+def _remove_worker_node_of(cluster, workers, driver: JobDriver, kinds: tuple[str, ...], holds_rows,
                            timeout: float = 300) -> None:
     """Wait until a worker node runs one of the job's actors whose process title starts with one
-    of ``kinds`` and ``holds_rows(pid)``, then ``remove(node)``.
+    of ``kinds`` and ``holds_rows(pid)``, then remove that node from ``cluster`` and ``workers``.
 
     The actors are found among the processes the node's raylet started, every 50 ms: through Ray's
     state API, beside other CPU-bound work, one listing took as long as the link job's window
@@ -74,7 +74,8 @@ def _remove_worker_node_of(workers, driver: JobDriver, kinds: tuple[str, ...], h
                 continue
             seen.setdefault(str(raylet), set()).add(kind)
             if holds_rows(p.pid):
-                remove(raylets[raylet])
+                cluster.remove_node(raylets[raylet])
+                workers.remove(raylets[raylet])
                 return
         time.sleep(0.05)
     raise AssertionError(f"no {kinds} actor on a worker node in time (seen, by raylet: {seen})")
@@ -99,9 +100,11 @@ def _size(path: Path) -> int:
 
 
 def _has_staged_parts(out: Path) -> bool:
-    """The link job holds rows not yet committed: parts under its output's _staging."""
+    """The link job holds rows not yet committed: parts under its output's staging dir."""
+    from otmel.link_output import STAGING_DIR
+
     try:
-        return any((out / "_staging").rglob("*.parquet"))
+        return any((out / STAGING_DIR).rglob("*.parquet"))
     except OSError:  # a commit removing the staging dir while it is walked
         return False
 
@@ -163,15 +166,11 @@ def test_a_node_lost_mid_build_and_mid_link_the_jobs_finish_with_the_same_result
     onnx, _ = model_and_index
     index_cfg, undisturbed, undisturbed_dir = big_kb_index
 
-    def remove(node):
-        c.remove_node(node)
-        workers.remove(node)
-
     # the index build: a worker node holding a shard builder with rows is removed
     driver = JobDriver("index", "IndexConfig", dict(index_cfg, out=str(tmp_path / "disturbed"), address=c.address),
                        tmp_path / "index-driver.log")
     try:
-        _remove_worker_node_of(workers, driver, ("ShardBuilder",), _has_appended_rows, remove)
+        _remove_worker_node_of(c, workers, driver, ("ShardBuilder",), _has_appended_rows)
         t0 = time.monotonic()
         driver.wait(timeout=600)
         record_property("index_seconds_after_node_loss", round(time.monotonic() - t0, 1))
@@ -194,7 +193,7 @@ def test_a_node_lost_mid_build_and_mid_link_the_jobs_finish_with_the_same_result
                        tmp_path / "link-driver.log")
     try:
         staged = lambda pid: _has_staged_parts(link_out)  # noqa: E731
-        _remove_worker_node_of(workers, driver, LINK_ACTORS, staged, remove)
+        _remove_worker_node_of(c, workers, driver, LINK_ACTORS, staged)
         t0 = time.monotonic()
         driver.wait(timeout=600)
         record_property("link_seconds_after_node_loss", round(time.monotonic() - t0, 1))
