@@ -7,9 +7,9 @@ started by Ray's autoscaler with the fake multi-node provider, token auth on):
   token, `otmel scale` up and down, a job submitted while scaled up using the new nodes
   (issue 11).
 
-Its clusters are its own (the session's local Ray instance idles meanwhile); the cluster of
-`otmel cluster local` is started once for the module and shared by every test here that does
-not stop a cluster.
+Its cluster is its own (the session's local Ray instance idles meanwhile): `otmel cluster
+local` started once for the module and shared by its tests; the last one stops it mid-job, as
+the other cluster a job without --address must not join.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -77,8 +78,13 @@ def _start_cluster(directory: Path, *args) -> dict:
 
 
 def _stop_cluster(state: dict) -> None:
+    """`otmel cluster down`, then no process of the cluster may be left (once: the last test
+    stops the module's cluster itself)."""
     from otmel.cluster_ops import _processes_under
 
+    if state.get("stopped"):
+        return
+    state["stopped"] = True
     otmel("cluster", "down", "--dir", state["directory"], timeout=120)
     left = _processes_under(state["temp_dir"])
     assert not left, f"processes of the cluster left running: {left}"
@@ -140,36 +146,6 @@ def _state(cluster, what: str, **filters) -> list:
 
 def _alive_nodes(cluster) -> list:
     return [n for n in _state(cluster, "nodes") if n.state == "ALIVE"]
-
-
-def test_without_address_a_job_has_its_own_ray_while_another_cluster_comes_and_goes(data, one_node):
-    """The embedded default is embedded (issue 14). Another Ray cluster runs on the machine and
-    the shell exports RAY_ADDRESS for it (as its users do): without --address the job starts
-    its own local instance and says so, the other cluster is stopped mid-job (by its own
-    shutdown: `ray stop` would kill every Ray on the machine), and the job still writes every
-    row. (`--address auto` joining RAY_ADDRESS's cluster: the two-node test.)"""
-    from ray.cluster_utils import Cluster
-
-    other = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    try:
-        env = _env(RAY_AUTH_MODE="disabled", RAY_ADDRESS=other.address)
-        args = ["link", "--model", data / "onnx", "--index", one_node[0], "--input", data / "synth" / "mentions",
-                "--candidates", 32]
-        proc = subprocess.Popen([OTMEL, *map(str, args), "--output", str(data / "out-own")], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if "started a local Ray instance" in line:
-                break
-        assert any("RAY_ADDRESS" in line and "ignored" in line for line in seen), "".join(seen)[-3000:]
-        other.shutdown()
-        assert proc.poll() is None, "the job ended before the other cluster was stopped"
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, "".join(seen)[-2000:] + err[-3000:]
-        assert_same_link_rows(_rows(data / "out-own"), _rows(one_node[1]))
-    finally:
-        other.shutdown()
 
 
 def test_index_and_link_on_two_nodes_equal_one_node(cluster, one_node, data):
@@ -298,3 +274,38 @@ def test_scale_up_then_a_submitted_job_links_to_s3_on_the_new_nodes_and_clear_le
     down = otmel("scale", "--address", cluster["gcs_address"], "--clear", env=env)
     assert "request cleared" in down.stdout and f"{MAX_NODES} node hold(s) released" in down.stdout, down.stdout
     _wait_for_nodes(cluster, NODES, "idle nodes were not removed after --clear")  # back to min_workers (which nodes stay is the autoscaler's choice)
+
+
+def test_without_address_a_job_has_its_own_ray_while_another_cluster_comes_and_goes(cluster, data, one_node):
+    """The embedded default is embedded (issue 14). Another Ray cluster runs on the machine (this
+    module's, so it runs last) and the shell exports RAY_ADDRESS for it (as its users do):
+    without --address the job starts its own local instance and says so, the other cluster is
+    stopped mid-job by its own shutdown (`otmel cluster down`, which stops that cluster's
+    processes only: `ray stop` would kill every Ray on the machine), and the job still writes
+    every row. (`--address auto` joining RAY_ADDRESS's cluster: the two-node test.)"""
+    env = _env(RAY_AUTH_MODE="disabled", RAY_ADDRESS=cluster["gcs_address"])
+    args = ["link", "--model", data / "onnx", "--index", one_node[0], "--input", data / "synth" / "mentions",
+            "--candidates", 32]
+    proc = subprocess.Popen([OTMEL, *map(str, args), "--output", str(data / "out-own")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "started a local Ray instance" in line:
+                break
+        assert any("RAY_ADDRESS" in line and "ignored" in line for line in seen), "".join(seen)[-3000:]
+        # the job's driver is paused while the other cluster stops (its shutdown, ordered, can
+        # take longer than this small job): the job is mid-way whatever the machine's speed
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            _stop_cluster(cluster)
+            assert proc.poll() is None, "the job ended before the other cluster was stopped"
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, "".join(seen)[-2000:] + err[-3000:]
+    assert_same_link_rows(_rows(data / "out-own"), _rows(one_node[1]))
