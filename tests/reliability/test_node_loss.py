@@ -18,6 +18,8 @@ import pytest
 from corpus import write_split_copies
 from job_driver import JobDriver
 
+from otmel.link_output import STAGING_DIR
+
 
 #: missed health checks (one a second) before the head declares a node dead: 5 s, and a check
 #: waits up to Ray's default 10 s for its answer, so a loaded machine's slow raylet is not one
@@ -101,8 +103,6 @@ def _size(path: Path) -> int:
 
 def _has_staged_parts(out: Path) -> bool:
     """The link job holds rows not yet committed: parts under its output's staging dir."""
-    from otmel.link_output import STAGING_DIR
-
     try:
         return any((out / STAGING_DIR).rglob("*.parquet"))
     except OSError:  # a commit removing the staging dir while it is walked
@@ -205,5 +205,5 @@ def test_a_node_lost_mid_build_and_mid_link_the_jobs_finish_with_the_same_result
     assert len(ids) == len(set(ids)) == 3 * test.num_rows
     record_property("link_rows_lost_duplicated", [3 * test.num_rows - len(set(ids)), len(ids) - len(set(ids))])
     assert sorted(p.name for p in link_out.glob("*.parquet")) == sorted({p.name for p in link_out.glob("part-*.parquet")})
-    assert len(list(link_out.glob("part-*.parquet"))) == 3 and not (link_out / "_staging").exists()
+    assert len(list(link_out.glob("part-*.parquet"))) == 3 and not (link_out / STAGING_DIR).exists()
     assert json.loads((link_out / "_SUCCESS.json").read_text())["counts"]["in"] == 3 * test.num_rows
