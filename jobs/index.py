@@ -35,10 +35,12 @@ work and to write the alias table for mention detection.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
+import os
 import time
 import uuid
 from collections import Counter
@@ -203,6 +205,40 @@ def rows_of_shards(batch: dict, shards: frozenset, num_shards: int) -> dict:
     return {k: np.asarray(v)[keep] for k, v in batch.items()}
 
 
+#: Parquet footers one of Ray Data's footer-reader actors has in flight at once (Ray's default
+#: I/O concurrency per reader, RAY_DATA_PARQUET_FOOTER_IO_CONCURRENCY)
+FOOTERS_PER_READER = 128
+#: Ray Data's own number of footer readers (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS), the most asked
+MAX_FOOTER_READERS = 32
+
+
+def footer_readers(n_files: int) -> int:
+    """Footer-reader actors to list ``n_files`` KB files: one per FOOTERS_PER_READER files, at
+    most Ray Data's default."""
+    return max(1, min(MAX_FOOTER_READERS, -(-n_files // FOOTERS_PER_READER)))
+
+
+@contextlib.contextmanager
+def footer_readers_for(n_files: int):
+    """Size the footer-reader pool of the ``ray.data.read_parquet`` called inside to the KB.
+
+    Ray Data 2.60 lists Parquet files through a pool of footer-reader actors, 32 of them
+    whatever the number of files, each a Ray worker process that imports Ray Data. A KB is a
+    few files: on one machine the 32 made an index build of a one-file KB take 6 s and 12
+    CPU-s against 3 s and 6 with one (same-time runs, tests/README.md). The pool is sized when
+    ``read_parquet`` is called, from RAY_DATA_PARQUET_FOOTER_NUM_ACTORS, which is the only way
+    to set it; a value the user set is kept."""
+    name = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = str(footer_readers(n_files))
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
 def encoded_entities(cfg: IndexConfig, files: list[str], preprocessor, use_gpu: bool,
                      only_shards: tuple[frozenset, int] | None = None):
     """A Ray Data dataset of (entity_id, ok, error, stored features) for the KB files
@@ -220,7 +256,8 @@ def encoded_entities(cfg: IndexConfig, files: list[str], preprocessor, use_gpu: 
     policy = ImagePolicy(allowed_prefixes=tuple(cfg.allow_image_prefix), allow_private_hosts=cfg.allow_private_hosts,
                          s3_endpoint=cfg.s3_endpoint)
     columns = ["entity_id", "name", "attributes", "image", "image_uri"]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=None, num_cpus=0.25)
+    with footer_readers_for(len(paths)):
+        ds = ray.data.read_parquet(paths, filesystem=fs, columns=None, num_cpus=0.25)
     ds = ds.select_columns([c for c in columns if c in ds.schema().names])
     if only_shards is not None:
         ds = ds.map_batches(rows_of_shards, batch_size=None, num_cpus=0.1,

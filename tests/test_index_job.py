@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -78,6 +79,34 @@ def test_index_refuses_existing_output_bad_factories_and_bad_kb(ray_local, onnx_
         run(IndexConfig(model=onnx_model, kb=str(tmp_path / "dup.parquet"), out=str(tmp_path / "c")))
     with pytest.raises(FileNotFoundError, match="no KB Parquet"):
         run(IndexConfig(model=onnx_model, kb=str(tmp_path / "nothing-here"), out=str(tmp_path / "d")))
+
+
+def _footer_readers_started() -> int:
+    """Ray Data footer-reader actors this Ray instance has seen (the GCS's actor table)."""
+    from ray._private.state import actors
+
+    return sum("FooterReader" in a["ActorClassName"] for a in actors().values())
+
+
+def test_a_kb_of_a_few_files_is_listed_by_one_footer_reader_not_ray_datas_32(ray_local, onnx_model, synth_dir,
+                                                                              tmp_path, monkeypatch):
+    """Ray Data lists Parquet through 32 footer-reader actors by default, a Ray worker process
+    each: a KB directory of two files needs one (an index build of the synth KB: 6 -> 3 s)."""
+    from otmel.jobs.index import footer_readers
+
+    assert [footer_readers(n) for n in (1, 128, 129, 10**6)] == [1, 1, 2, 32]
+    monkeypatch.delenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", raising=False)
+    kb = pq.read_table(synth_dir / "kb.parquet")
+    (tmp_path / "kb").mkdir()
+    half = kb.num_rows // 2
+    pq.write_table(kb.slice(0, half), tmp_path / "kb" / "a.parquet")
+    pq.write_table(kb.slice(half), tmp_path / "kb" / "b.parquet")
+    before = _footer_readers_started()
+    manifest = run(IndexConfig(model=onnx_model, kb=str(tmp_path / "kb"), out=str(tmp_path / "index"), shards=2,
+                               workers=1)).manifest
+    assert manifest["count"] == kb.num_rows  # both files read
+    assert _footer_readers_started() - before == 1
+    assert "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" not in os.environ  # the job's setting does not outlive it
 
 
 def _by_id(directory) -> dict[str, dict]:
