@@ -179,14 +179,17 @@ def s3_server():
 @pytest.fixture(scope="session")
 def trained_run(ray_local, synth_dir, tmp_path_factory):
     """ONE tiny 2-worker KD training run per session (Ray Train start-up costs ~20 s here);
-    later tests (export, index, link) reuse its checkpoint. Its pairs go through Ray Data
-    preprocessing tasks (``--preprocess tasks``, the GPU default); the other training tests
-    run as on CPU (inline) and compare with it."""
+    later tests (export, index, link) reuse its checkpoint. Its pairs are preprocessed in the
+    workers (``--preprocess inline``, what ``auto`` is on CPU); the one-worker run it is
+    compared with takes them from Ray Data preprocessing tasks (the GPU default). This way
+    round, not the other: with 2 workers on these 2 cores the tasks' pipelines took 61-65 s
+    and 88-90 CPU-s, inline 20-21 s and 33-34; with 1 worker, tasks 18 s, inline 14 s
+    (alternating runs on a warm instance, tests/README.md)."""
     from otmel.jobs.train import TrainConfig, run
 
     out = tmp_path_factory.mktemp("runs")
     cfg = TrainConfig(data=str(synth_dir), out=str(out), mode="kd", workers=2, epochs=2, batch_size=16, lr=1e-3,
-                      tiny_clip=True, name="tiny", model={"text_length": 24}, max_failures=0, preprocess="tasks")
+                      tiny_clip=True, name="tiny", model={"text_length": 24}, max_failures=0, preprocess="inline")
     return cfg, run(cfg)
 
 
@@ -209,7 +212,7 @@ def s3_index(ray_local, onnx_model, synth_dir, s3_server):
 
     write_bytes("s3://otmel-test/data/kb.parquet", (synth_dir / "kb.parquet").read_bytes(), s3_server)
     cfg = IndexConfig(model=onnx_model, kb="s3://otmel-test/data/kb.parquet", out="s3://otmel-test/index-2",
-                      shards=2, s3_endpoint=s3_server)
+                      shards=2, s3_endpoint=s3_server, **ONE_ENCODE_ACTOR)
     return cfg, run(cfg)
 
 
@@ -220,9 +223,19 @@ def local_index(ray_local, onnx_model, synth_dir, tmp_path_factory):
     from otmel.jobs.index import IndexConfig, run
 
     out = tmp_path_factory.mktemp("local-index") / "index"
-    run(IndexConfig(model=onnx_model, kb=str(synth_dir / "kb.parquet"), out=str(out), shards=2))
+    run(IndexConfig(model=onnx_model, kb=str(synth_dir / "kb.parquet"), out=str(out), shards=2, **ONE_ENCODE_ACTOR))
     return str(out)
 
+
+#: the pools of a data job whose test is not about them: one encode actor (index, link) and one
+#: link-stage actor. Each actor is a process that imports Ray Data and loads its model (~1.2
+#: CPU-s before its first batch): a small link job on the session's instance took 12 CPU-s
+#: and 6 s with the default pools (2 + 2 here), 7-8 CPU-s and 4 s with these (alternating
+#: runs). Pools of several actors are under test where they matter: the main link test
+#: (tests/test_link_job.py's ``s3_link``), the killed driver, killed actors, node loss, the
+#: driver-memory jobs and the cluster's runs, which also reproduce the one-actor reference rows.
+ONE_ACTOR_EACH = {"workers": 1, "link_actors": 1}
+ONE_ENCODE_ACTOR = {"workers": 1}
 
 #: the candidates of the reference link run (and of the runs compared with it)
 REFERENCE_CANDIDATES = 32
@@ -231,12 +244,13 @@ REFERENCE_CANDIDATES = 32
 @pytest.fixture(scope="session")
 def reference_link(ray_local, onnx_model, local_index, synth_dir, tmp_path_factory):
     """The synth mentions (train, dev, test) linked against :func:`local_index` on one node,
-    the session's local Ray: what runs on more nodes must reproduce row for row."""
+    the session's local Ray, by one encode and one link-stage actor: what runs on more nodes,
+    with more actors, must reproduce row for row."""
     from otmel.jobs.link import LinkConfig, run
 
     out = tmp_path_factory.mktemp("reference-link") / "out"
     run(LinkConfig(model=onnx_model, index=local_index, input=str(synth_dir / "mentions"), output=str(out),
-                   candidates=REFERENCE_CANDIDATES))
+                   candidates=REFERENCE_CANDIDATES, **ONE_ACTOR_EACH))
     return str(out)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import ONE_ACTOR_EACH
 
 from otmel.coherence import (EmbeddingsError, EntityVectors, apply_to_rows, load_entity_vectors, post_tops,
                              post_tops_of_table, rescore)
@@ -183,7 +184,7 @@ def test_embed_calibrate_link_with_coherence_raises_h1_on_posts_of_related_entit
     test = pq.read_table(root / "data" / "mentions" / "test.parquet")
     gold = dict(zip(test.column("mention_id").to_pylist(), test.column("gold_entity_id").to_pylist()))
     common = dict(model=str(model), index=s3_index[0].out, input=str(root / "data" / "mentions" / "test.parquet"),
-                  top_k=10, candidates=20, nil_threshold=-1e9, batch_size=16, s3_endpoint=s3_server)
+                  top_k=10, candidates=20, nil_threshold=-1e9, batch_size=16, s3_endpoint=s3_server, **ONE_ACTOR_EACH)
     base = run(LinkConfig(output=str(tmp_path / "base"), **common))
     coh = run(LinkConfig(output=str(tmp_path / "coh"), kge_embeddings=emb, **common))
     h1_base, h1_coh = _h1(base.output, gold), _h1(coh.output, gold)

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import ONE_ACTOR_EACH
 from PIL import Image
 
 from otmel.encoders import tiny_image_processor
@@ -83,7 +84,8 @@ def test_a_link_job_with_the_device_transform_gives_the_cpu_paths_links(ray_loca
     out = {}
     for transform in ("cpu", "device"):
         cfg = LinkConfig(model=onnx_model, index=s3_index[0].out, input=str(tmp_path / "in"),
-                         output=str(tmp_path / transform), top_k=5, image_transform=transform, s3_endpoint=s3_server)
+                         output=str(tmp_path / transform), top_k=5, image_transform=transform, s3_endpoint=s3_server,
+                         **ONE_ACTOR_EACH)
         run(cfg)
         out[transform] = read_link_output(cfg.output).to_pylist()
     cpu, dev = out["cpu"], out["device"]

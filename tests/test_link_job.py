@@ -19,7 +19,7 @@ from otmel.jobs.link import LinkConfig, run
 from otmel.link_output import output_name, read_link_output
 from otmel.schemas import LINK_OUTPUT_SCHEMA
 
-from conftest import own_worker_env, png_bytes
+from conftest import ONE_ACTOR_EACH, own_worker_env, png_bytes
 
 BUCKET = "s3://otmel-test"
 
@@ -463,7 +463,7 @@ def test_detected_mentions_in_posts_with_http_and_local_images(s3_index, onnx_mo
     (tmp_path / "in" / "posts.jsonl").write_bytes(_jsonl(posts))
     r = run(LinkConfig(model=onnx_model, index=s3_index[0].out, input=str(tmp_path / "in" / "*.jsonl"),
                        output=str(tmp_path / "out"), detect_mentions="alias", allow_private_hosts=True,
-                       allow_image_prefix=[str(allowed)], s3_endpoint=s3_server))
+                       allow_image_prefix=[str(allowed)], s3_endpoint=s3_server, **ONE_ACTOR_EACH))
     rows = read_link_output(r.output).to_pylist()
     by_post: dict[str, list] = {}
     for row in rows:
@@ -789,7 +789,7 @@ def test_calibrated_threshold_in_a_checkpoint_gives_nil_rows(trained_run, s3_ind
     assert json.loads((ckpt / "config.json").read_text())["extra"]["nil_threshold"] == threshold
     assert cal["linked"] < cal["mentions"]  # the F1-best cut leaves some dev mentions unlinked
     r = run(LinkConfig(model=str(ckpt), index=s3_index[0].out, input=str(synth_dir / "mentions" / "dev.parquet"),
-                       output=str(tmp_path / "out"), s3_endpoint=s3_server))
+                       output=str(tmp_path / "out"), s3_endpoint=s3_server, **ONE_ACTOR_EACH))
     assert r.summary["nil_threshold"] == threshold
     rows = read_link_output(r.output).to_pylist()
     nil = [x for x in rows if x["status"] == "nil"]

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from conftest import ONE_ACTOR_EACH
 from hostile_files import damage_row_group, deeply_nested_json_line, string_column_with_invalid_utf8
 
 from otmel.jobs.link import LinkConfig, run
@@ -90,7 +91,7 @@ def test_a_hostile_corpus_comes_back_row_for_row_and_bad_images_link_on_text(ray
     damage_row_group(src / "damaged.parquet", 1)
 
     r = run(LinkConfig(model=model, index=index, input=str(src), output=str(tmp_path / "out"), top_k=3,
-                       candidates=16, bad_image="text"))
+                       candidates=16, bad_image="text", **ONE_ACTOR_EACH))
     out = read_link_output(r.output).to_pylist()
     assert r.summary["counts"]["in"] == len(out) == 9 + 8 + 1 + 3 + 6
     assert all(x["status"] in LINK_STATUSES for x in out)

@@ -18,6 +18,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from conftest import ONE_ACTOR_EACH
 from fault_proxy import FaultProxy, Faults
 from link_rows import assert_same_link_rows
 from otmel.jobs.link import LinkConfig, run
@@ -38,7 +39,7 @@ def on_s3(ray_local, model_and_index, synth_dir, s3_server):
                     (synth_dir / "mentions" / f"{split}.parquet").read_bytes(), s3_server)
     upload_dir(index, f"s3://{BUCKET}/faults/index", s3_server)
     return dict(model=model, index=f"s3://{BUCKET}/faults/index", input=f"s3://{BUCKET}/faults/in",
-                top_k=5, candidates=16, batch_size=32)
+                top_k=5, candidates=16, batch_size=32, **ONE_ACTOR_EACH)
 
 
 def _keys(endpoint: str, prefix: str) -> list[str]:
@@ -80,7 +81,8 @@ def test_a_permanent_output_failure_is_one_line_and_nothing_vouches_for_missing_
     out = f"s3://{BUCKET}/faults/out-down"
     with FaultProxy(s3_server, faults) as proxy:
         args = [OTMEL, "link", "--model", on_s3["model"], "--index", on_s3["index"], "--input", on_s3["input"],
-                "--output", out, "--candidates", "16", "--s3-endpoint", proxy.endpoint,
+                "--output", out, "--candidates", "16", "--workers", "1", "--link-actors", "1",
+                "--s3-endpoint", proxy.endpoint,
                 "--address", ray_local.get_runtime_context().gcs_address]
         proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]

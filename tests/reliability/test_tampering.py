@@ -91,11 +91,11 @@ def cli_process(model_and_index, synth_dir, tmp_path_factory, s3_server):
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="creds")
     test = str(synth_dir / "mentions" / "test.parquet")
     runs = [["-v", "index", "--model", model_and_index[0], "--kb", str(synth_dir / "kb.parquet"), "--out",
-             "s3://creds/index", "--shards", "1", "--s3-endpoint", s3_server],
+             "s3://creds/index", "--shards", "1", "--workers", "1", "--s3-endpoint", s3_server],
             ["-v", "link", "--model", model_and_index[0], "--index", "s3://creds/index", "--input", test, "--output",
-             "s3://creds/out", "--s3-endpoint", s3_server],
+             "s3://creds/out", "--workers", "1", "--link-actors", "1", "--s3-endpoint", s3_server],
             ["link", "--model", model_and_index[0], "--index", str(index), "--input", test, "--output",
-             str(root / "out")]]
+             str(root / "out"), "--workers", "1", "--link-actors", "1"]]
     probe = ("import json, ray, sys; from otmel.cli import main\n"
              f"codes = [main(argv) for argv in {runs!r}]\n"
              "from ray.util.state import list_jobs\n"
