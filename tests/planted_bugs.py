@@ -117,6 +117,12 @@ PLANTS = (
           "jobs/index.py",
           (("keep = np.array([e not in changed for e in ids], dtype=bool)", "keep = np.array([True for e in ids], dtype=bool)"),),
           ("tests/test_index_job.py::test_update_equals_a_full_rebuild_and_leaves_untouched_shards_alone",)),
+    Plant("footer-readers", "An index build lists a KB of a few files with one Parquet footer reader, not Ray "
+          "Data's 32 (a worker process each)",
+          "the footer-reader pool is left at Ray Data's size",
+          "jobs/index.py",
+          (("    os.environ[name] = str(footer_readers(n_files))\n", "    os.environ[name] = str(MAX_FOOTER_READERS)\n"),),
+          ("tests/test_index_job.py::test_a_kb_of_a_few_files_is_listed_by_one_footer_reader_not_ray_datas_32",)),
     Plant("node-loss-index", "A node lost mid-build: the index equals an undisturbed build; rows a retried "
           "routing task sends again are kept once",
           "a shard builder keeps the rows a retried routing task sends again",
