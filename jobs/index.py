@@ -208,8 +208,10 @@ def rows_of_shards(batch: dict, shards: frozenset, num_shards: int) -> dict:
 #: Parquet footers one of Ray Data's footer-reader actors has in flight at once (Ray's default
 #: I/O concurrency per reader, RAY_DATA_PARQUET_FOOTER_IO_CONCURRENCY)
 FOOTERS_PER_READER = 128
-#: Ray Data's own number of footer readers (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS), the most asked
+#: Ray Data's own number of footer readers, the most asked
 MAX_FOOTER_READERS = 32
+#: the one way to size Ray Data's footer-reader pool, read when ``read_parquet`` is called
+FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 
 
 def footer_readers(n_files: int) -> int:
@@ -225,18 +227,16 @@ def footer_readers_for(n_files: int):
     Ray Data 2.60 lists Parquet files through a pool of footer-reader actors, 32 of them
     whatever the number of files, each a Ray worker process that imports Ray Data. A KB is a
     few files: on one machine the 32 made an index build of a one-file KB take 6 s and 12
-    CPU-s against 3 s and 6 with one (same-time runs, tests/README.md). The pool is sized when
-    ``read_parquet`` is called, from RAY_DATA_PARQUET_FOOTER_NUM_ACTORS, which is the only way
-    to set it; a value the user set is kept."""
-    name = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-    if name in os.environ:
+    CPU-s against 3 s and 6 with one (same-time runs, tests/README.md). It is set through
+    FOOTER_READERS_ENV for the call only; a value the user set is kept."""
+    if FOOTER_READERS_ENV in os.environ:
         yield
         return
-    os.environ[name] = str(footer_readers(n_files))
+    os.environ[FOOTER_READERS_ENV] = str(footer_readers(n_files))
     try:
         yield
     finally:
-        os.environ.pop(name, None)
+        os.environ.pop(FOOTER_READERS_ENV, None)
 
 
 def encoded_entities(cfg: IndexConfig, files: list[str], preprocessor, use_gpu: bool,

@@ -236,7 +236,13 @@ def local_index(ray_local, onnx_model, synth_dir, tmp_path_factory):
 #: (tests/test_link_job.py's ``s3_link``), the killed driver, killed actors, node loss, the
 #: driver-memory jobs and the cluster's runs, which also reproduce the one-actor reference rows.
 ONE_ACTOR_EACH = {"workers": 1, "link_actors": 1}
-ONE_ENCODE_ACTOR = {"workers": 1}
+ONE_ENCODE_ACTOR = {"workers": ONE_ACTOR_EACH["workers"]}
+
+
+def cli_options(options: dict) -> list[str]:
+    """Config fields as the CLI's options: ``{"link_actors": 1}`` -> ``["--link-actors", "1"]``."""
+    return [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
 
 #: the candidates of the reference link run (and of the runs compared with it)
 REFERENCE_CANDIDATES = 32

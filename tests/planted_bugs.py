@@ -121,7 +121,8 @@ PLANTS = (
           "Data's 32 (a worker process each)",
           "the footer-reader pool is left at Ray Data's size",
           "jobs/index.py",
-          (("    os.environ[name] = str(footer_readers(n_files))\n", "    os.environ[name] = str(MAX_FOOTER_READERS)\n"),),
+          (("    os.environ[FOOTER_READERS_ENV] = str(footer_readers(n_files))\n",
+            "    os.environ[FOOTER_READERS_ENV] = str(MAX_FOOTER_READERS)\n"),),
           ("tests/test_index_job.py::test_a_kb_of_a_few_files_is_listed_by_one_footer_reader_not_ray_datas_32",)),
     Plant("node-loss-index", "A node lost mid-build: the index equals an undisturbed build; rows a retried "
           "routing task sends again are kept once",

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from conftest import ONE_ENCODE_ACTOR
 
 from otmel.entity_index import STORED_FEATURES, index_version_of, open_shards, shard_of, storage_dtype
 from otmel.jobs.index import IndexConfig, run
@@ -92,10 +93,10 @@ def test_a_kb_of_a_few_files_is_listed_by_one_footer_reader_not_ray_datas_32(ray
                                                                               tmp_path, monkeypatch):
     """Ray Data lists Parquet through 32 footer-reader actors by default, a Ray worker process
     each: a KB directory of two files needs one (an index build of the synth KB: 6 -> 3 s)."""
-    from otmel.jobs.index import footer_readers
+    from otmel.jobs.index import FOOTER_READERS_ENV, footer_readers
 
     assert [footer_readers(n) for n in (1, 128, 129, 10**6)] == [1, 1, 2, 32]
-    monkeypatch.delenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", raising=False)
+    monkeypatch.delenv(FOOTER_READERS_ENV, raising=False)
     kb = pq.read_table(synth_dir / "kb.parquet")
     (tmp_path / "kb").mkdir()
     half = kb.num_rows // 2
@@ -103,10 +104,10 @@ def test_a_kb_of_a_few_files_is_listed_by_one_footer_reader_not_ray_datas_32(ray
     pq.write_table(kb.slice(half), tmp_path / "kb" / "b.parquet")
     before = _footer_readers_started()
     manifest = run(IndexConfig(model=onnx_model, kb=str(tmp_path / "kb"), out=str(tmp_path / "index"), shards=2,
-                               workers=1)).manifest
+                               **ONE_ENCODE_ACTOR)).manifest
     assert manifest["count"] == kb.num_rows  # both files read
     assert _footer_readers_started() - before == 1
-    assert "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" not in os.environ  # the job's setting does not outlive it
+    assert FOOTER_READERS_ENV not in os.environ  # the job's setting does not outlive it
 
 
 def _by_id(directory) -> dict[str, dict]:

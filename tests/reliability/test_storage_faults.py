@@ -18,7 +18,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from conftest import ONE_ACTOR_EACH
+from conftest import ONE_ACTOR_EACH, cli_options
 from fault_proxy import FaultProxy, Faults
 from link_rows import assert_same_link_rows
 from otmel.jobs.link import LinkConfig, run
@@ -81,8 +81,7 @@ def test_a_permanent_output_failure_is_one_line_and_nothing_vouches_for_missing_
     out = f"s3://{BUCKET}/faults/out-down"
     with FaultProxy(s3_server, faults) as proxy:
         args = [OTMEL, "link", "--model", on_s3["model"], "--index", on_s3["index"], "--input", on_s3["input"],
-                "--output", out, "--candidates", "16", "--workers", "1", "--link-actors", "1",
-                "--s3-endpoint", proxy.endpoint,
+                "--output", out, "--candidates", "16", *cli_options(ONE_ACTOR_EACH), "--s3-endpoint", proxy.endpoint,
                 "--address", ray_local.get_runtime_context().gcs_address]
         proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]

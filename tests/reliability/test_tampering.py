@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ONE_ACTOR_EACH, ONE_ENCODE_ACTOR, cli_options
 
 SECRET = "otmel-test-secret-4f2a9c"  # a credential no output may contain
 
@@ -91,11 +92,11 @@ def cli_process(model_and_index, synth_dir, tmp_path_factory, s3_server):
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="creds")
     test = str(synth_dir / "mentions" / "test.parquet")
     runs = [["-v", "index", "--model", model_and_index[0], "--kb", str(synth_dir / "kb.parquet"), "--out",
-             "s3://creds/index", "--shards", "1", "--workers", "1", "--s3-endpoint", s3_server],
+             "s3://creds/index", "--shards", "1", *cli_options(ONE_ENCODE_ACTOR), "--s3-endpoint", s3_server],
             ["-v", "link", "--model", model_and_index[0], "--index", "s3://creds/index", "--input", test, "--output",
-             "s3://creds/out", "--workers", "1", "--link-actors", "1", "--s3-endpoint", s3_server],
+             "s3://creds/out", *cli_options(ONE_ACTOR_EACH), "--s3-endpoint", s3_server],
             ["link", "--model", model_and_index[0], "--index", str(index), "--input", test, "--output",
-             str(root / "out"), "--workers", "1", "--link-actors", "1"]]
+             str(root / "out"), *cli_options(ONE_ACTOR_EACH)]]
     probe = ("import json, ray, sys; from otmel.cli import main\n"
              f"codes = [main(argv) for argv in {runs!r}]\n"
              "from ray.util.state import list_jobs\n"
