@@ -21,6 +21,11 @@ from otmel.preprocessing import MODEL_INPUTS  # the encoder inputs the preproces
 log = logging.getLogger(__name__)
 
 
+class PipelineStalled(RuntimeError):
+    """A job's pipeline made no progress for its stall timeout in every attempt: one line
+    naming what was kept and what to do (the CLI prints it and exits 2)."""
+
+
 #: AWS variables that are secrets: never sent in a runtime_env (Ray keeps a job's runtime_env
 #: in its job table, shown by the dashboard and ``ray list jobs --detail``)
 AWS_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")

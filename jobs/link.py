@@ -93,6 +93,7 @@ class LinkConfig:
     kge_embeddings: str | None = None  # entity_id + vector Parquet (`otmel kge embed`): collective disambiguation
     coherence_weight: float | None = None  # W of otmel.coherence (None = the weight calibrated for these embeddings)
     force: bool = False  # recompute inputs whose output is already complete
+    stall_timeout_s: float = 600.0  # no block moved for this long: the pipeline is restarted (see run); 0 = never
     cpus_per_actor: float = 0.25  # Ray CPUs an encode actor holds (fractional: read tasks must still get CPUs)
     gpu: bool | None = None  # None = a GPU per encode actor when the cluster has one
     address: str | None = None
@@ -117,6 +118,8 @@ class LinkConfig:
             raise ValueError("read_chunk_rows and read_chunk_bytes must be >= 1")
         if self.shard_replicas < 1:
             raise ValueError(f"--shard-replicas must be >= 1, got {self.shard_replicas}")
+        if not (self.stall_timeout_s >= 0 and np.isfinite(self.stall_timeout_s)):
+            raise ValueError(f"--stall-timeout must be a number of seconds >= 0 (0: never), got {self.stall_timeout_s}")
         if self.shard_gpus is not None and not 0 <= self.shard_gpus <= 1:
             raise ValueError(f"--shard-gpus must be a share of one GPU in [0, 1], got {self.shard_gpus}")
         if self.coherence_weight is not None and self.kge_embeddings is None:
@@ -697,8 +700,21 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
     return encode_step(ds, cfg, LINK_MENTION_FEATURES, use_gpu, transform, pool)
 
 
+#: Pipeline attempts of one link job. On Ray 2.60 a pipeline can stop for good after a node is
+#: lost: Ray core rebuilds the lost blocks itself (lineage reconstruction), restarting for that
+#: the encode actors Ray Data had just removed from its pool, and those, unknown to Ray Data's
+#: budget, hold the CPUs the re-run read and preprocess tasks they wait for need (seen on a
+#: 3-node test cluster losing 2 nodes: 4 shard actors x 0.25, 3 encode actors x 0.25 and 2 link
+#: actors x 0.1 CPU on the last 2 CPUs, 0.05 free, for 10 minutes; Ray's developers describe
+#: that blind spot in ray-project/ray#65519). Ray Data's no-progress guard ends such an attempt
+#: after ``--stall-timeout`` seconds in which no block moved; its actors go with it, which frees
+#: their CPUs, and the job restarts the pipeline for the input files not committed yet, each
+#: from its first row (committed files are never redone: the same check as a re-run's).
+PIPELINE_ATTEMPTS = 3
+
+
 def run(cfg: LinkConfig, progress=None) -> LinkResult:
-    from otmel.jobs.common import actor_pool, encode_pool, gpu_count, init_ray
+    from otmel.jobs.common import PipelineStalled, actor_pool, encode_pool, gpu_count, init_ray
     from otmel.link_output import STAGING_DIR, SUCCESS_FILE, output_name, write_success
     from otmel.storage import StorageError, delete_dir, delete_file, join, storage_failure
 
@@ -720,53 +736,83 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
         delete_dir(join(cfg.output, STAGING_DIR), cfg.s3_endpoint)
         init_ray(cfg.address)
         import ray
+        from ray.data.exceptions import ExecutionTimeoutError
 
         vectors = load_coherence_vectors(pre["coherence"], cfg.s3_endpoint)
-        coordinator = start_commit_coordinator(cfg, file_meta, vectors, pre["coherence"], pre["nil_threshold"])
-        shards = None
+        coordinator = shards = None
         try:
             use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
             shards = ShardActors(cfg, manifest, use_gpu)  # loading while the pipeline starts
             actors = shards.actors
             encoders = encode_pool(cfg.workers, use_gpu)
-            ds = encoded_mentions(cfg, todo, backend.preprocessor, pre["detector"], use_gpu, encoders)
-            ds = ds.map_batches(LinkStage, batch_size=cfg.batch_size, compute=actor_pool(cfg.link_actors, "--link-actors"),
-                                num_cpus=0.1,
-                                fn_constructor_kwargs={"shard_actors": actors, "coordinator": coordinator,
-                                                       "candidates": cfg.candidates,
-                                                       "top_k": cfg.top_k, "nil_threshold": pre["nil_threshold"],
-                                                       "model_version": backend.model_version,
-                                                       "index_version": pre["index_version"], "output": cfg.output,
-                                                       "s3_endpoint": cfg.s3_endpoint})
-            linked: Counter = Counter()  # rows per input file, from the dataset's output (a cross-check)
+            pending = todo  # the input files the next pipeline attempt links
+            for attempt in range(1, PIPELINE_ATTEMPTS + 1):
+                coordinator = start_commit_coordinator(cfg, file_meta, vectors, pre["coherence"], pre["nil_threshold"])
+                ds = encoded_mentions(cfg, pending, backend.preprocessor, pre["detector"], use_gpu, encoders)
+                ds = ds.map_batches(LinkStage, batch_size=cfg.batch_size,
+                                    compute=actor_pool(cfg.link_actors, "--link-actors"), num_cpus=0.1,
+                                    fn_constructor_kwargs={"shard_actors": actors, "coordinator": coordinator,
+                                                           "candidates": cfg.candidates,
+                                                           "top_k": cfg.top_k, "nil_threshold": pre["nil_threshold"],
+                                                           "model_version": backend.model_version,
+                                                           "index_version": pre["index_version"], "output": cfg.output,
+                                                           "s3_endpoint": cfg.s3_endpoint})
+                # Ray Data's own guard: no block moved through any step for this long ends the
+                # attempt with ExecutionTimeoutError (see PIPELINE_ATTEMPTS for why and what next)
+                ds.context.execution_no_progress_timeout_s = cfg.stall_timeout_s or -1
+                linked: Counter = Counter()  # rows per input file, from the dataset's output (a cross-check)
 
-            def consume():
-                for meta in ds.iter_batches(batch_size=None, batch_format="numpy"):  # row counts only
-                    for f, rows in zip(meta["source_file"], meta["rows"]):
-                        linked[str(f)] += int(rows)
+                def consume(ds=ds, coordinator=coordinator, pending=pending, linked=linked):
+                    for meta in ds.iter_batches(batch_size=None, batch_format="numpy"):  # row counts only
+                        for f, rows in zip(meta["source_file"], meta["rows"]):
+                            linked[str(f)] += int(rows)
+                        _report_commits(ray.get(coordinator.committed.remote()), progress)
+                    finished = ray.get(coordinator.finish.remote(pending))
                     _report_commits(ray.get(coordinator.committed.remote()), progress)
-                finished = ray.get(coordinator.finish.remote(todo))
-                _report_commits(ray.get(coordinator.committed.remote()), progress)
-                return finished
+                    return finished
 
-            try:
-                # the dataset runs in a thread while this one watches the shard actors load: one
-                # that cannot fails the job at once, in one line, not when the first batch reaches it
-                written, retried = _while_loading(consume, shards)
-            except Exception as exc:
-                # storage that still fails after every retry ends the job in one line; the files
-                # committed so far stay valid and the re-run resumes from them
-                failure = storage_failure(exc)
-                if failure is None:
-                    raise
-                raise StorageError(f"storage failed after retries while linking into {cfg.output}: "
-                                   f"{type(failure).__name__}: {str(failure).strip().splitlines()[0]}") from None
+                try:
+                    # the dataset runs in a thread while this one watches the shard actors load: one
+                    # that cannot fails the job at once, in one line, not when the first batch reaches it
+                    attempt_written, retried = _while_loading(consume, shards)
+                except ExecutionTimeoutError as exc:
+                    _end_attempt(coordinator)
+                    coordinator = None
+                    # what the stalled attempt committed is done; the rest is linked again, from
+                    # its first row (its staged parts stay unused and go with the staging dir)
+                    pending, now_done, _ = plan_inputs(dataclasses.replace(cfg, force=False), pending,
+                                                       backend.model_version, pre["index_version"],
+                                                       pre["nil_threshold"], pre["coherence"])
+                    written.update(now_done)
+                    stalled = f"the link pipeline moved no block for {cfg.stall_timeout_s:g} s"
+                    if attempt == PIPELINE_ATTEMPTS:
+                        raise PipelineStalled(
+                            f"{stalled} in each of {PIPELINE_ATTEMPTS} attempts: {len(written)} of {len(todo)} input "
+                            f"file(s) committed in {cfg.output} and kept; rerun the same command to link the other "
+                            f"{len(pending)} (more CPUs, or a larger --stall-timeout if a step is that slow)") from None
+                    log.warning("%s; %d input file(s) committed so far; restarting it for the %d not committed "
+                                "(attempt %d of %d). Ray Data: %s", stalled, len(written), len(pending), attempt + 1,
+                                PIPELINE_ATTEMPTS, " | ".join(str(exc).splitlines()[1:-1]))
+                    if not pending:
+                        break
+                    continue
+                except Exception as exc:
+                    # storage that still fails after every retry ends the job in one line; the files
+                    # committed so far stay valid and the re-run resumes from them
+                    failure = storage_failure(exc)
+                    if failure is None:
+                        raise
+                    raise StorageError(f"storage failed after retries while linking into {cfg.output}: "
+                                       f"{type(failure).__name__}: {str(failure).strip().splitlines()[0]}") from None
+                lost = {f: (linked[f], m["rows"]) for f, m in attempt_written.items() if m["rows"] != linked[f]}
+                if lost:  # never: the coordinator committed what the link actors reported
+                    raise RuntimeError(f"committed row counts differ from the linked rows (linked, committed): {lost}")
+                if retried:
+                    log.info("%d part(s) reported twice by retried link tasks were counted once", retried)
+                written.update(attempt_written)
+                break
+            shards.wait()  # loaded (an attempt waits for it; all may have stalled before any batch)
             startup = shards.loaded_at - t_work
-            lost = {f: (linked[f], m["rows"]) for f, m in written.items() if m["rows"] != linked[f]}
-            if lost:  # never: the coordinator committed what the link actors reported
-                raise RuntimeError(f"committed row counts differ from the linked rows (linked, committed): {lost}")
-            if retried:
-                log.info("%d part(s) reported twice by retried link tasks were counted once", retried)
             delete_dir(join(cfg.output, STAGING_DIR), cfg.s3_endpoint)
 
             # batches each replica served: shows whether --shard-replicas spreads the load
@@ -818,8 +864,25 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
 def _release(coordinator, shards: ShardActors | None) -> None:
     import ray
 
-    for actor in [coordinator] + ([a for replicas in shards.actors for a in replicas] if shards else []):
+    shard_actors = [a for replicas in shards.actors for a in replicas] if shards else []
+    for actor in ([coordinator] if coordinator else []) + shard_actors:
         ray.kill(actor, no_restart=True)
+
+
+def _end_attempt(coordinator, timeout: float = 60) -> None:
+    """Kill a stalled attempt's commit coordinator and wait until it is dead: its commit tasks
+    in flight die with it (Ray kills the tasks of a dead owner), so none of them can finish a
+    file, or delete the file's staging dir, while the next attempt stages that file's parts."""
+    import ray
+
+    ray.kill(coordinator, no_restart=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(coordinator.__ray_ready__.remote(), timeout=10)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return
+        time.sleep(0.1)
 
 
 def _while_loading(work, shards: ShardActors):

@@ -233,7 +233,7 @@ def cmd_link(args) -> int:
                      link_actors=args.link_actors, shard_replicas=args.shard_replicas, shard_gpus=args.shard_gpus,
                      gpu=args.gpu, s3_endpoint=args.s3_endpoint, kge_embeddings=args.kge_embeddings,
                      coherence_weight=args.coherence_weight, cpus_per_actor=args.cpus_per_actor,
-                     image_transform=args.image_transform)
+                     image_transform=args.image_transform, stall_timeout_s=args.stall_timeout)
     _print(summary_line(run(cfg, progress=log.info)))
     return 0
 
@@ -476,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="actors per index shard; queries are spread over them (more index throughput)")
     s.add_argument("--shard-gpus", type=float, default=None, metavar="SHARE",
                    help="GPU share of each shard actor (default 0.25 on a GPU cluster, 0 otherwise)")
+    s.add_argument("--stall-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="no batch moved for this long (e.g. after a node loss): the pipeline is restarted for the "
+                        "files not committed yet, twice at most, then the job fails; 0: wait forever")
     _data_job_options(s)
     s.set_defaults(func=cmd_link)
 
@@ -613,9 +616,11 @@ def _ops_parsers(sub) -> None:
 #: errors a user can act on: one line, exit code 2 (anything else is a bug: full traceback)
 def _user_errors() -> tuple[type[BaseException], ...]:
     from otmel.cluster_ops import ClusterError
+    from otmel.jobs.common import PipelineStalled
     from otmel.storage import StorageError
 
-    return (FileNotFoundError, FileExistsError, ValueError, PermissionError, StorageError, ClusterError)
+    return (FileNotFoundError, FileExistsError, ValueError, PermissionError, StorageError, ClusterError,
+            PipelineStalled)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,8 +109,8 @@ PLANTS = (
     Plant("actors-released", "A job's shard actors and commit coordinator end with it (one Ray instance, jobs in turn)",
           "the shard actors are left to the garbage collector (only the coordinator is killed)",
           "jobs/link.py",
-          (("    for actor in [coordinator] + ([a for replicas in shards.actors for a in replicas] if shards else []):\n",
-            "    for actor in [coordinator]:\n"),),
+          (("    shard_actors = [a for replicas in shards.actors for a in replicas] if shards else []\n",
+            "    shard_actors = []\n"),),
           ("tests/test_link_job.py::test_rerun_skips_complete_outputs_and_forced_rerun_reproduces_them",)),
     Plant("index-update", "`otmel index --update` gives the index a full rebuild gives",
           "the update keeps the old rows of changed entities",
@@ -124,6 +124,20 @@ PLANTS = (
           (("    os.environ[FOOTER_READERS_ENV] = str(footer_readers(n_files))\n",
             "    os.environ[FOOTER_READERS_ENV] = str(MAX_FOOTER_READERS)\n"),),
           ("tests/test_index_job.py::test_a_kb_of_a_few_files_is_listed_by_one_footer_reader_not_ray_datas_32",)),
+    Plant("stall-restart", "A link pipeline that stops moving (a store that stops answering, Ray 2.60 after a node "
+          "loss) is restarted for the files not committed; committed files are kept; the output is complete",
+          "the job fails on its first stall instead of restarting the pipeline",
+          "jobs/link.py",
+          (("                    if attempt == PIPELINE_ATTEMPTS:\n                        raise PipelineStalled(",
+            "                    if True:\n                        raise PipelineStalled("),),
+          ("tests/reliability/test_storage_faults.py::test_a_store_that_stops_answering_mid_job_is_outlasted_by_"
+           "restarting_the_pipeline_for_the_uncommitted_files",)),
+    Plant("stall-replan", "A restarted link pipeline links only the files the stalled attempt did not commit",
+          "the restart links every file of the run again",
+          "jobs/link.py",
+          (("                    written.update(now_done)\n", "                    pending = todo\n"),),
+          ("tests/reliability/test_storage_faults.py::test_a_store_that_stops_answering_mid_job_is_outlasted_by_"
+           "restarting_the_pipeline_for_the_uncommitted_files",)),
     Plant("node-loss-index", "A node lost mid-build: the index equals an undisturbed build; rows a retried "
           "routing task sends again are kept once",
           "a shard builder keeps the rows a retried routing task sends again",

@@ -177,7 +177,7 @@ RERUN_KEY_CASES = {
     "image_timeout_s": (2.0, True), "max_image_bytes": (1 << 20, True), "image_transform": ("device", True),
     "workers": ("1-2", False), "link_actors": (1, False), "shard_replicas": (2, False), "shard_gpus": (0.5, False),
     "batch_size": (8, False), "read_chunk_rows": (16, False), "read_chunk_bytes": (1 << 20, False),
-    "cpus_per_actor": (1.0, False), "gpu": (False, False), "address": ("auto", False),
+    "cpus_per_actor": (1.0, False), "gpu": (False, False), "address": ("auto", False), "stall_timeout_s": (30.0, False),
     "output": (f"{BUCKET}/out-1/", False),  # the same place spelled with a slash
 }
 
@@ -385,6 +385,9 @@ def test_job_level_mismatches_fail_before_any_work(s3_index, onnx_model, tmp_pat
         run(LinkConfig(model=onnx_model, input=f"{BUCKET}/no-such-prefix/*.parquet", **good))
     with pytest.raises(ValueError, match="--top-k"):
         LinkConfig(model=onnx_model, input="x", top_k=30, candidates=20, **good)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="--stall-timeout"):
+            LinkConfig(model=onnx_model, input="x", stall_timeout_s=bad, **good)
     assert not (tmp_path / "out").exists()
 
 
