@@ -179,18 +179,16 @@ def s3_server():
 @pytest.fixture(scope="session")
 def trained_run(ray_local, synth_dir, tmp_path_factory):
     """ONE tiny 2-worker KD training run per session (Ray Train start-up costs ~20 s here);
-    later tests (export, index, link) reuse its checkpoint. Its pairs go through Ray Data
-    preprocessing tasks (``--preprocess tasks``, the GPU default); the other training tests
-    run as on CPU (inline) and compare with it. Not the other way round, although with 2
-    workers on these 2 cores the tasks' pipelines cost 61-65 s against 20-21 inline (1 worker:
-    18 against 14): late in the suite, after the link jobs, a one-worker run on tasks took
-    64-72 s (18-21 s early or alone), its Ray Data pipeline starved with 1.5 of the 2 CPUs
-    free; not yet explained (tests/README.md)."""
+    later tests (export, index, link) reuse its checkpoint. Its pairs are preprocessed in the
+    workers (``--preprocess inline``, the CPU default); the one-worker run it is compared with
+    goes through Ray Data preprocessing tasks (the GPU default). Not the other way round: with
+    2 workers on these 2 cores the tasks' two pipelines cost 61-65 s against 20-21 s inline (1
+    worker: 16-18 s against 14 s; tests/README.md)."""
     from otmel.jobs.train import TrainConfig, run
 
     out = tmp_path_factory.mktemp("runs")
     cfg = TrainConfig(data=str(synth_dir), out=str(out), mode="kd", workers=2, epochs=2, batch_size=16, lr=1e-3,
-                      tiny_clip=True, name="tiny", model={"text_length": 24}, max_failures=0, preprocess="tasks")
+                      tiny_clip=True, name="tiny", model={"text_length": 24}, max_failures=0, preprocess="inline")
     return cfg, run(cfg)
 
 

@@ -112,11 +112,11 @@ def _assert_same_weights(a: dict, b: dict, atol: float) -> None:
 def test_two_workers_train_like_one_process_through_the_job(trained_run, tmp_path):
     """The Ray Train job with 1 worker and with 2 workers (global negatives gathered) takes
     the same steps: same losses, same weights after 2 epochs. The 2-worker run preprocessed
-    in Ray Data tasks, this one inline: the two ways feed the same batches too."""
+    inline, this one in Ray Data tasks: the two ways feed the same batches too."""
     cfg, two = trained_run
-    assert cfg.preprocess == "tasks"
+    assert cfg.preprocess == "inline"
     one = run(TrainConfig(**{**cfg.to_dict(), "workers": 1, "out": str(tmp_path), "eval_every": 0,
-                             "preprocess": "inline"}))
+                             "preprocess": "tasks"}))
     _assert_same_weights(_weights(one.latest_checkpoint), _weights(two.latest_checkpoint), atol=1e-5)
     losses = [[json.loads(x)["train_loss"] for x in open(f"{r.run_uri}/metrics.jsonl")] for r in (one, two)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
