@@ -124,20 +124,20 @@ PLANTS = (
           (("    os.environ[FOOTER_READERS_ENV] = str(footer_readers(n_files))\n",
             "    os.environ[FOOTER_READERS_ENV] = str(MAX_FOOTER_READERS)\n"),),
           ("tests/test_index_job.py::test_a_kb_of_a_few_files_is_listed_by_one_footer_reader_not_ray_datas_32",)),
-    Plant("stall-restart", "A link pipeline that stops moving (a store that stops answering, Ray 2.60 after a node "
+    Plant("stall-restart", "A link pipeline that stops moving (a hung encode actor, Ray 2.60 after a node "
           "loss) is restarted for the files not committed; committed files are kept; the output is complete",
           "the job fails on its first stall instead of restarting the pipeline",
           "jobs/link.py",
           (("                    if attempt == PIPELINE_ATTEMPTS:\n                        raise PipelineStalled(",
             "                    if True:\n                        raise PipelineStalled("),),
-          ("tests/reliability/test_storage_faults.py::test_a_store_that_stops_answering_mid_job_is_outlasted_by_"
-           "restarting_the_pipeline_for_the_uncommitted_files",)),
+          ("tests/reliability/test_actor_kills.py::test_a_hung_encode_actor_stalls_the_pipeline_and_the_job_restarts_it_"
+           "for_the_uncommitted_files",)),
     Plant("stall-replan", "A restarted link pipeline links only the files the stalled attempt did not commit",
           "the restart links every file of the run again",
           "jobs/link.py",
           (("                    written.update(now_done)\n", "                    pending = todo\n"),),
-          ("tests/reliability/test_storage_faults.py::test_a_store_that_stops_answering_mid_job_is_outlasted_by_"
-           "restarting_the_pipeline_for_the_uncommitted_files",)),
+          ("tests/reliability/test_actor_kills.py::test_a_hung_encode_actor_stalls_the_pipeline_and_the_job_restarts_it_"
+           "for_the_uncommitted_files",)),
     Plant("node-loss-index", "A node lost mid-build: the index equals an undisturbed build; rows a retried "
           "routing task sends again are kept once",
           "a shard builder keeps the rows a retried routing task sends again",

@@ -3,7 +3,13 @@ actor and an encode actor are killed through Ray (as ``ray.kill(handle, no_resta
 does, by the ids in the GCS's actor table), then a link actor's worker process is SIGKILLed by
 the PID the table gives. Ray restarts them and retries their calls; the job finishes
 with every input mention exactly once (a retried link batch reports its part again: counted
-once), one committed file per input, nothing left staged."""
+once), one committed file per input, nothing left staged.
+
+A hung encode actor (its process SIGSTOPped, as a process waiting on a hung device or mount
+is: alive, answering nothing, failing nothing) stops the pipeline; after ``--stall-timeout``
+the job ends that attempt, its actors with it, and restarts the pipeline for the files not
+committed yet (the recovery that gets a job past Ray 2.60's deadlock after a node loss,
+``jobs/link.py``: ``PIPELINE_ATTEMPTS``); the output equals the session's reference rows."""
 
 from __future__ import annotations
 
@@ -112,3 +118,58 @@ def test_killed_shard_encode_and_link_actors_are_restarted_and_every_row_is_link
 
     restarts = {what: actors(actor_id=actor_id)["NumRestarts"] for what, actor_id in killed.items()}
     assert all(n >= 1 for n in restarts.values()), restarts
+
+
+#: the stall test's --stall-timeout. Ray Data counts a block entering or leaving any step's
+#: queue as progress; what can pause every step at once is an actor starting (process, imports,
+#: model), a few seconds here and several times that on a loaded machine
+STALL_S = 30
+
+
+def test_a_hung_encode_actor_stalls_the_pipeline_and_the_job_restarts_it_for_the_uncommitted_files(
+        ray_local, model_and_index, synth_dir, reference_link, tmp_path, record_property):
+    import pyarrow.parquet as pq
+
+    from conftest import ONE_ACTOR_EACH, REFERENCE_CANDIDATES
+    from link_rows import assert_same_link_rows
+
+    from otmel.link_output import read_link_output
+
+    # a small input (one batch: committed first) and a large one, still being encoded when the
+    # encode actor stops answering
+    onnx, index = model_and_index
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    ids: set[str] = set()
+    for name, split, rows in (("a-small", "dev", 8), ("b-large", "train", None)):
+        table = pq.read_table(synth_dir / "mentions" / f"{split}.parquet")
+        table = table.slice(0, rows) if rows else table
+        ids.update(table.column("mention_id").to_pylist())
+        pq.write_table(table, inputs / f"{name}.parquet")
+    driver = JobDriver("link", "LinkConfig", dict(model=onnx, index=index, input=str(inputs), output=str(out),
+                                                  batch_size=8, read_chunk_rows=16, candidates=REFERENCE_CANDIDATES,
+                                                  stall_timeout_s=STALL_S, **ONE_ACTOR_EACH,
+                                                  address=ray_local.get_runtime_context().gcs_address),
+                       tmp_path / "driver.log")
+    try:
+        _wait(lambda: any(out.glob("part-*.parquet")), "the first committed file", driver)
+        hung = _alive("MapBatches(Encode)")
+        assert len(hung) == 1, hung
+        os.kill(hung[0].pid, signal.SIGSTOP)  # the job's end of the attempt kills it (SIGKILL works on it)
+        driver.wait(timeout=600)
+    finally:
+        driver.kill()
+    log = driver.log.read_text(errors="replace")
+    assert driver.returncode == 0, driver.output()
+    restarts = [line for line in log.splitlines() if "restarting it for the" in line]
+    record_property("stall_restarts", [line[:220] for line in restarts])
+    # restarted for the large file only: the small one was committed before, and kept
+    assert restarts and f"moved no block for {STALL_S} s" in restarts[0], log[-3000:]
+    assert "1 input file(s) committed so far; restarting it for the 1 not committed (attempt 2 of 3)" in restarts[0]
+    summary = json.loads((out / "_SUCCESS.json").read_text())
+    assert summary["files_processed"] == 2 and summary["counts"]["in"] == len(ids)
+    reference = sorted((r for r in read_link_output(reference_link).to_pylist() if r["mention_id"] in ids),
+                       key=lambda r: r["mention_id"])
+    assert len(reference) == len(ids)
+    assert_same_link_rows(sorted(read_link_output(str(out)).to_pylist(), key=lambda r: r["mention_id"]), reference)
+    assert not (out / "_staging").exists()  # the stalled attempt's parts went with the staging dir

@@ -5,29 +5,20 @@ answers 503 SlowDown / 500, resets connections and delays answers for a share of
 * transient faults: bounded retries with backoff get every call through; the output equals
   a run on a healthy store, nothing is left staged, ``_SUCCESS.json`` counts every row;
 * a permanent failure of the output store: the job fails with one line that names the
-  output, and neither a committed file nor a ``_SUCCESS.json`` vouches for missing data;
-* a store that stops answering mid-job: the pipeline makes no progress, the job ends that
-  attempt after ``--stall-timeout`` and restarts it for the files not committed yet (the same
-  recovery that gets a job past the Ray 2.60 deadlock after a node loss, see
-  ``jobs/link.py``: ``PIPELINE_ATTEMPTS``); the output equals a healthy run's.
+  output, and neither a committed file nor a ``_SUCCESS.json`` vouches for missing data.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import boto3
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from conftest import ONE_ACTOR_EACH, REFERENCE_CANDIDATES, cli_options
+from conftest import ONE_ACTOR_EACH, cli_options
 from fault_proxy import FaultProxy, Faults
 from link_rows import assert_same_link_rows
 from otmel.jobs.link import LinkConfig, run
@@ -100,71 +91,3 @@ def test_a_permanent_output_failure_is_one_line_and_nothing_vouches_for_missing_
     assert faults.injected.get("internal", 0) > 0
     keys = _keys(s3_server, "faults/out-down/")
     assert not [k for k in keys if k.endswith("_SUCCESS.json") or "/part-" in k.split("_staging")[0]], keys
-
-
-#: the test's --stall-timeout: no block moved for this long ends a pipeline attempt. Ray Data
-#: counts a block entering or leaving any step's queue as progress, so a loaded machine's
-#: slow actor start-up (read and preprocess blocks keep moving meanwhile) is not a stall
-STALL_S = 20
-
-
-def test_a_store_that_stops_answering_mid_job_is_outlasted_by_restarting_the_pipeline_for_the_uncommitted_files(
-        on_s3, s3_server, synth_dir, reference_link, record_property):
-    from otmel.storage import write_bytes
-
-    # a small input (one batch: committed first) and a large one, still being linked when the
-    # store stops answering every write, right after the small one's output was written
-    prefix = f"s3://{BUCKET}/faults/in-stall"
-    ids: set[str] = set()
-    for name, source, rows in (("a-small", "dev", 8), ("b-large", "train", None)):
-        table = pq.read_table(synth_dir / "mentions" / f"{source}.parquet")
-        table = table.slice(0, rows) if rows else table
-        ids.update(table.column("mention_id").to_pylist())
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        write_bytes(f"{prefix}/{name}.parquet", sink.getvalue().to_pybytes(), s3_server)
-    # compared with the session's reference rows (these mentions linked undisturbed)
-    cfg = dict(on_s3, input=prefix, batch_size=8, read_chunk_rows=16, candidates=REFERENCE_CANDIDATES,
-               stall_timeout_s=STALL_S)
-
-    restarts: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: restarts.append(record.getMessage()) if "restarting it" in record.getMessage() else None
-    logging.getLogger("otmel.jobs.link").addHandler(handler)
-    faults = Faults(stall_writes_after="/faults/out-stall/part-")
-    box: dict = {}
-    try:
-        with FaultProxy(s3_server, faults) as proxy:
-            def job():
-                try:
-                    box["result"] = run(LinkConfig(**cfg, output=f"s3://{BUCKET}/faults/out-stall",
-                                                   s3_endpoint=proxy.endpoint))
-                except BaseException as exc:  # noqa: BLE001 - asserted below
-                    box["error"] = exc
-
-            thread = threading.Thread(target=job, daemon=True)
-            thread.start()
-            deadline = time.monotonic() + 300
-            while not restarts and thread.is_alive() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            faults.end_stall()  # the store answers again: the restarted attempt gets through
-            thread.join(300)
-    finally:
-        logging.getLogger("otmel.jobs.link").removeHandler(handler)
-    assert not thread.is_alive(), "the job did not end after the store recovered"
-    assert "error" not in box, repr(box.get("error"))
-    assert faults.stalled.is_set() and faults.injected.get("stalled", 0) > 0, faults.injected
-    # one restart, for the large file only: the small one was committed before the stall, kept
-    assert len(restarts) == 1, restarts
-    assert f"moved no block for {STALL_S} s" in restarts[0], restarts[0]
-    assert "1 input file(s) committed so far; restarting it for the 1 not committed (attempt 2 of 3)" in restarts[0]
-    result = box["result"]
-    record_property("stall_restart", restarts[0][:200])
-    assert result.summary["files_processed"] == 2 and result.summary["files_skipped_complete"] == 0
-    assert result.summary["counts"]["in"] == len(ids)
-    reference = sorted((r for r in read_link_output(reference_link).to_pylist() if r["mention_id"] in ids),
-                       key=lambda r: r["mention_id"])
-    assert len(reference) == len(ids)
-    assert_same_link_rows(_sorted_rows(result.output, s3_server), reference)
-    keys = _keys(s3_server, "faults/out-stall/")
-    assert not [k for k in keys if "_staging" in k], keys  # the stalled attempt's parts went with the staging dir
