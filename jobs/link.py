@@ -713,10 +713,66 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
 PIPELINE_ATTEMPTS = 3
 
 
+def _link_files(cfg: LinkConfig, files: list[str], pre: dict, backend, shards: ShardActors, coordinator,
+                use_gpu: bool, encoders: str, progress=None) -> dict[str, dict]:
+    """One pipeline attempt: ``files`` read, encoded and linked, each committed by
+    ``coordinator`` as soon as its rows are in; returns every file's footer metadata. Raises
+    Ray Data's ExecutionTimeoutError when no block moved for ``--stall-timeout`` seconds."""
+    import ray
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    from otmel.jobs.common import actor_pool
+    from otmel.storage import StorageError, storage_failure
+
+    ds = encoded_mentions(cfg, files, backend.preprocessor, pre["detector"], use_gpu, encoders)
+    ds = ds.map_batches(LinkStage, batch_size=cfg.batch_size, compute=actor_pool(cfg.link_actors, "--link-actors"),
+                        num_cpus=0.1,
+                        fn_constructor_kwargs={"shard_actors": shards.actors, "coordinator": coordinator,
+                                               "candidates": cfg.candidates,
+                                               "top_k": cfg.top_k, "nil_threshold": pre["nil_threshold"],
+                                               "model_version": backend.model_version,
+                                               "index_version": pre["index_version"], "output": cfg.output,
+                                               "s3_endpoint": cfg.s3_endpoint})
+    # Ray Data's own guard: no block moved through any step for this long ends the attempt
+    # with ExecutionTimeoutError (see PIPELINE_ATTEMPTS for why and what next)
+    ds.context.execution_no_progress_timeout_s = cfg.stall_timeout_s or -1
+    linked: Counter = Counter()  # rows per input file, from the dataset's output (a cross-check)
+
+    def consume():
+        for meta in ds.iter_batches(batch_size=None, batch_format="numpy"):  # row counts only
+            for f, rows in zip(meta["source_file"], meta["rows"]):
+                linked[str(f)] += int(rows)
+            _report_commits(ray.get(coordinator.committed.remote()), progress)
+        finished = ray.get(coordinator.finish.remote(files))
+        _report_commits(ray.get(coordinator.committed.remote()), progress)
+        return finished
+
+    try:
+        # the dataset runs in a thread while this one watches the shard actors load: one that
+        # cannot fails the job at once, in one line, not when the first batch reaches it
+        written, retried = _while_loading(consume, shards)
+    except ExecutionTimeoutError:
+        raise  # a stall: run() decides
+    except Exception as exc:
+        # storage that still fails after every retry ends the job in one line; the files
+        # committed so far stay valid and the re-run resumes from them
+        failure = storage_failure(exc)
+        if failure is None:
+            raise
+        raise StorageError(f"storage failed after retries while linking into {cfg.output}: "
+                           f"{type(failure).__name__}: {str(failure).strip().splitlines()[0]}") from None
+    lost = {f: (linked[f], m["rows"]) for f, m in written.items() if m["rows"] != linked[f]}
+    if lost:  # never: the coordinator committed what the link actors reported
+        raise RuntimeError(f"committed row counts differ from the linked rows (linked, committed): {lost}")
+    if retried:
+        log.info("%d part(s) reported twice by retried link tasks were counted once", retried)
+    return written
+
+
 def run(cfg: LinkConfig, progress=None) -> LinkResult:
-    from otmel.jobs.common import PipelineStalled, actor_pool, encode_pool, gpu_count, init_ray
+    from otmel.jobs.common import PipelineStalled, encode_pool, gpu_count, init_ray
     from otmel.link_output import STAGING_DIR, SUCCESS_FILE, output_name, write_success
-    from otmel.storage import StorageError, delete_dir, delete_file, join, storage_failure
+    from otmel.storage import delete_dir, delete_file, join
 
     t0 = time.perf_counter()
     pre = preflight(cfg)
@@ -743,38 +799,14 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
         try:
             use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
             shards = ShardActors(cfg, manifest, use_gpu)  # loading while the pipeline starts
-            actors = shards.actors
             encoders = encode_pool(cfg.workers, use_gpu)
             pending = todo  # the input files the next pipeline attempt links
             for attempt in range(1, PIPELINE_ATTEMPTS + 1):
                 coordinator = start_commit_coordinator(cfg, file_meta, vectors, pre["coherence"], pre["nil_threshold"])
-                ds = encoded_mentions(cfg, pending, backend.preprocessor, pre["detector"], use_gpu, encoders)
-                ds = ds.map_batches(LinkStage, batch_size=cfg.batch_size,
-                                    compute=actor_pool(cfg.link_actors, "--link-actors"), num_cpus=0.1,
-                                    fn_constructor_kwargs={"shard_actors": actors, "coordinator": coordinator,
-                                                           "candidates": cfg.candidates,
-                                                           "top_k": cfg.top_k, "nil_threshold": pre["nil_threshold"],
-                                                           "model_version": backend.model_version,
-                                                           "index_version": pre["index_version"], "output": cfg.output,
-                                                           "s3_endpoint": cfg.s3_endpoint})
-                # Ray Data's own guard: no block moved through any step for this long ends the
-                # attempt with ExecutionTimeoutError (see PIPELINE_ATTEMPTS for why and what next)
-                ds.context.execution_no_progress_timeout_s = cfg.stall_timeout_s or -1
-                linked: Counter = Counter()  # rows per input file, from the dataset's output (a cross-check)
-
-                def consume(ds=ds, coordinator=coordinator, pending=pending, linked=linked):
-                    for meta in ds.iter_batches(batch_size=None, batch_format="numpy"):  # row counts only
-                        for f, rows in zip(meta["source_file"], meta["rows"]):
-                            linked[str(f)] += int(rows)
-                        _report_commits(ray.get(coordinator.committed.remote()), progress)
-                    finished = ray.get(coordinator.finish.remote(pending))
-                    _report_commits(ray.get(coordinator.committed.remote()), progress)
-                    return finished
-
                 try:
-                    # the dataset runs in a thread while this one watches the shard actors load: one
-                    # that cannot fails the job at once, in one line, not when the first batch reaches it
-                    attempt_written, retried = _while_loading(consume, shards)
+                    written.update(_link_files(cfg, pending, pre, backend, shards, coordinator, use_gpu, encoders,
+                                               progress))
+                    break
                 except ExecutionTimeoutError as exc:
                     _end_attempt(coordinator)
                     coordinator = None
@@ -795,29 +827,13 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
                                 PIPELINE_ATTEMPTS, " | ".join(str(exc).splitlines()[1:-1]))
                     if not pending:
                         break
-                    continue
-                except Exception as exc:
-                    # storage that still fails after every retry ends the job in one line; the files
-                    # committed so far stay valid and the re-run resumes from them
-                    failure = storage_failure(exc)
-                    if failure is None:
-                        raise
-                    raise StorageError(f"storage failed after retries while linking into {cfg.output}: "
-                                       f"{type(failure).__name__}: {str(failure).strip().splitlines()[0]}") from None
-                lost = {f: (linked[f], m["rows"]) for f, m in attempt_written.items() if m["rows"] != linked[f]}
-                if lost:  # never: the coordinator committed what the link actors reported
-                    raise RuntimeError(f"committed row counts differ from the linked rows (linked, committed): {lost}")
-                if retried:
-                    log.info("%d part(s) reported twice by retried link tasks were counted once", retried)
-                written.update(attempt_written)
-                break
             shards.wait()  # loaded (an attempt waits for it; all may have stalled before any batch)
             startup = shards.loaded_at - t_work
             delete_dir(join(cfg.output, STAGING_DIR), cfg.s3_endpoint)
 
             # batches each replica served: shows whether --shard-replicas spreads the load
             shard_batches = {e["name"]: ray.get([a.served.remote() for a in reps])
-                             for e, reps in zip(manifest["shards"], actors)}
+                             for e, reps in zip(manifest["shards"], shards.actors)}
         finally:
             # the job's own actors go with it, whatever ended it: left to Python's garbage
             # collector (the dataset's plan holds their handles in reference cycles), a
@@ -880,8 +896,10 @@ def _end_attempt(coordinator, timeout: float = 60) -> None:
     while time.monotonic() < deadline:
         try:
             ray.get(coordinator.__ray_ready__.remote(), timeout=10)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        except ray.exceptions.RayActorError:
             return
+        except ray.exceptions.GetTimeoutError:
+            continue
         time.sleep(0.1)
 
 

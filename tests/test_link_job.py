@@ -812,13 +812,15 @@ def test_a_jobs_ray_data_requests_expire_30_s_after_its_driver_stops_refreshing_
     import subprocess
     import sys
 
+    from otmel.jobs import REQUEST_EXPIRE_ENV
+
     probe = ("import otmel.jobs.link, inspect\n"
              "from ray.data._internal.cluster_autoscaler.rate_based_cluster_autoscaler import RateBasedClusterAutoscaler\n"
              "print(inspect.signature(RateBasedClusterAutoscaler.__init__)"
              ".parameters['autoscaling_request_expire_time_s'].default)")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S"}
+    env = {k: v for k, v in os.environ.items() if k != REQUEST_EXPIRE_ENV}
     for user_value, expected in ((None, "30"), ("90", "90")):
-        run_env = env if user_value is None else dict(env, RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S=user_value)
+        run_env = env if user_value is None else {**env, REQUEST_EXPIRE_ENV: user_value}
         out = subprocess.run([sys.executable, "-c", probe], env=run_env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.strip().splitlines()[-1] == expected, out.stdout
