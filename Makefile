@@ -9,29 +9,39 @@ TORCH := torch==2.13.0
 PYTEST := $(PY) -m pytest
 
 # The installer is chosen here, not by the user: uv when it is on PATH or can be installed
-# into the venv from the package index (the whole set-up in ~30 s here), else pip (~95 s).
-# uv compiles bytecode only when asked: where PYTHONDONTWRITEBYTECODE is set (it is on these
-# machines) every import of every Ray worker would compile from source, and the suite ran
-# 2.2x slower. torch comes from the directory pip is configured to find wheels in (the CPU
-# wheel on disk); without one, pip installs it, following the machine's own pip settings,
-# because torch==2.13.0 from the index alone is the multi-GB CUDA build.
+# into the venv from the package index (the whole set-up in ~6 s here), else pip (~95 s).
+# The venv is created without pip (uv does not need it; pip is added only where it is used).
+# torch comes from the directory pip is configured to find wheels in (the CPU wheel on disk);
+# without one, pip installs it, following the machine's own pip settings, because
+# torch==2.13.0 from the index alone is the multi-GB CUDA build.
+#
+# Bytecode is written on first import, not at install: these machines set
+# PYTHONDONTWRITEBYTECODE, so make's commands run without it (below). Without bytecode on
+# disk every Ray worker would compile its imports from source (the suite ran 2.2x slower);
+# compiling all of .venv at install (uv --compile-bytecode) took ~30 of the set-up's ~37 s,
+# the modules the suite imports ~10 s on their first import.
+unexport PYTHONDONTWRITEBYTECODE
 .PHONY: setup demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@uv=$$(command -v uv || { $(PY) -m pip install -q uv >/dev/null 2>&1 && echo $(VENV)/bin/uv; }); \
+	test -x $(PY) || $(PYTHON) -m venv --without-pip $(VENV)
+	@uv=$$(command -v uv || { { $(PYTHON) -m pip --python $(PY) install -q uv \
+	                            || { $(PY) -m ensurepip && $(PY) -m pip install -q uv; }; } >/dev/null 2>&1 \
+	                          && test -x $(VENV)/bin/uv && echo $(VENV)/bin/uv; }); \
 	wheels=$$($(PYTHON) -m pip config get global.find-links 2>/dev/null || echo "$$PIP_FIND_LINKS"); \
 	set -e; \
 	if [ -n "$$uv" ]; then \
 	  echo "installing with $$uv"; \
 	  if [ -n "$$wheels" ] && ls "$$wheels"/torch-2.13.0* >/dev/null 2>&1; then \
-	    $$uv pip install -q --compile-bytecode --python $(PY) --find-links "$$wheels" $(TORCH); \
+	    $$uv pip install -q --python $(PY) --find-links "$$wheels" $(TORCH); \
 	  else \
+	    $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip >/dev/null; \
 	    $(PY) -m pip install -q $(TORCH); \
 	  fi; \
-	  $$uv pip install -q --compile-bytecode --python $(PY) -e ".[dev]"; \
+	  $$uv pip install -q --python $(PY) -e ".[dev]"; \
 	else \
 	  echo "uv unavailable: installing with pip"; \
+	  $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip >/dev/null; \
 	  $(PY) -m pip install -q $(TORCH); \
 	  $(PY) -m pip install -q -e ".[dev]"; \
 	fi
