@@ -49,6 +49,14 @@ def cluster(ray_local):
 LINK_STALL_S = 60
 
 
+#: input files of the node-loss link job, and how many times each holds the synth test split:
+#: the node is removed while parts are staged (a file's parts are staged from its first batch
+#: to its commit). With 3 files of the split once (60 rows), a loaded run's job staged parts
+#: for 3.3 s of its 32 (12:50:30.8-34.1 on 1bfec3a) and the watcher never saw a worker node
+#: with the job's actors in that window: the job ended first. 3 x 3 widens it ~3 times
+LINK_FILES, LINK_REPEAT = 3, 3
+
+
 #: the link job's actors, by the start of their process titles (`ray::ShardServer`,
 #: `ray::MapWorker(MapBatches(Encode))`, ...)
 LINK_ACTORS = ("ShardServer", "CommitCoordinator", "MapWorker")
@@ -189,7 +197,8 @@ def test_a_node_lost_mid_build_and_mid_link_the_jobs_finish_with_the_same_result
     assert [s["files"] for s in disturbed["shards"]] == [s["files"] for s in undisturbed["shards"]]
 
     # the link job: the other worker node, running its actors, is removed mid-job
-    test = write_split_copies(synth_dir, tmp_path / "in", 3)
+    test = write_split_copies(synth_dir, tmp_path / "in", LINK_FILES, LINK_REPEAT)
+    n_rows = LINK_FILES * LINK_REPEAT * test.num_rows
     link_out = tmp_path / "out"
     # --stall-timeout: Ray 2.60 can leave the pipeline waiting for good after a node loss (the
     # encode actors Ray core restarts to rebuild lost blocks hold the CPUs the rebuild's read
@@ -212,8 +221,8 @@ def test_a_node_lost_mid_build_and_mid_link_the_jobs_finish_with_the_same_result
     record_property("link_pipeline_restarts", driver.log.read_text(errors="replace").count("restarting it for the"))
     rows = read_link_output(str(link_out))
     ids = rows.column("mention_id").to_pylist()
-    assert len(ids) == len(set(ids)) == 3 * test.num_rows
-    record_property("link_rows_lost_duplicated", [3 * test.num_rows - len(set(ids)), len(ids) - len(set(ids))])
+    assert len(ids) == len(set(ids)) == n_rows
+    record_property("link_rows_lost_duplicated", [n_rows - len(set(ids)), len(ids) - len(set(ids))])
     assert sorted(p.name for p in link_out.glob("*.parquet")) == sorted({p.name for p in link_out.glob("part-*.parquet")})
-    assert len(list(link_out.glob("part-*.parquet"))) == 3 and not (link_out / STAGING_DIR).exists()
-    assert json.loads((link_out / "_SUCCESS.json").read_text())["counts"]["in"] == 3 * test.num_rows
+    assert len(list(link_out.glob("part-*.parquet"))) == LINK_FILES and not (link_out / STAGING_DIR).exists()
+    assert json.loads((link_out / "_SUCCESS.json").read_text())["counts"]["in"] == n_rows
