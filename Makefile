@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-run
 TORCH := torch==2.13.0
 PYTEST := $(PY) -m pytest
+# pip in the venv, for the paths that use it (the venv is created without it)
+ENSURE_PIP := $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip >/dev/null
 
 # The installer is chosen here, not by the user: uv when it is on PATH or can be installed
 # into the venv from the package index (the whole set-up in ~6 s here), else pip (~95 s).
@@ -26,7 +28,7 @@ unexport PYTHONDONTWRITEBYTECODE
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv --without-pip $(VENV)
 	@uv=$$(command -v uv || { { $(PYTHON) -m pip --python $(PY) install -q uv \
-	                            || { $(PY) -m ensurepip && $(PY) -m pip install -q uv; }; } >/dev/null 2>&1 \
+	                            || { $(ENSURE_PIP) && $(PY) -m pip install -q uv; }; } >/dev/null 2>&1 \
 	                          && test -x $(VENV)/bin/uv && echo $(VENV)/bin/uv; }); \
 	wheels=$$($(PYTHON) -m pip config get global.find-links 2>/dev/null || echo "$$PIP_FIND_LINKS"); \
 	set -e; \
@@ -35,13 +37,13 @@ $(STAMP): pyproject.toml
 	  if [ -n "$$wheels" ] && ls "$$wheels"/torch-2.13.0* >/dev/null 2>&1; then \
 	    $$uv pip install -q --python $(PY) --find-links "$$wheels" $(TORCH); \
 	  else \
-	    $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip >/dev/null; \
+	    $(ENSURE_PIP); \
 	    $(PY) -m pip install -q $(TORCH); \
 	  fi; \
 	  $$uv pip install -q --python $(PY) -e ".[dev]"; \
 	else \
 	  echo "uv unavailable: installing with pip"; \
-	  $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip >/dev/null; \
+	  $(ENSURE_PIP); \
 	  $(PY) -m pip install -q $(TORCH); \
 	  $(PY) -m pip install -q -e ".[dev]"; \
 	fi
