@@ -183,6 +183,32 @@ def init_ray(address: str | None, log_to_driver: bool = True) -> None:
     ctx.enable_progress_bars = True
 
 
+#: how long :func:`end_actors` waits for actors to exit on their own before killing them
+#: (removing a shard's local copy takes ~1 s per GB)
+END_ACTORS_TIMEOUT_S = 30.0
+
+
+def end_actors(actors: list, timeout: float = END_ACTORS_TIMEOUT_S) -> None:
+    """End a job's own actors (shard servers and builders, the commit coordinator) so that their
+    processes clean up: ``__ray_terminate__`` exits each gracefully, running its atexit
+    handlers (which remove its local copies of shards and models, :func:`otmel.storage.scratch_dir`),
+    and is not a failure Ray restarts an actor for. ``ray.kill`` (no atexit) follows for any
+    that has not ended within ``timeout`` (hung) or was dead already."""
+    import ray
+
+    refs = []
+    for actor in actors:
+        try:
+            # not retried: the actor's exit would count as a failed call and be logged as one
+            refs.append(actor.__ray_terminate__.options(max_task_retries=0).remote())
+        except Exception:  # noqa: BLE001 - a handle Ray no longer accepts calls on: killed below
+            pass
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+
+
 def gpu_count() -> int:
     """GPUs of the Ray cluster (the driver may have none while the workers do)."""
     import ray

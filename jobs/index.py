@@ -285,14 +285,15 @@ class ShardBuilder:
     def __init__(self, name: str, dir_name: str, out: str, key: KeyPlan, s3_endpoint: str | None = None,
                  keep_from: tuple | None = None):
         from otmel.entity_index import ShardWriter, iter_shard_rows
-        from otmel.storage import local_copy, scratch_dir
+        from otmel.storage import actor_scratch_key, local_copy, scratch_dir
 
         self.out, self.s3_endpoint = out, s3_endpoint
         self.appended = 0  # rows routed to this actor (a restarted actor starts again from 0)
         self.seen: set[str] = set()  # ids appended (the KB's ids are unique: checked before any work)
         self.repeated = 0  # rows sent again by a retried routing task (its node died after sending)
-        self.writer = ShardWriter(scratch_dir(f"otmel-build-{name}-") / dir_name, name, key.feature_dtype,
-                                  key.missing_image, key.in_faiss)
+        # the shard is written under a scratch dir of this actor's, removed once uploaded
+        self.scratch = scratch_dir(f"otmel-build-{name}-", actor_scratch_key())
+        self.writer = ShardWriter(self.scratch / dir_name, name, key.feature_dtype, key.missing_image, key.in_faiss)
         if keep_from is not None:
             uri, entry, manifest, changed = keep_from
             with local_copy(uri, s3_endpoint) as old_dir:
@@ -328,7 +329,7 @@ class ShardBuilder:
         for name, digest in entry["files"].items():  # what storage holds, read back
             if sha256_of(join(uri, name), self.s3_endpoint) != digest:
                 raise IOError(f"{join(uri, name)}: the uploaded file's sha256 differs from the one written")
-        shutil.rmtree(self.writer.directory, ignore_errors=True)
+        shutil.rmtree(self.scratch, ignore_errors=True)
         if self.repeated:
             log.info("%s: %d rows sent twice by retried routing tasks were kept once", entry["name"], self.repeated)
         return entry, list(self.writer.ids), self.appended
@@ -403,6 +404,7 @@ def build_shards(cfg: IndexConfig, plan: dict[int, tuple], files: list[str], pre
     reason), counts of the first pass."""
     import ray
 
+    from otmel.jobs.common import end_actors
     from otmel.storage import file_sizes, join
 
     entries, indexed, seen, skipped = {}, set(), 0, Counter()
@@ -432,8 +434,7 @@ def build_shards(cfg: IndexConfig, plan: dict[int, tuple], files: list[str], pre
                 raise IOError(f"{uri}: shard files missing or of the wrong size on storage (found, written): {wrong}")
             entries[s] = entry
             indexed.update(ids)
-        for b in builders.values():
-            ray.kill(b)
+        end_actors(list(builders.values()))  # gracefully: a lost builder's scratch copy goes too
         if not lost:
             return [entries[s] for s in sorted(entries)], indexed, seen, skipped
         todo = {s: plan[s] for s in lost}

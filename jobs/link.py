@@ -157,11 +157,12 @@ class ShardServer:
         from otmel.backend import load_backend
         from otmel.entity_index import Shard
         from otmel.linking import ShardLinker
-        from otmel.storage import download_dir, is_remote, join, scratch_dir
+        from otmel.storage import actor_scratch_key, download_dir, is_remote, join, scratch_dir
 
         uri = join(index_uri, entry["dir"])
         if is_remote(uri):  # to local disk once (features are memory-mapped), removed at exit
-            self.local_dir = download_dir(uri, scratch_dir(f"otmel-{entry['name']}-"), s3_endpoint)
+            self.local_dir = download_dir(uri, scratch_dir(f"otmel-{entry['name']}-", actor_scratch_key()),
+                                          s3_endpoint)
         else:
             self.local_dir = Path(uri)
         shard = Shard(self.local_dir, entry, manifest, verify=True)
@@ -878,11 +879,11 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
 
 
 def _release(coordinator, shards: ShardActors | None) -> None:
-    import ray
+    """The job's own actors end (gracefully: the shard servers' local copies are removed)."""
+    from otmel.jobs.common import end_actors
 
     shard_actors = [a for replicas in shards.actors for a in replicas] if shards else []
-    for actor in ([coordinator] if coordinator else []) + shard_actors:
-        ray.kill(actor, no_restart=True)
+    end_actors(([coordinator] if coordinator else []) + shard_actors)
 
 
 def _end_attempt(coordinator, timeout: float = 60) -> None:

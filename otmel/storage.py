@@ -287,14 +287,34 @@ def download_dir(uri: str, dest: str | Path, s3_endpoint: str | None = None, exc
     return dest
 
 
-def scratch_dir(prefix: str) -> Path:
-    """A local temp directory removed when the process exits (model and shard copies of
-    long-lived Ray actors: a restarted actor must not leave its old copy behind)."""
+def scratch_dir(prefix: str, key: str | None = None) -> Path:
+    """A local temp directory removed when the process exits normally (atexit: model and
+    shard copies of long-lived Ray actors). Actors holding one are ended gracefully
+    (:func:`otmel.jobs.common.end_actors`), not with ``ray.kill``, which skips atexit.
+
+    ``key`` names it ``PREFIX + KEY`` instead of a random name, emptied first: an actor passes
+    its Ray actor id, which a restarted actor keeps, so a restart on the same node replaces
+    the copy its killed predecessor (no atexit) left, instead of adding one."""
     import atexit
 
-    d = Path(tempfile.mkdtemp(prefix=prefix))
+    if key is None:
+        d = Path(tempfile.mkdtemp(prefix=prefix))
+    else:
+        d = Path(tempfile.gettempdir()) / f"{prefix}{key}"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(mode=0o700)
     atexit.register(shutil.rmtree, d, ignore_errors=True)
     return d
+
+
+def actor_scratch_key() -> str | None:
+    """The current Ray actor's id (kept across its restarts), or None outside an actor."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+    except Exception:  # not in a Ray worker
+        return None
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,6 +106,15 @@ def own_worker_env() -> dict:
     import uuid
 
     return {"env_vars": {"OTMEL_TEST_OWN_WORKER": uuid.uuid4().hex}}
+
+
+def scratch_dirs() -> set[str]:
+    """The jobs' actors' scratch copies in this machine's temp dir (shards copied from remote
+    storage, shards being built, remote models: otmel.storage.scratch_dir), not the local
+    clusters' Ray dirs (``otmel-ray-PORT``). A job that ended leaves none of its own."""
+    import tempfile
+
+    return {p.name for p in Path(tempfile.gettempdir()).glob("otmel-*") if not p.name.startswith("otmel-ray-")}
 
 
 #: a test under these directories starts Ray or a cluster of its own

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import ONE_ENCODE_ACTOR
+from conftest import ONE_ENCODE_ACTOR, scratch_dirs
 
 from otmel.entity_index import STORED_FEATURES, index_version_of, open_shards, shard_of, storage_dtype
 from otmel.jobs.index import IndexConfig, run
@@ -139,12 +139,14 @@ def test_update_equals_a_full_rebuild_and_leaves_untouched_shards_alone(ray_loca
     for name, table in (("v1", v1), ("changes", changes), ("final", final)):
         pq.write_table(table, tmp_path / f"{name}.parquet")
     common = dict(model=train.latest_checkpoint, shards=S, feature_dtype="fp32", workers=1)
+    scratch = scratch_dirs()
     run(IndexConfig(kb=str(tmp_path / "v1.parquet"), out=str(tmp_path / "updated"), **common))
     before = json.loads((tmp_path / "updated" / "manifest.json").read_text())
     v1_feats = _by_id(tmp_path / "updated")
     result = run(IndexConfig(model=train.latest_checkpoint, kb=str(tmp_path / "changes.parquet"),
                              out=str(tmp_path / "updated"), update=True, workers=1))
     run(IndexConfig(kb=str(tmp_path / "final.parquet"), out=str(tmp_path / "rebuilt"), **common))
+    assert not scratch_dirs() - scratch, "the builders left their scratch dirs"  # built, uploaded, removed
 
     after = json.loads((tmp_path / "updated" / "manifest.json").read_text())
     assert "shard-00000" not in result.shards_written

@@ -19,7 +19,7 @@ from otmel.jobs.link import LinkConfig, run
 from otmel.link_output import output_name, read_link_output
 from otmel.schemas import LINK_OUTPUT_SCHEMA
 
-from conftest import ONE_ACTOR_EACH, own_worker_env, png_bytes
+from conftest import ONE_ACTOR_EACH, own_worker_env, png_bytes, scratch_dirs
 
 BUCKET = "s3://otmel-test"
 
@@ -75,13 +75,15 @@ def s3_link(s3_index, s3_inputs, onnx_model, s3_server):
     idx_cfg, idx = s3_index
     cfg = LinkConfig(model=onnx_model, index=idx_cfg.out, input=s3_inputs["uri"], output=f"{BUCKET}/out-1",
                      top_k=3, candidates=10, s3_endpoint=s3_server)
-    return cfg, run(cfg), idx
+    before = scratch_dirs()
+    result = run(cfg)
+    return cfg, result, idx, scratch_dirs() - before
 
 
 def test_every_input_mention_gives_exactly_one_row_in_the_contract_schema(s3_link, s3_inputs, s3_server):
     import ray
 
-    cfg, result, idx = s3_link
+    cfg, result, idx, _ = s3_link
     out = read_link_output(cfg.output, s3_server)
     assert out.schema.remove_metadata() == LINK_OUTPUT_SCHEMA
     assert out.num_rows == sum(s3_inputs["expected_rows"].values())
@@ -109,8 +111,32 @@ def test_every_input_mention_gives_exactly_one_row_in_the_contract_schema(s3_lin
     assert success["counts"] == counts and success["index_version"] == idx.index_version
 
 
+def test_a_job_on_a_remote_index_leaves_no_local_shard_copy_behind(s3_link):
+    """The shard servers copied their S3 shards to local disk; the job's end removes the copies
+    (its actors end gracefully, so their atexit cleanup runs: ``ray.kill`` skips it, and the
+    copies stayed on every node after every job)."""
+    assert s3_link[3] == set()
+
+
+def test_a_restarted_actors_scratch_dir_replaces_its_predecessors_copy(tmp_path, monkeypatch):
+    """A killed actor (SIGKILL: no atexit) leaves its copy; its restart keeps the actor id,
+    so the same scratch dir is emptied and reused, not a second one added."""
+    import tempfile
+
+    from otmel.storage import scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    first = scratch_dir("otmel-shard-00000-", "a1b2")
+    (first / "features.bin").write_bytes(b"x" * 10)
+    again = scratch_dir("otmel-shard-00000-", "a1b2")
+    assert again == first and not any(again.iterdir())
+    other = scratch_dir("otmel-shard-00000-", "c3d4")  # another replica's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["otmel-shard-00000-a1b2", "otmel-shard-00000-c3d4"] \
+        and other != first
+
+
 def test_bad_rows_become_error_rows_with_their_reason(s3_link, s3_inputs, s3_server):
-    cfg, result, _ = s3_link
+    cfg, result, _, _ = s3_link
     out = {r["mention_id"]: r for r in read_link_output(cfg.output, s3_server).to_pylist()}
     posts = cfg.input + "posts.jsonl"
     sp = s3_inputs["spans"]
@@ -146,7 +172,7 @@ def test_rerun_skips_complete_outputs_and_forced_rerun_reproduces_them(s3_link, 
     actors and commit coordinator end with it (left to the garbage collector, two earlier
     jobs' shard actors were still alive holding 0.25 CPU each, and the third job on 2 cores
     ran at ~0.6 of the first's pace)."""
-    cfg, first, _ = s3_link
+    cfg, first, _, _ = s3_link
     before = set(_job_actors())  # an earlier job's, on their way out or not
     again = run(cfg)
     assert again.summary["files_processed"] == 0 and again.summary["files_skipped_complete"] == 6
@@ -189,7 +215,7 @@ def test_rerun_keys_recompute_exactly_the_files_whose_result_would_change(s3_lin
     from otmel.jobs.link import plan_inputs, preflight
     from otmel.link_input import list_input_files
 
-    cfg, first, _ = s3_link
+    cfg, first, _, _ = s3_link
     pre = preflight(cfg)
     files = list_input_files(cfg.input, s3_server)
     model_v, index_v = pre["backend"].model_version, pre["index_version"]
@@ -367,7 +393,9 @@ def test_shard_actors_and_the_link_stage_score_and_merge_without_torch_or_transf
     found = ray.get(actor.link.remote(feats, 5, 3))
     assert found.entity_ids.shape == (8, 3) and np.isfinite(found.scores).all()
     assert ray.get(actor.__ray_call__.remote(link_stage_imports)) == []
-    ray.kill(actor)
+    from otmel.jobs.common import end_actors
+
+    end_actors([actor])  # as the job does: its copy of the S3 shard goes with it
 
 
 def test_job_level_mismatches_fail_before_any_work(s3_index, onnx_model, tmp_path, s3_server):
