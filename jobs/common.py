@@ -183,24 +183,30 @@ def init_ray(address: str | None, log_to_driver: bool = True) -> None:
     ctx.enable_progress_bars = True
 
 
-#: how long :func:`end_actors` waits for actors to exit on their own before killing them
-#: (removing a shard's local copy takes ~1 s per GB)
+#: how long :func:`end_actors` waits for the actors to remove their scratch dirs (~1 s per GB)
 END_ACTORS_TIMEOUT_S = 30.0
 
 
+def _remove_scratch_dirs(_actor) -> int:
+    from otmel.storage import remove_scratch_dirs
+
+    return remove_scratch_dirs()
+
+
 def end_actors(actors: list, timeout: float = END_ACTORS_TIMEOUT_S) -> None:
-    """End a job's own actors (shard servers and builders, the commit coordinator) so that their
-    processes clean up: ``__ray_terminate__`` exits each gracefully, running its atexit
-    handlers (which remove its local copies of shards and models, :func:`otmel.storage.scratch_dir`),
-    and is not a failure Ray restarts an actor for. ``ray.kill`` (no atexit) follows for any
-    that has not ended within ``timeout`` (hung) or was dead already."""
+    """End a job's own actors (shard servers and builders, the commit coordinator) without
+    leaving their files behind: each first removes its scratch dirs (its local copies of shards
+    and models, :func:`otmel.storage.scratch_dir`), then ``ray.kill``, which skips atexit. Not
+    a graceful exit (``__ray_terminate__``), which removes them through atexit too but costs
+    each process its interpreter's teardown: +1 CPU-s and +0.8 s per small link job (measured,
+    4 jobs alternating). An actor that does not answer within ``timeout`` (hung) is killed
+    all the same; the calls are not retried (a dead actor's is an error, not a wait)."""
     import ray
 
     refs = []
     for actor in actors:
         try:
-            # not retried: the actor's exit would count as a failed call and be logged as one
-            refs.append(actor.__ray_terminate__.options(max_task_retries=0).remote())
+            refs.append(actor.__ray_call__.options(max_task_retries=0).remote(_remove_scratch_dirs))
         except Exception:  # noqa: BLE001 - a handle Ray no longer accepts calls on: killed below
             pass
     if refs:

@@ -434,7 +434,7 @@ def build_shards(cfg: IndexConfig, plan: dict[int, tuple], files: list[str], pre
                 raise IOError(f"{uri}: shard files missing or of the wrong size on storage (found, written): {wrong}")
             entries[s] = entry
             indexed.update(ids)
-        end_actors(list(builders.values()))  # gracefully: a lost builder's scratch copy goes too
+        end_actors(list(builders.values()))  # a lost builder's scratch dir goes too
         if not lost:
             return [entries[s] for s in sorted(entries)], indexed, seen, skipped
         todo = {s: plan[s] for s in lost}

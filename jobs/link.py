@@ -879,7 +879,7 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
 
 
 def _release(coordinator, shards: ShardActors | None) -> None:
-    """The job's own actors end (gracefully: the shard servers' local copies are removed)."""
+    """The job's own actors end, the shard servers' local copies of remote shards with them."""
     from otmel.jobs.common import end_actors
 
     shard_actors = [a for replicas in shards.actors for a in replicas] if shards else []

@@ -287,10 +287,14 @@ def download_dir(uri: str, dest: str | Path, s3_endpoint: str | None = None, exc
     return dest
 
 
+#: this process's scratch dirs not yet removed (:func:`remove_scratch_dirs`)
+_SCRATCH_DIRS: list[Path] = []
+
+
 def scratch_dir(prefix: str, key: str | None = None) -> Path:
     """A local temp directory removed when the process exits normally (atexit: model and
-    shard copies of long-lived Ray actors). Actors holding one are ended gracefully
-    (:func:`otmel.jobs.common.end_actors`), not with ``ray.kill``, which skips atexit.
+    shard copies of long-lived Ray actors) or by :func:`remove_scratch_dirs`, which the jobs
+    call in their actors before ``ray.kill`` (which skips atexit; otmel.jobs.common.end_actors).
 
     ``key`` names it ``PREFIX + KEY`` instead of a random name, emptied first: an actor passes
     its Ray actor id, which a restarted actor keeps, so a restart on the same node replaces
@@ -304,7 +308,17 @@ def scratch_dir(prefix: str, key: str | None = None) -> Path:
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(mode=0o700)
     atexit.register(shutil.rmtree, d, ignore_errors=True)
+    _SCRATCH_DIRS.append(d)
     return d
+
+
+def remove_scratch_dirs() -> int:
+    """Remove this process's scratch dirs now (an actor about to be killed); how many."""
+    n = 0
+    while _SCRATCH_DIRS:
+        shutil.rmtree(_SCRATCH_DIRS.pop(), ignore_errors=True)
+        n += 1
+    return n
 
 
 def actor_scratch_key() -> str | None:

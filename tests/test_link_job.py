@@ -113,8 +113,8 @@ def test_every_input_mention_gives_exactly_one_row_in_the_contract_schema(s3_lin
 
 def test_a_job_on_a_remote_index_leaves_no_local_shard_copy_behind(s3_link):
     """The shard servers copied their S3 shards to local disk; the job's end removes the copies
-    (its actors end gracefully, so their atexit cleanup runs: ``ray.kill`` skips it, and the
-    copies stayed on every node after every job)."""
+    (each actor removes its own before ``ray.kill``, which skips atexit: the copies stayed on
+    every node after every job)."""
     assert s3_link[3] == set()
 
 
