@@ -224,7 +224,7 @@ PLANTS = (
           (("        if names_it.search(cmdline):\n", "        if temp_dir in cmdline:\n"),),
           ("tests/test_cluster_configs.py::test_cluster_down_finds_its_own_processes_only",)),
     Plant("scratch-shards", "A link job on a remote index leaves no local shard copy behind on its nodes",
-          "the job's actors are ended with ray.kill only (their atexit cleanup never runs)",
+          "the job's actors are killed without removing their scratch dirs first (ray.kill skips atexit)",
           "jobs/common.py",
           (("            refs.append(actor.__ray_call__.options(max_task_retries=0).remote(_remove_scratch_dirs))\n",
             "            pass\n"),),
