@@ -8,7 +8,10 @@ unchanged. ``rules`` pick the requests faults apply to (method, path prefix) and
 turns a rule into a permanent failure. ``stall_writes_after`` makes a store that hangs: once
 a write to a path containing it has gone through, every later write waits, unanswered, until
 :meth:`Faults.end_stall`; the writes held are then dropped (a reset connection), as a store
-or a network that stopped for a while does, and later ones go through again. The tests own it; nothing in otmel knows it exists.
+or a network that stopped for a while does, and later ones go through again. ``hold_reads_of``
+makes a slow object: every GET of a path containing it waits until :meth:`Faults.release_reads`,
+then goes through unchanged (a test orders what a job sees: one file's rows arrive only when it
+says). The tests own it; nothing in otmel knows it exists.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Faults:
     always: bool = False
     delay_s: float = 0.3
     stall_writes_after: str = ""
+    hold_reads_of: str = ""
     seed: int = 0
     injected: dict = field(default_factory=dict)
     forwarded: int = 0
@@ -49,10 +53,22 @@ class Faults:
         self._lock = threading.Lock()
         self.stalled = threading.Event()  # set: writes wait (stall_writes_after went through)
         self._stall_over = threading.Event()
+        self.holding = threading.Event()  # set: a GET of hold_reads_of is waiting
+        self._reads_released = threading.Event()
 
     def end_stall(self) -> None:
         """The writes waiting in the stall are dropped; later ones go through."""
         self._stall_over.set()
+
+    def release_reads(self) -> None:
+        """The GETs of ``hold_reads_of`` waiting, and later ones, go through."""
+        self._reads_released.set()
+
+    def wait_if_held(self, method: str, path: str) -> None:
+        if not self.hold_reads_of or method != "GET" or self.hold_reads_of not in path:
+            return
+        self.holding.set()
+        self._reads_released.wait()
 
     def wait_if_stalled(self, method: str) -> bool:
         """True if this request was held in the stall (and must now be dropped)."""
@@ -114,6 +130,7 @@ class FaultProxy:
 
             def _handle(self):
                 body = self._body()
+                proxy.faults.wait_if_held(self.command, self.path)
                 kind = "reset" if proxy.faults.wait_if_stalled(self.command) else proxy.faults.draw(self.command, self.path)
                 if kind == "reset":
                     # RST, no answer: what a dropped connection looks like to the client
@@ -171,5 +188,6 @@ class FaultProxy:
 
     def __exit__(self, *exc) -> None:
         self.faults.end_stall()
+        self.faults.release_reads()
         self.server.shutdown()
         self.server.server_close()

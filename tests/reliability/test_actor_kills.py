@@ -127,40 +127,51 @@ STALL_S = 30
 
 
 def test_a_hung_encode_actor_stalls_the_pipeline_and_the_job_restarts_it_for_the_uncommitted_files(
-        ray_local, model_and_index, synth_dir, reference_link, tmp_path, record_property):
+        ray_local, model_and_index, synth_dir, reference_link, s3_server, tmp_path, record_property):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from conftest import ONE_ACTOR_EACH, REFERENCE_CANDIDATES
+    from fault_proxy import FaultProxy, Faults
     from link_rows import assert_same_link_rows
 
     from otmel.link_output import read_link_output
+    from otmel.storage import write_bytes
 
-    # a small input (one batch: committed first) and a large one, still being encoded when the
-    # encode actor stops answering
+    # a small input and a large one, on the S3 endpoint behind a proxy that holds the large
+    # one's reads until the small one is committed: the encode actor is hung with the large
+    # file's rows all still to come, whatever the order and speed of the read tasks (read
+    # freely, a quick encode actor could finish both files before the first commit landed)
     onnx, index = model_and_index
-    inputs, out = tmp_path / "in", tmp_path / "out"
-    inputs.mkdir()
+    inputs, out = f"s3://otmel-test/{tmp_path.name}/in", tmp_path / "out"
     ids: set[str] = set()
     for name, split, rows in (("a-small", "dev", 8), ("b-large", "train", None)):
         table = pq.read_table(synth_dir / "mentions" / f"{split}.parquet")
         table = table.slice(0, rows) if rows else table
         ids.update(table.column("mention_id").to_pylist())
-        pq.write_table(table, inputs / f"{name}.parquet")
-    driver = JobDriver("link", "LinkConfig", dict(model=onnx, index=index, input=str(inputs), output=str(out),
-                                                  batch_size=8, read_chunk_rows=16, candidates=REFERENCE_CANDIDATES,
-                                                  stall_timeout_s=STALL_S, **ONE_ACTOR_EACH,
-                                                  address=ray_local.get_runtime_context().gcs_address),
-                       tmp_path / "driver.log")
-    try:
-        _wait(lambda: any(out.glob("part-*.parquet")), "the first committed file", driver)
-        hung = _alive("MapBatches(Encode)")
-        assert len(hung) == 1, hung
-        os.kill(hung[0].pid, signal.SIGSTOP)  # the job's end of the attempt kills it (SIGKILL works on it)
-        driver.wait(timeout=600)
-    finally:
-        driver.kill()
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        write_bytes(f"{inputs}/{name}.parquet", sink.getvalue().to_pybytes(), s3_server)
+    faults = Faults(hold_reads_of="/b-large.parquet")
+    with FaultProxy(s3_server, faults) as proxy:
+        driver = JobDriver("link", "LinkConfig", dict(model=onnx, index=index, input=inputs, output=str(out),
+                                                      batch_size=8, read_chunk_rows=16,
+                                                      candidates=REFERENCE_CANDIDATES, stall_timeout_s=STALL_S,
+                                                      s3_endpoint=proxy.endpoint, **ONE_ACTOR_EACH,
+                                                      address=ray_local.get_runtime_context().gcs_address),
+                           tmp_path / "driver.log")
+        try:
+            _wait(lambda: any(out.glob("part-*.parquet")), "the first committed file", driver)
+            hung = _alive("MapBatches(Encode)")
+            assert len(hung) == 1, hung
+            os.kill(hung[0].pid, signal.SIGSTOP)  # the job's end of the attempt kills it (SIGKILL works on it)
+            faults.release_reads()
+            driver.wait(timeout=600)
+        finally:
+            driver.kill()
     log = driver.log.read_text(errors="replace")
     assert driver.returncode == 0, driver.output()
+    assert faults.holding.is_set()  # the large file was read through the gate (its path matched)
     restarts = [line for line in log.splitlines() if "restarting it for the" in line]
     record_property("stall_restarts", [line[:220] for line in restarts])
     # restarted for the large file only: the small one was committed before, and kept
