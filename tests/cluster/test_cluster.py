@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ONE_ACTOR_EACH, cli_options
 from link_rows import assert_same_link_rows
 
 OTMEL = str(Path(sys.executable).parent / "otmel")
@@ -285,7 +286,7 @@ def test_without_address_a_job_has_its_own_ray_while_another_cluster_comes_and_g
     every row. (`--address auto` joining RAY_ADDRESS's cluster: the two-node test.)"""
     env = _env(RAY_AUTH_MODE="disabled", RAY_ADDRESS=cluster["gcs_address"])
     args = ["link", "--model", data / "onnx", "--index", one_node[0], "--input", data / "synth" / "mentions",
-            "--candidates", 32]
+            "--candidates", 32, *cli_options(ONE_ACTOR_EACH)]
     proc = subprocess.Popen([OTMEL, *map(str, args), "--output", str(data / "out-own")], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -30,13 +30,10 @@ NODE_DEATH_CHECKS = 5
 def cluster(ray_local):
     from ray.cluster_utils import Cluster
 
-    from otmel.cluster_ops import free_port
-
-    port = free_port()  # the session's own instance has the default dashboard port
     # a removed node is declared dead after NODE_DEATH_CHECKS missed health checks, one per
     # second (Ray's default: 5 every 3 s): the jobs' recovery starts ~10 s sooner after each removal
     c = Cluster(initialize_head=True, connect=False,
-                head_node_args={"num_cpus": 2, "include_dashboard": True, "dashboard_port": port,
+                head_node_args={"num_cpus": 2, "include_dashboard": False,  # the tests read processes, not Ray's state API
                                 "_system_config": {"health_check_period_ms": 1000,
                                                    "health_check_failure_threshold": NODE_DEATH_CHECKS}})
     workers = [c.add_node(num_cpus=2) for _ in range(2)]
