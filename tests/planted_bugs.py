@@ -168,6 +168,12 @@ PLANTS = (
           (("        if width * height > max_pixels:\n", "        if False:\n"),),
           ("tests/reliability/test_hostile_corpus.py::test_the_pixel_cap_refuses_a_bomb_before_decoding",
            "tests/test_image_decoding.py")),
+    Plant("decode-small", "A batch of near-cap images is decoded one at a time and shrunk at once: the "
+          "preprocessing grows by about one full-size image, not the batch's",
+          "images are decoded at full size (the batch holds every full-size image until the resize)",
+          "otmel/preprocessing.py",
+          (("decoded[i] = decode_image(bytes(data), min_edge=self.decode_edge)", "decoded[i] = decode_image(bytes(data))"),),
+          ("tests/test_image_decoding.py::test_a_batch_of_near_cap_images_stays_within_a_pixel_budget",)),
     Plant("ssrf", "http(s) images on loopback/private/link-local addresses are refused (SSRF)",
           "the private-address check is skipped",
           "otmel/image_fetch.py",
