@@ -561,15 +561,11 @@ def update(cfg: IndexConfig) -> IndexResult:
 
 def _write_aliases(pairs: pa.Table, indexed: set[str] | None, uri: str, s3_endpoint: str | None) -> None:
     """The alias table (mention detection): the pairs of the entities in ``indexed`` (None: all)."""
-    import pyarrow.parquet as pq
-
-    from otmel.storage import write_bytes
+    from otmel.storage import write_parquet
 
     if indexed is not None:
         pairs = pairs.filter(pa.array([e in indexed for e in pairs.column("entity_id").to_pylist()], pa.bool_()))
-    sink = pa.BufferOutputStream()
-    pq.write_table(pairs, sink)
-    write_bytes(uri, sink.getvalue().to_pybytes(), s3_endpoint)
+    write_parquet(uri, pairs, s3_endpoint)
 
 
 def _commit_manifest(manifest: dict, out: str, s3_endpoint: str | None) -> str:

@@ -132,13 +132,12 @@ def cmd_kge(args) -> int:
             raise ValueError(f"{args.triples}: no {args.split} split")
         print(json.dumps(evaluate(model, data, args.split)))
         return 0
-    from otmel.storage import write_bytes
+    from otmel.storage import write_parquet
 
     model, entities, _ = load_checkpoint(args.checkpoint, args.s3_endpoint)
     table = entity_embeddings(model, entities)
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     coverage = ""
     if args.kb:  # keep the KB's entities; say which of each side the other lacks
@@ -151,9 +150,7 @@ def cmd_kge(args) -> int:
         table = table.filter(in_kb)
         coverage = (f"; {len(kb_ids) - table.num_rows} of {len(kb_ids)} KB entities are not in the KG (no vector: "
                     f"no coherence for them), {kg_only} KG entities are not in the KB (left out)")
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    write_bytes(args.out, sink.getvalue().to_pybytes(), args.s3_endpoint)
+    write_parquet(args.out, table, args.s3_endpoint)
     _print(f"wrote {table.num_rows} entity embeddings of {table.schema.field('vector').type.list_size} dims to "
            f"{args.out}{coverage}")
     return 0

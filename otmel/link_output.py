@@ -96,13 +96,11 @@ def sort_key(row: dict) -> tuple:
 def write_part(table: pa.Table, out_uri: str, input_uri: str, s3_endpoint: str | None = None) -> dict:
     """Write the rows of ONE input file (``PART_SCHEMA`` columns) as a staged part; return
     the metadata the driver needs (no rows)."""
-    from otmel.storage import join, write_bytes
+    from otmel.storage import join, write_parquet
 
     table = sort_rows(table.select(PART_SCHEMA.names).cast(PART_SCHEMA))
     uri = join(staging_uri(out_uri, input_uri), f"{uuid.uuid4().hex}.parquet")
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    write_bytes(uri, sink.getvalue().to_pybytes(), s3_endpoint)
+    write_parquet(uri, table, s3_endpoint, compression="zstd")
     first, last = table.slice(0, 1).to_pylist()[0], table.slice(table.num_rows - 1, 1).to_pylist()[0]
     return {"part": uri, "rows": table.num_rows, "counts": status_counts(table), "errors_by_reason": error_reasons(table),
             "first_key": list(sort_key(first)), "last_key": list(sort_key(last))}

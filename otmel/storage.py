@@ -9,6 +9,7 @@ instead of hanging.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
@@ -197,6 +198,16 @@ def write_bytes(uri: str, data: bytes, s3_endpoint: str | None = None) -> None:
         raise _wrap(uri, exc) from exc
 
 
+def write_parquet(uri: str, table: pa.Table, s3_endpoint: str | None = None, **options) -> None:
+    """Write ``table`` as one whole Parquet object (:func:`write_bytes`; ``options`` go to
+    ``pyarrow.parquet.write_table``)."""
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **options)
+    write_bytes(uri, sink.getvalue().to_pybytes(), s3_endpoint)
+
+
 def read_parquet(uri: str, s3_endpoint: str | None = None, columns: list[str] | None = None) -> pa.Table:
     import pyarrow.parquet as pq
 
@@ -299,15 +310,12 @@ def scratch_dir(prefix: str, key: str | None = None) -> Path:
     ``key`` names it ``PREFIX + KEY`` instead of a random name, emptied first: an actor passes
     its Ray actor id, which a restarted actor keeps, so a restart on the same node replaces
     the copy its killed predecessor (no atexit) left, instead of adding one."""
-    import atexit
-
     if key is None:
         d = Path(tempfile.mkdtemp(prefix=prefix))
     else:
         d = Path(tempfile.gettempdir()) / f"{prefix}{key}"
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(mode=0o700)
-    atexit.register(shutil.rmtree, d, ignore_errors=True)
     _SCRATCH_DIRS.append(d)
     return d
 
@@ -319,6 +327,9 @@ def remove_scratch_dirs() -> int:
         shutil.rmtree(_SCRATCH_DIRS.pop(), ignore_errors=True)
         n += 1
     return n
+
+
+atexit.register(remove_scratch_dirs)  # at a normal exit, whatever is left
 
 
 def actor_scratch_key() -> str | None:

@@ -128,7 +128,6 @@ STALL_S = 30
 
 def test_a_hung_encode_actor_stalls_the_pipeline_and_the_job_restarts_it_for_the_uncommitted_files(
         ray_local, model_and_index, synth_dir, reference_link, s3_server, tmp_path, record_property):
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from conftest import ONE_ACTOR_EACH, REFERENCE_CANDIDATES
@@ -136,7 +135,7 @@ def test_a_hung_encode_actor_stalls_the_pipeline_and_the_job_restarts_it_for_the
     from link_rows import assert_same_link_rows
 
     from otmel.link_output import read_link_output
-    from otmel.storage import write_bytes
+    from otmel.storage import write_parquet
 
     # a small input and a large one, on the S3 endpoint behind a proxy that holds the large
     # one's reads until the small one is committed: the encode actor is hung with the large
@@ -149,9 +148,7 @@ def test_a_hung_encode_actor_stalls_the_pipeline_and_the_job_restarts_it_for_the
         table = pq.read_table(synth_dir / "mentions" / f"{split}.parquet")
         table = table.slice(0, rows) if rows else table
         ids.update(table.column("mention_id").to_pylist())
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        write_bytes(f"{inputs}/{name}.parquet", sink.getvalue().to_pybytes(), s3_server)
+        write_parquet(f"{inputs}/{name}.parquet", table, s3_server)
     faults = Faults(hold_reads_of="/b-large.parquet")
     with FaultProxy(s3_server, faults) as proxy:
         driver = JobDriver("link", "LinkConfig", dict(model=onnx, index=index, input=inputs, output=str(out),
