@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from otmel.data import PairDataset, load_split
+from otmel.data.pairs import PairDataset, load_split
 from otmel.evaluation import evaluate
-from otmel.factory import TINY, create_model
-from otmel.model import ModelConfig
-from otmel.synth import SYNTH_VOCABULARY, write_synthetic_dataset
-from otmel.training import OptimConfig, make_optimizer, train_epoch
+from otmel.model.factory import TINY, create_model
+from otmel.model.otmel import ModelConfig
+from otmel.data.synth import SYNTH_VOCABULARY, write_synthetic_dataset
+from otmel.training.loop import OptimConfig, make_optimizer, train_epoch
 
 DEFAULT = "kd, zeros, kd_target plan, constant lr (default)"
 #: name -> (model overrides, schedule overrides)

@@ -12,7 +12,7 @@ index, queries/s at ``--threads`` threads, and recall@K of the EXACT top-1 (by t
 product over the uncompressed keys): the share of queries whose exact best entity is among the
 K candidates the index returns, which the rerank then scores with the full S_O from the stored
 features. For lossy codes (PQ) also with otmel's exact re-scoring of K x ``--refine``
-candidates from the stored features (``otmel.entity_index.Shard.search``), which is what the
+candidates from the stored features (``otmel.linking.entity_index.Shard.search``), which is what the
 link job runs for those factories (``search.refine`` in the manifest, 4 by default).
 
 Writes bench/results/ann.md.
@@ -123,7 +123,7 @@ def main() -> None:
     args = ap.parse_args()
     import faiss
 
-    from otmel.entity_index import auto_factory, build_faiss
+    from otmel.linking.entity_index import auto_factory, build_faiss
 
     faiss.omp_set_num_threads(args.threads)
     n, R = args.entities, 2 * D + 2 * P

@@ -26,10 +26,10 @@ import torch
 
 import sizes as bench_sizes
 from otmel.backend import TorchBackend, load_backend
-from otmel.data import load_split
+from otmel.data.pairs import load_split
 from otmel.exporters.onnx import ExportConfig, export
 from otmel.metrics import ranking_metrics, ranks_from_scores
-from otmel.synth import write_synthetic_dataset
+from otmel.data.synth import write_synthetic_dataset
 
 KEYS = ("input_ids", "attention_mask", "pixel_values", "has_image")
 #: per size: (KB entities, mentions, training epochs); the test split is 15% of the mentions

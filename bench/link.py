@@ -38,16 +38,16 @@ import pyarrow.parquet as pq
 import torch
 
 from otmel.backend import load_backend
-from otmel.data import PairDataset, load_split
-from otmel.entity_index import open_shards
+from otmel.data.pairs import PairDataset, load_split
+from otmel.linking.entity_index import open_shards
 from otmel.exporters.onnx import ExportConfig, export
-from otmel.factory import TINY, create_model, save_model
-from otmel.preprocessing import MODEL_INPUTS
-from otmel.linking import LINK_MENTION_FEATURES, ShardLinker, link_locally
+from otmel.model.factory import TINY, create_model, save_model
+from otmel.model.preprocessing import MODEL_INPUTS
+from otmel.linking.linker import LINK_MENTION_FEATURES, ShardLinker, link_locally
 from otmel.metrics import ranking_metrics
-from otmel.model import ENTITY_FEATURES, ModelConfig
-from otmel.synth import SYNTH_VOCABULARY, write_synthetic_dataset
-from otmel.training import OptimConfig, make_optimizer, train_epoch
+from otmel.model.otmel import ENTITY_FEATURES, ModelConfig
+from otmel.data.synth import SYNTH_VOCABULARY, write_synthetic_dataset
+from otmel.training.loop import OptimConfig, make_optimizer, train_epoch
 
 
 def train_model(tmp: Path, entities: int, epochs: int) -> Path:
@@ -195,7 +195,7 @@ cfg = json.loads(sys.argv[1])
 from otmel.backend import load_backend
 from otmel.jobs.common import init_ray
 from otmel.jobs.link import LinkConfig, encoded_mentions
-from otmel.link_input import list_input_files
+from otmel.linking.link_input import list_input_files
 c = LinkConfig(**cfg)
 t0 = time.perf_counter()  # as the job's own clock: Ray start-up and model load included
 init_ray(None)

@@ -71,7 +71,7 @@ def photos(table: pa.Table, seed: int, size=(640, 480)) -> pa.Table:
 
 
 def make_inputs(size: str, tmp: Path) -> tuple[Path, Path, pa.Table]:
-    from otmel.synth import write_synthetic_dataset
+    from otmel.data.synth import write_synthetic_dataset
 
     n_entities, n_mentions, _ = DATA[size]
     data = tmp / f"data-{size}"
@@ -100,10 +100,10 @@ def format1_bytes(dims: dict, key_dim: int, feature_dtype_bytes: int = 2) -> int
 def breakdown(onnx_dir: Path, index_dir: Path, test: pa.Table, rows: int, ks=(20, 64)) -> dict:
     """Seconds of each step of linking ``rows`` mentions, each measured alone (median of 3)."""
     from otmel.backend import load_backend
-    from otmel.entity_index import open_shards
-    from otmel.linking import LINK_MENTION_FEATURES
-    from otmel.model import ENTITY_FEATURES, MENTION_FEATURES
-    from otmel.preprocessing import MODEL_INPUTS
+    from otmel.linking.entity_index import open_shards
+    from otmel.linking.linker import LINK_MENTION_FEATURES
+    from otmel.model.otmel import ENTITY_FEATURES, MENTION_FEATURES
+    from otmel.model.preprocessing import MODEL_INPUTS
 
     def timed(fn):
         fn()
@@ -134,13 +134,15 @@ class ShardMemory:
     """Peak private RSS of this process's Ray workers by kind, sampled in a thread."""
 
     def __init__(self):
-        from otmel.worker_memory import SAMPLE_EVERY_S, WorkerMemory
+        from otmel.io.worker_memory import WorkerMemory
 
         self.memory = WorkerMemory(root_pid=os.getpid())
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
+        from otmel.io.worker_memory import SAMPLE_EVERY_S
+
         while not self.stop.is_set():
             self.memory.sample()
             time.sleep(SAMPLE_EVERY_S)
@@ -161,7 +163,7 @@ def job(onnx_dir: Path, index_dir: Path, inputs: Path, out: Path, repeats: int =
     from otmel.backend import load_backend
     from otmel.jobs.link import LinkConfig, encoded_mentions
     from otmel.jobs.link import run as link
-    from otmel.link_input import list_input_files
+    from otmel.linking.link_input import list_input_files
 
     cfg = LinkConfig(model=str(onnx_dir), index=str(index_dir), input=str(inputs), output=str(out), candidates=20,
                      top_k=10, batch_size=64, force=True, workers=workers)

@@ -8,11 +8,11 @@ images (640x480 and 1280x960 JPEG, 400x300 PNG) and CLIP's 224 px processing:
 * ``cpu``: ``Preprocessor.mentions`` as the preprocess tasks run it by default (tokenise,
   decode small, Hugging Face image processor);
 * ``device``: the same with ``--image-transform device``: tokenise and decode only; the
-  resize and normalisation (``otmel.pixels.PixelTransform``) run where the encoder runs,
+  resize and normalisation (``otmel.model.pixels.PixelTransform``) run where the encoder runs,
   timed here on this CPU for reference (on a GPU it is a few kernels per image);
 
 and the cores a GPU needs to be fed: its encode rate over the rows/s of one core. Beside
-the CPU path as it runs (``otmel.light_preprocessing``: the tokenizer's Rust backend, PIL,
+the CPU path as it runs (``otmel.model.light_preprocessing``: the tokenizer's Rust backend, PIL,
 numpy), the same steps through the Hugging Face tokenizer and image processor (how they ran
 before: the same ids and pixels), and what each costs a fresh worker process before its
 first row: unpickling the Preprocessor Ray sends it (Ray starts preprocess tasks in fresh
@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from otmel.encoders import build_tiny_tokenizer, tiny_image_processor
-from otmel.pixels import PixelTransform
-from otmel.preprocessing import Preprocessor
-from otmel.synth import SYNTH_VOCABULARY
+from otmel.model.encoders import build_tiny_tokenizer, tiny_image_processor
+from otmel.model.pixels import PixelTransform
+from otmel.model.preprocessing import Preprocessor
+from otmel.data.synth import SYNTH_VOCABULARY
 
 KINDS = {"640x480 JPEG": (640, 480, "JPEG"), "1280x960 JPEG": (1280, 960, "JPEG"), "400x300 PNG": (400, 300, "PNG")}
 
@@ -82,7 +82,7 @@ def fresh_start(pre, repeats: int = 3) -> tuple[float, bool]:
 
 def hugging_face_path(pre: Preprocessor) -> Preprocessor:
     """The same Preprocessor running (and pickled with) the Hugging Face objects, as before
-    ``otmel.light_preprocessing``."""
+    ``otmel.model.light_preprocessing``."""
     import copy
 
     old = copy.copy(pre)
@@ -137,7 +137,7 @@ def main() -> None:
     lines += ["", "A fresh worker's start: unpickling the Preprocessor a preprocess task receives, in a new Python "
               "process (median of 3):", "",
               "| preprocessing | seconds | imports torch |", "|---|---:|---|",
-              f"| `otmel.light_preprocessing` (now) | {light_start:.2f} | {'yes' if light_torch else 'no'} |",
+              f"| `otmel.model.light_preprocessing` (now) | {light_start:.2f} | {'yes' if light_torch else 'no'} |",
               f"| the Hugging Face tokenizer and image processor (before) | {hf_start:.2f} | "
               f"{'yes' if hf_torch else 'no'} |"]
     lines += ["", "On a GPU node `--image-transform auto` sends the decoded uint8 pixels to the encode actor "

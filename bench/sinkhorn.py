@@ -1,4 +1,4 @@
-"""Sinkhorn speed, side by side in one run: otmel.ot.sinkhorn vs POT's batched solver vs a POT loop.
+"""Sinkhorn speed, side by side in one run: otmel.model.ot.sinkhorn vs POT's batched solver vs a POT loop.
 
 All solvers get the same float32 CPU torch cost tensors (B, 40, 50) — cosine costs
 ``(1 - cos) / 2`` in [0, 1] of random 8-d token features, as in OT-MEL's eq. 10 — with
@@ -6,7 +6,7 @@ uniform marginals and epsilon = 0.05 (POT's ``reg``), and are compared at the SA
 error:
 
 * "3 iterations": OT-MEL's default (the release's); every solver runs exactly 3 iterations;
-* "err <= target": otmel.ot.sinkhorn runs with ``tol=target`` (it stops after N
+* "err <= target": otmel.model.ot.sinkhorn runs with ``tol=target`` (it stops after N
   iterations, N a multiple of 10); POT's solvers run the same N iterations (their own
   stopping rules measure other norms, so they are given N rather than a tol); the
   measured error column shows that all reach the same error.
@@ -15,8 +15,8 @@ The error reported is the same for everyone, computed afterwards in fp64 from th
 ``max over problems of max(||Pi 1 - mu||_1, ||Pi^T 1 - nu||_1)`` (ours ends on the row
 update so its error is on the columns; POT's batched solver ends on the columns).
 
-Solvers: ``otmel.ot.sinkhorn`` (kernel path, the one the model uses on these costs); the
-same log-domain iterations evaluated with ``torch.logsumexp`` (``otmel.ot._sinkhorn_lse``,
+Solvers: ``otmel.model.ot.sinkhorn`` (kernel path, the one the model uses on these costs); the
+same log-domain iterations evaluated with ``torch.logsumexp`` (``otmel.model.ot._sinkhorn_lse``,
 the fallback path; shows where the speed comes from; default setting only);
 ``ot.batch.solve_batch(M, reg, method="log_sinkhorn", reg_type="entropy", grad="detach")``
 (POT's batched log-domain Sinkhorn; it also computes the OT value); a Python loop of
@@ -43,8 +43,8 @@ import ot
 import ot.batch
 import torch
 
-import otmel.ot as otm
-from otmel.ot import sinkhorn
+import otmel.model.ot as otm
+from otmel.model.ot import sinkhorn
 
 EPS = 0.05
 N, M = 40, 50
@@ -95,7 +95,7 @@ def timed(fns: dict, warmup: bool = True) -> dict:
 
 
 class IterCount(logging.Handler):
-    """Reads the iteration count that otmel.ot logs (DEBUG, extra field) in tol mode."""
+    """Reads the iteration count that otmel.model.ot logs (DEBUG, extra field) in tol mode."""
 
     def __init__(self):
         super().__init__(logging.DEBUG)
@@ -224,7 +224,7 @@ def cpu_model() -> str:
 
 def write_markdown(rows, grad_rows, grad_diff, total, load0, load1, cores_used) -> None:
     lines = [
-        "# Sinkhorn benchmark: otmel.ot.sinkhorn vs POT",
+        "# Sinkhorn benchmark: otmel.model.ot.sinkhorn vs POT",
         "",
         f"Date {datetime.date.today()}; {cpu_model()}, {os.cpu_count()} cores "
         f"(torch threads {torch.get_num_threads()}); torch {torch.__version__}, POT {ot.__version__}; "
@@ -283,7 +283,7 @@ def interpretation(rows, grad_rows) -> str:
                   if p["solver"] == "POT solve_batch" and q["solver"] == "ours, logsumexp path"
                   and p["shape"] == q["shape"] and p["setting"] == q["setting"]]
     return (
-        f"Interpretation: at the same marginal error, otmel.ot.sinkhorn is {span('POT solve_batch', False)} "
+        f"Interpretation: at the same marginal error, otmel.model.ot.sinkhorn is {span('POT solve_batch', False)} "
         f"faster than POT's batched log-domain solver (`ot.batch.solve_batch`) on the (256-4096, 40, 50) "
         f"shapes, {span('POT solve_batch', True)} on the {BIG}-problem training grid at the default 3 "
         f"iterations, and {span('POT loop of ot.sinkhorn')} faster than a Python loop of `ot.sinkhorn`; a "

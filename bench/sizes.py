@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from otmel.data import PairDataset, load_split
-from otmel.factory import RANDOM_SIZES, create_model, save_model
-from otmel.model import ModelConfig
-from otmel.synth import SYNTH_VOCABULARY
-from otmel.training import OptimConfig, make_optimizer, train_epoch
+from otmel.data.pairs import PairDataset, load_split
+from otmel.model.factory import RANDOM_SIZES, create_model, save_model
+from otmel.model.otmel import ModelConfig
+from otmel.data.synth import SYNTH_VOCABULARY
+from otmel.training.loop import OptimConfig, make_optimizer, train_epoch
 
 #: per size: text tokens (the tiny tests use 24; the release 40) and training settings
 SETTINGS = {

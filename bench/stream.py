@@ -6,7 +6,7 @@ synth KB, and inputs of ``--files`` Parquet files (row groups of 1,024 rows): at
 cannot shrink it), so the input's bytes are real image bytes to fetch, decode and resize,
 as in a dump of posts; at each of ``--text-rows`` sizes, text-only mentions. Each link job
 runs as its own driver process on a local Ray instance; from outside it the bench samples
-every Ray worker's private RSS (``otmel.worker_memory``) and reads the driver's peak RSS
+every Ray worker's private RSS (``otmel.io.worker_memory``) and reads the driver's peak RSS
 over the job (VmHWM, reset after the imports). Memory that does not grow with the input is
 what the columns show.
 
@@ -74,7 +74,7 @@ def write_input(template: pa.Table, out: Path, total_rows: int, files: int, imag
 
 def run_link(cfg: dict) -> dict:
     """The link job as a driver process of its own; workers sampled from outside."""
-    from otmel.worker_memory import SAMPLE_EVERY_S, WorkerMemory
+    from otmel.io.worker_memory import SAMPLE_EVERY_S, WorkerMemory
 
     code = ("import json; from otmel.jobs.link import LinkConfig, run\n"
             "open('/proc/self/clear_refs', 'w').write('5')\n"
@@ -100,11 +100,11 @@ def main() -> None:
     import torch
 
     from otmel.exporters.onnx import ExportConfig, export
-    from otmel.factory import TINY, create_model, save_model
+    from otmel.model.factory import TINY, create_model, save_model
     from otmel.jobs.index import IndexConfig
     from otmel.jobs.index import run as build_index
-    from otmel.model import ModelConfig
-    from otmel.synth import SYNTH_VOCABULARY, write_synthetic_dataset
+    from otmel.model.otmel import ModelConfig
+    from otmel.data.synth import SYNTH_VOCABULARY, write_synthetic_dataset
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, nargs="+", default=[0.26, 1.05],

@@ -72,7 +72,7 @@ def main() -> None:
     import ray
     import torch
 
-    from otmel.synth import write_synthetic_dataset
+    from otmel.data.synth import write_synthetic_dataset
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

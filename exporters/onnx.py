@@ -5,7 +5,7 @@
 Two graphs, because linking encodes once and scores many candidates:
 
 * ``encoder.onnx``: input_ids, attention_mask, pixel_values, has_image -> every feature of
-  ``otmel.model.FEATURE_SHAPES`` except ``has_image`` (the runtime passes that input
+  ``otmel.model.otmel.FEATURE_SHAPES`` except ``has_image`` (the runtime passes that input
   through). One graph serves mentions and entities (shared encoder).
 * ``matcher.onnx``: mention features ``mention_*`` (M, ...) and candidate entity features
   ``entity_*`` (M, K, ...) -> ``overall`` (S_O), ``fused``, ``text``, ``visual``, each (M, K).
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from otmel.backend import SCORE_NAMES
-from otmel.model import ENTITY_FEATURES, FEATURE_NAMES, MENTION_FEATURES, OTMEL, model_version
+from otmel.model.otmel import ENTITY_FEATURES, FEATURE_NAMES, MENTION_FEATURES, OTMEL, model_version
 
 log = logging.getLogger(__name__)
 
@@ -215,10 +215,10 @@ def export(cfg: ExportConfig) -> dict:
     import onnxruntime
 
     import otmel
-    from otmel.factory import load_model
-    from otmel.integrity import file_table
-    from otmel.model import CheckpointError
-    from otmel.storage import is_remote, local_copy, upload_dir
+    from otmel.model.factory import load_model
+    from otmel.io.integrity import file_table
+    from otmel.model.otmel import CheckpointError
+    from otmel.io.storage import is_remote, local_copy, upload_dir
 
     if cfg.fp16 and cfg.int8:
         raise ExportError("choose one of --fp16 and --int8")
@@ -284,7 +284,7 @@ def export(cfg: ExportConfig) -> dict:
             "checkpoint_config": cfg_dict,
             "export_seconds": round(time.perf_counter() - t0, 2),
         }
-        # every other file's size and sha256: the runtime refuses a modified file (otmel.integrity)
+        # every other file's size and sha256: the runtime refuses a modified file (otmel.io.integrity)
         meta["files"] = file_table(tmp, exclude=("export.json",))
         _write_side_files(tmp, ckpt_files, model, meta)
         if is_remote(cfg.out):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from otmel.backend import SCORE_NAMES, probe_feature_shapes
-from otmel.features import ENTITY_FEATURES, FEATURE_NAMES, MENTION_FEATURES
+from otmel.model.features import ENTITY_FEATURES, FEATURE_NAMES, MENTION_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def session_options(threads: int | None = None):
 def _verify_export(d: Path, meta: dict, encoder: bool) -> None:
     """The files this backend opens, checked against export.json's table before ONNX Runtime
     or the tokenizer reads them (the encoder graph only when it is loaded)."""
-    from otmel.integrity import verify_files
+    from otmel.io.integrity import verify_files
 
     table = meta.get("files")
     if table is None and meta.get("partial"):  # the exporter's own parity check, before export.json is final
@@ -115,7 +115,7 @@ class OnnxBackend:
         10.3 -> ~4 s for an encode actor's), which on a small node the other actors' start-up
         waits for."""
         if self._preprocessor is None:
-            from otmel.preprocessing import Preprocessor
+            from otmel.model.preprocessing import Preprocessor
 
             self._preprocessor = Preprocessor.from_pretrained(
                 self.dir, self.meta.get("text_length", 40),

@@ -15,8 +15,8 @@ import warnings
 
 import numpy as np
 
-from otmel.image_fetch import fetch_images
-from otmel.preprocessing import MODEL_INPUTS  # the encoder inputs the preprocess step produces
+from otmel.linking.image_fetch import fetch_images
+from otmel.model.preprocessing import MODEL_INPUTS  # the encoder inputs the preprocess step produces
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ END_ACTORS_TIMEOUT_S = 30.0
 
 
 def _remove_scratch_dirs(_actor) -> int:
-    from otmel.storage import remove_scratch_dirs
+    from otmel.io.storage import remove_scratch_dirs
 
     return remove_scratch_dirs()
 
@@ -196,7 +196,7 @@ def _remove_scratch_dirs(_actor) -> int:
 def end_actors(actors: list, timeout: float = END_ACTORS_TIMEOUT_S) -> None:
     """End a job's own actors (shard servers and builders, the commit coordinator) without
     leaving their files behind: each first removes its scratch dirs (its local copies of shards
-    and models, :func:`otmel.storage.scratch_dir`), then ``ray.kill``, which skips atexit. Not
+    and models, :func:`otmel.io.storage.scratch_dir`), then ``ray.kill``, which skips atexit. Not
     a graceful exit (``__ray_terminate__``), which removes them through atexit too but costs
     each process its interpreter's teardown: +1 CPU-s and +0.8 s per small link job (measured,
     4 jobs alternating). An actor that does not answer within ``timeout`` (hung) is killed
@@ -226,7 +226,7 @@ def image_transform(requested: str, use_gpu: bool) -> str:
     on the encoder's GPU when the encode actors get one (the CPU then only decodes: ~3x the
     rows per preprocessing core, bench/results/preprocess.md), else in the CPU tasks (on a CPU
     node the encoder is the bottleneck: the work stays off its cores)."""
-    from otmel.preprocessing import IMAGE_TRANSFORMS
+    from otmel.model.preprocessing import IMAGE_TRANSFORMS
 
     if requested == "auto":
         return "device" if use_gpu else "cpu"
@@ -251,7 +251,7 @@ class Preprocess:
     """
 
     def __init__(self, preprocessor, kind: str, image_policy=None, bad_image: str = "error", transform: str = "cpu"):
-        from otmel.image_fetch import ImagePolicy
+        from otmel.linking.image_fetch import ImagePolicy
 
         if kind not in ("entity", "mention"):
             raise ValueError(f"kind must be entity or mention, got {kind!r}")
@@ -350,7 +350,7 @@ class Encode:
         if transform == "device":  # resize + normalise here, on the actor's GPU (its CPU without one)
             import torch
 
-            from otmel.pixels import PixelTransform
+            from otmel.model.pixels import PixelTransform
 
             device = "cuda" if cpus is None and torch.cuda.is_available() else "cpu"
             self.pixels = PixelTransform(self.backend.preprocessor.image_steps, device)

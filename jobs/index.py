@@ -8,7 +8,7 @@ Build: Ray Data reads the KB (Parquet: a file, a directory or a glob), preproces
 tasks and encodes the entities in an actor pool (ONNX Runtime or PyTorch, a GPU per actor on
 a GPU cluster). A routing step sends each encoded row to the **shard builder** actor of its
 shard (``hash(entity_id) mod S``); each builder streams its shard to its own node's disk
-(``otmel.entity_index.ShardWriter``: features appended as they come, rows put in entity-id
+(``otmel.linking.entity_index.ShardWriter``: features appended as they come, rows put in entity-id
 order at close, FAISS over the stage-1 keys, trained on a GPU when there is one), uploads it
 straight to the index URI and reads it back to verify every file's sha256. No feature passes
 through the driver: it counts rows, checks every shard's files on storage (names and sizes
@@ -105,7 +105,7 @@ class IndexResult:
 class KeyPlan:
     """How a build stores the stage-1 keys: the FAISS factory (``auto`` resolved), the stored
     features' dtype, the model's key layout and whether FAISS keeps the keys exactly (then the
-    key's features get no files: ``otmel.entity_index``)."""
+    key's features get no files: ``otmel.linking.entity_index``)."""
 
     factory: str
     feature_dtype: str
@@ -115,7 +115,7 @@ class KeyPlan:
     @classmethod
     def plan(cls, factory: str, feature_dtype: str, missing_image: str, key_dim: int, rows_per_shard: int,
              gpu: bool = False) -> "KeyPlan":
-        from otmel.entity_index import auto_factory, check_factory, keeps_keys_exactly
+        from otmel.linking.entity_index import auto_factory, check_factory, keeps_keys_exactly
 
         if factory == "auto":
             factory = auto_factory(rows_per_shard, key_dim, feature_dtype, gpu)
@@ -131,7 +131,7 @@ class KeyPlan:
 # ---------------------------------------------------------------------------- KB input
 def kb_files(uri: str, s3_endpoint: str | None = None) -> list[str]:
     """The Parquet files of a KB URI (file, directory or glob); clear error if none."""
-    from otmel.link_input import list_input_files
+    from otmel.linking.link_input import list_input_files
 
     try:
         files = [f for f in list_input_files(uri, s3_endpoint) if f.endswith(".parquet")]
@@ -147,8 +147,8 @@ def read_kb_identity(files: list[str], s3_endpoint: str | None, update: bool = F
     non-null ids (a driver-side pass over three small columns, before any work)."""
     import pyarrow.parquet as pq
 
-    from otmel.schemas import REQUIRED, SchemaError, check_unique_ids
-    from otmel.storage import resolve
+    from otmel.data.schemas import REQUIRED, SchemaError, check_unique_ids
+    from otmel.io.storage import resolve
 
     tables = []
     for uri in files:
@@ -175,7 +175,7 @@ def read_kb_identity(files: list[str], s3_endpoint: str | None, update: bool = F
 
 def alias_pairs(identity: pa.Table) -> pa.Table:
     """(alias, entity_id) rows: each entity's normalised name and aliases (for mention detection)."""
-    from otmel.mention_detection import normalize
+    from otmel.linking.mention_detection import normalize
 
     aliases, ids = [], []
     for eid, name, extra in zip(identity.column("entity_id").to_pylist(), identity.column("name").to_pylist(),
@@ -199,7 +199,7 @@ def preprocess_entities(batch: dict, preprocessor, image_policy, bad_image: str,
 
 def rows_of_shards(batch: dict, shards: frozenset, num_shards: int) -> dict:
     """The KB rows that hash to ``shards`` (a rebuild of lost shards encodes only theirs)."""
-    from otmel.entity_index import shard_of
+    from otmel.linking.entity_index import shard_of
 
     keep = np.isin(shard_of([str(e) for e in batch["entity_id"]], num_shards), list(shards))
     return {k: np.asarray(v)[keep] for k, v in batch.items()}
@@ -245,10 +245,10 @@ def encoded_entities(cfg: IndexConfig, files: list[str], preprocessor, use_gpu: 
     (``only_shards``: (shard numbers, number of shards) to encode only their rows)."""
     import ray.data
 
-    from otmel.entity_index import STORED_FEATURES
-    from otmel.image_fetch import ImagePolicy
+    from otmel.linking.entity_index import STORED_FEATURES
+    from otmel.linking.image_fetch import ImagePolicy
     from otmel.jobs.common import encode_step, image_transform
-    from otmel.storage import resolve
+    from otmel.io.storage import resolve
 
     transform = image_transform(cfg.image_transform, use_gpu)
     fs, _ = resolve(files[0], cfg.s3_endpoint)
@@ -284,8 +284,8 @@ class ShardBuilder:
 
     def __init__(self, name: str, dir_name: str, out: str, key: KeyPlan, s3_endpoint: str | None = None,
                  keep_from: tuple | None = None):
-        from otmel.entity_index import ShardWriter, iter_shard_rows
-        from otmel.storage import actor_scratch_key, local_copy, scratch_dir
+        from otmel.linking.entity_index import ShardWriter, iter_shard_rows
+        from otmel.io.storage import actor_scratch_key, local_copy, scratch_dir
 
         self.out, self.s3_endpoint = out, s3_endpoint
         self.appended = 0  # rows routed to this actor (a restarted actor starts again from 0)
@@ -319,8 +319,8 @@ class ShardBuilder:
         ids, the rows routed to this actor)."""
         import shutil
 
-        from otmel.storage import sha256_of
-        from otmel.storage import join, upload_dir
+        from otmel.io.storage import sha256_of
+        from otmel.io.storage import join, upload_dir
 
         entry = self.writer.close(factory, train_size, shapes)
         entry["sizes"] = {name: (self.writer.directory / name).stat().st_size for name in entry["files"]}
@@ -355,7 +355,7 @@ def route_to_shards(batch: dict[str, np.ndarray], builders: dict, num_shards: in
     -> actor; rows of other shards are ignored); returns counts only (rows, skipped reasons)."""
     import ray
 
-    from otmel.entity_index import STORED_FEATURES, shard_of
+    from otmel.linking.entity_index import STORED_FEATURES, shard_of
 
     ids = [str(e) for e in batch["entity_id"]]
     ok = np.asarray(batch["ok"], dtype=bool)
@@ -405,7 +405,7 @@ def build_shards(cfg: IndexConfig, plan: dict[int, tuple], files: list[str], pre
     import ray
 
     from otmel.jobs.common import end_actors
-    from otmel.storage import file_sizes, join
+    from otmel.io.storage import file_sizes, join
 
     entries, indexed, seen, skipped = {}, set(), 0, Counter()
     todo = dict(plan)
@@ -447,9 +447,9 @@ def run(cfg: IndexConfig) -> IndexResult:
 
 
 def build(cfg: IndexConfig) -> IndexResult:
-    from otmel.entity_index import MANIFEST_FILE, STORED_FEATURES, key_dim, load_manifest, new_manifest, shard_name
+    from otmel.linking.entity_index import MANIFEST_FILE, STORED_FEATURES, key_dim, load_manifest, new_manifest, shard_name
     from otmel.jobs.common import driver_model, gpu_count, init_ray
-    from otmel.storage import exists, join
+    from otmel.io.storage import exists, join
 
     t0 = time.perf_counter()
     # fail fast, before any work: model loads, KB readable and valid, factory usable, output free
@@ -503,9 +503,9 @@ def update(cfg: IndexConfig) -> IndexResult:
     """Apply a KB change set to an existing index, rebuilding only the shards it touches."""
     import pyarrow.parquet as pq
 
-    from otmel.entity_index import ALIASES_FILE, check_compatible, index_version_of, load_manifest, shard_of
+    from otmel.linking.entity_index import ALIASES_FILE, check_compatible, index_version_of, load_manifest, shard_of
     from otmel.jobs.common import driver_model, gpu_count, init_ray
-    from otmel.storage import join, read_bytes
+    from otmel.io.storage import join, read_bytes
 
     t0 = time.perf_counter()
     backend, dims = driver_model(cfg.model, cfg.s3_endpoint)
@@ -561,7 +561,7 @@ def update(cfg: IndexConfig) -> IndexResult:
 
 def _write_aliases(pairs: pa.Table, indexed: set[str] | None, uri: str, s3_endpoint: str | None) -> None:
     """The alias table (mention detection): the pairs of the entities in ``indexed`` (None: all)."""
-    from otmel.storage import write_parquet
+    from otmel.io.storage import write_parquet
 
     if indexed is not None:
         pairs = pairs.filter(pa.array([e in indexed for e in pairs.column("entity_id").to_pylist()], pa.bool_()))
@@ -570,8 +570,8 @@ def _write_aliases(pairs: pa.Table, indexed: set[str] | None, uri: str, s3_endpo
 
 def _commit_manifest(manifest: dict, out: str, s3_endpoint: str | None) -> str:
     """Write manifest.json to OUT last: the index exists (and switches version) only now."""
-    from otmel.entity_index import MANIFEST_FILE, index_version_of
-    from otmel.storage import join, write_bytes
+    from otmel.linking.entity_index import MANIFEST_FILE, index_version_of
+    from otmel.io.storage import join, write_bytes
 
     write_bytes(join(out, MANIFEST_FILE), json.dumps(manifest, indent=2, sort_keys=True).encode(), s3_endpoint)
     return index_version_of(manifest)
@@ -579,8 +579,8 @@ def _commit_manifest(manifest: dict, out: str, s3_endpoint: str | None) -> str:
 
 def _delete_unreferenced(previous: dict, current: dict, out: str, s3_endpoint: str | None) -> None:
     """After a commit, delete what only the previous manifest referenced (shard dirs, aliases)."""
-    from otmel.entity_index import ALIASES_FILE
-    from otmel.storage import StorageError, delete_dir, delete_file, join
+    from otmel.linking.entity_index import ALIASES_FILE
+    from otmel.io.storage import StorageError, delete_dir, delete_file, join
 
     keep = {e["dir"] for e in current["shards"]}
     stale = [join(out, e["dir"]) for e in previous.get("shards", []) if e["dir"] not in keep]

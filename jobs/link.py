@@ -7,7 +7,7 @@
 
 Pipeline (DESIGN.md "Data flow"); no row passes through the driver:
 
-1. read: one task per input file (``otmel.link_input``), streamed in chunks of
+1. read: one task per input file (``otmel.linking.link_input``), streamed in chunks of
    ``read_chunk_rows`` rows or ``read_chunk_bytes`` of input, whichever is less (Parquet by
    row-group batches, JSONL line by line): posts are exploded
    into one row per mention (given spans, or alias detection), bad rows become ``error`` rows,
@@ -23,7 +23,7 @@ Pipeline (DESIGN.md "Data flow"); no row passes through the driver:
    1-3 start, and one that cannot fails the job at once), which retrieves K and
    reranks them with the full S_O; the per-shard top-k are merged into the global top-k,
    NIL decided; the link actor writes the batch's rows of each input file as a staged part
-   (``otmel.link_output``) and reports the part's metadata (no rows) to the commit
+   (``otmel.linking.link_output``) and reports the part's metadata (no rows) to the commit
    coordinator right away;
 5. commit: the coordinator (a small actor on the driver's node, ``CommitCoordinator``)
    counts each input file's rows and, the moment they add up, starts a commit task that
@@ -50,7 +50,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from otmel.link_input import DEFAULT_CHUNK_ROWS, READ_CHUNK_BYTES
+from otmel.linking.link_input import DEFAULT_CHUNK_ROWS, READ_CHUNK_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class LinkConfig:
     image_timeout_s: float = 10.0
     max_image_bytes: int = 20 * 1024 * 1024
     kge_embeddings: str | None = None  # entity_id + vector Parquet (`otmel kge embed`): collective disambiguation
-    coherence_weight: float | None = None  # W of otmel.coherence (None = the weight calibrated for these embeddings)
+    coherence_weight: float | None = None  # W of otmel.linking.coherence (None = the weight calibrated for these embeddings)
     force: bool = False  # recompute inputs whose output is already complete
     stall_timeout_s: float = 600.0  # no block moved for this long: the pipeline is restarted (see run); 0 = never
     cpus_per_actor: float = 0.25  # Ray CPUs an encode actor holds (fractional: read tasks must still get CPUs)
@@ -155,9 +155,9 @@ class ShardServer:
         from pathlib import Path
 
         from otmel.backend import load_backend
-        from otmel.entity_index import Shard
-        from otmel.linking import ShardLinker
-        from otmel.storage import actor_scratch_key, download_dir, is_remote, join, scratch_dir
+        from otmel.linking.entity_index import Shard
+        from otmel.linking.linker import ShardLinker
+        from otmel.io.storage import actor_scratch_key, download_dir, is_remote, join, scratch_dir
 
         uri = join(index_uri, entry["dir"])
         if is_remote(uri):  # to local disk once (features are memory-mapped), removed at exit
@@ -239,7 +239,7 @@ def shard_load_error(exc: Exception) -> Exception:
     traceback's text of an actor's creation error."""
     import re
 
-    from otmel.entity_index import IndexFormatError
+    from otmel.linking.entity_index import IndexFormatError
 
     found = re.findall(r"^\s*(?:[\w.]+\.)?(IndexFormatError|IntegrityError|StorageError|FileNotFoundError|OSError): (.+)$",
                        str(exc), flags=re.M) if getattr(exc, "actor_init_failed", False) else []
@@ -262,9 +262,9 @@ def read_inputs(batch: dict[str, np.ndarray], s3_endpoint: str | None, detector,
     earlier one), so the link stage writes a batch's rows as runs of consecutive
     ``file_seq``, each a slice of the file's sorted output (:func:`consecutive_runs`).
     """
-    from otmel.link_output import sort_rows
+    from otmel.linking.link_output import sort_rows
 
-    from otmel.link_input import iter_mention_rows
+    from otmel.linking.link_input import iter_mention_rows
 
     for path in batch["path"]:
         total, previous = 0, None
@@ -333,7 +333,7 @@ class LinkStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
 
-        from otmel.link_output import write_part
+        from otmel.linking.link_output import write_part
 
         table = self.link_rows(batch)
         reports = []
@@ -349,8 +349,8 @@ class LinkStage:
         """The output rows of a batch (``PART_SCHEMA`` + ``source_file`` / ``file_rows`` / ``file_seq``)."""
         import ray
 
-        from otmel.linking import LINK_MENTION_FEATURES, merge_topk, nil_decision
-        from otmel.schemas import CANDIDATE
+        from otmel.linking.linker import LINK_MENTION_FEATURES, merge_topk, nil_decision
+        from otmel.data.schemas import CANDIDATE
 
         n = len(batch["mention_id"])
         preset = [str(p or "") for p in batch["preset"]]
@@ -419,7 +419,7 @@ class CommitTracker:
     def __init__(self, cfg: "LinkConfig", file_meta: dict[str, dict], vectors=None, coherence: dict | None = None):
         import ray
 
-        from otmel.link_output import commit_output_file
+        from otmel.linking.link_output import commit_output_file
 
         self.cfg = cfg
         self.file_meta = file_meta
@@ -540,7 +540,7 @@ def start_commit_coordinator(cfg: "LinkConfig", file_meta: dict[str, dict], vect
 
 
 def _vectors_and_summary(uri: str, s3_endpoint: str | None):
-    from otmel.coherence import load_entity_vectors
+    from otmel.linking.coherence import load_entity_vectors
 
     vectors = load_entity_vectors(uri, s3_endpoint)
     return vectors, {"entities": len(vectors), "dim": int(vectors.vectors.shape[1]), "version": vectors.version}
@@ -554,7 +554,7 @@ def load_coherence_vectors(coherence: dict | None, s3_endpoint: str | None):
         return None
     import ray
 
-    from otmel.coherence import EmbeddingsError
+    from otmel.linking.coherence import EmbeddingsError
 
     vectors, summary = ray.remote(_vectors_and_summary).options(num_cpus=0.1, num_returns=2).remote(
         coherence["embeddings"], s3_endpoint)
@@ -577,9 +577,9 @@ def load_detector(cfg: LinkConfig, index_dir_uri: str, manifest: dict):
     """The alias matcher over the index's aliases.parquet (None without --detect-mentions)."""
     if cfg.detect_mentions is None:
         return None
-    from otmel.entity_index import ALIASES_FILE
-    from otmel.mention_detection import AliasFilter, AliasMatcher
-    from otmel.storage import join, read_parquet
+    from otmel.linking.entity_index import ALIASES_FILE
+    from otmel.linking.mention_detection import AliasFilter, AliasMatcher
+    from otmel.io.storage import join, read_parquet
 
     pairs = read_parquet(join(index_dir_uri, manifest.get("aliases", ALIASES_FILE)), cfg.s3_endpoint)
     counts = pairs.group_by("alias").aggregate([("entity_id", "count_distinct")])
@@ -592,9 +592,9 @@ def load_detector(cfg: LinkConfig, index_dir_uri: str, manifest: dict):
 
 def preflight(cfg: LinkConfig) -> dict:
     """Everything that can fail the whole job, checked before any work."""
-    from otmel.entity_index import check_compatible, index_version_of, load_manifest
+    from otmel.linking.entity_index import check_compatible, index_version_of, load_manifest
     from otmel.jobs.common import driver_model
-    from otmel.link_input import list_input_files
+    from otmel.linking.link_input import list_input_files
 
     files = list_input_files(cfg.input, cfg.s3_endpoint)
     manifest = load_manifest(cfg.index, cfg.s3_endpoint)
@@ -620,7 +620,7 @@ def resolve_coherence(cfg: LinkConfig, backend) -> tuple[dict, float | None]:
     ``--kge-embeddings``: W is ``--coherence-weight`` or the weight ``otmel calibrate
     --kge-embeddings`` stored in the model for THESE embeddings (their content hash); the
     threshold is ``--nil-threshold`` or the one calibrated with that W."""
-    from otmel.coherence import embeddings_version
+    from otmel.linking.coherence import embeddings_version
 
     version = embeddings_version(cfg.kge_embeddings, cfg.s3_endpoint)
     stored = backend.coherence if (backend.coherence or {}).get("embeddings_version") == version else None
@@ -657,9 +657,9 @@ def plan_inputs(cfg: LinkConfig, files: list[str], model_version: str, index_ver
     index and result settings (``LinkConfig.result_settings`` + the NIL threshold + the
     coherence embeddings' version and weight);
     ``file_meta`` is what each output records to be recognised by a re-run."""
-    from otmel.link_input import input_stamps
-    from otmel.link_output import is_complete, output_name
-    from otmel.storage import join
+    from otmel.linking.link_input import input_stamps
+    from otmel.linking.link_output import is_complete, output_name
+    from otmel.io.storage import join
 
     stamps = input_stamps(files, cfg.s3_endpoint)
     expected = {"model_version": model_version, "index_version": index_version,
@@ -681,9 +681,9 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
     ``pool``, or ``--workers`` sized now)."""
     import ray.data
 
-    from otmel.image_fetch import ImagePolicy
+    from otmel.linking.image_fetch import ImagePolicy
     from otmel.jobs.common import encode_step, image_transform
-    from otmel.linking import LINK_MENTION_FEATURES
+    from otmel.linking.linker import LINK_MENTION_FEATURES
 
     transform = image_transform(cfg.image_transform, use_gpu)
 
@@ -723,7 +723,7 @@ def _link_files(cfg: LinkConfig, files: list[str], pre: dict, backend, shards: S
     from ray.data.exceptions import ExecutionTimeoutError
 
     from otmel.jobs.common import actor_pool
-    from otmel.storage import StorageError, storage_failure
+    from otmel.io.storage import StorageError, storage_failure
 
     ds = encoded_mentions(cfg, files, backend.preprocessor, pre["detector"], use_gpu, encoders)
     ds = ds.map_batches(LinkStage, batch_size=cfg.batch_size, compute=actor_pool(cfg.link_actors, "--link-actors"),
@@ -772,8 +772,8 @@ def _link_files(cfg: LinkConfig, files: list[str], pre: dict, backend, shards: S
 
 def run(cfg: LinkConfig, progress=None) -> LinkResult:
     from otmel.jobs.common import PipelineStalled, encode_pool, gpu_count, init_ray
-    from otmel.link_output import STAGING_DIR, SUCCESS_FILE, output_name, write_success
-    from otmel.storage import delete_dir, delete_file, join
+    from otmel.linking.link_output import STAGING_DIR, SUCCESS_FILE, output_name, write_success
+    from otmel.io.storage import delete_dir, delete_file, join
 
     t0 = time.perf_counter()
     pre = preflight(cfg)

@@ -8,7 +8,7 @@
   with gloo here (fractional CPUs so Ray Data's tasks can run beside them).
 * Data: the driver joins mentions with their gold KB rows (skipped rows counted) and puts
   the raw pairs in the object store once. Every epoch the whole training set is reshuffled
-  from (seed, epoch) (``otmel.training.global_batches``) and each worker takes ITS share of
+  from (seed, epoch) (``otmel.training.loop.global_batches``) and each worker takes ITS share of
   every global batch, in order: N workers step on exactly the batches one process would,
   and every pair is seen once per epoch. Where the pairs are tokenised and their images
   decoded and CLIP-processed is ``--preprocess``: ``tasks``, a Ray Data pipeline per worker
@@ -18,7 +18,7 @@
   worker, cost more CPU than the preprocessing it moved (bench/results/train_preprocess.md). The rows received are checked against the schedule
   at every step; each epoch's metrics record how many pairs were seen and a digest of
   their order.
-* Global in-batch negatives (``otmel.distributed``): every loss term sees all B entities.
+* Global in-batch negatives (``otmel.training.distributed``): every loss term sees all B entities.
 * Checkpoints (config.json + model.safetensors + tokenizer/processor files + optimizer and
   scheduler state + train_state.json + checksums.json, written last) are reported to
   ``RunConfig(storage_path=RUN_URI)``; the best by dev MRR and the latest are kept. A worker
@@ -90,15 +90,15 @@ class TrainConfig:
 
     @property
     def run_uri(self) -> str:
-        from otmel.storage import join
+        from otmel.io.storage import join
 
         return join(self.out, self.name)
 
 
 # ---------------------------------------------------------------------- driver-side checks
 def _model_config(cfg: TrainConfig):
-    from otmel.factory import TINY
-    from otmel.model import ModelConfig
+    from otmel.model.factory import TINY
+    from otmel.model.otmel import ModelConfig
 
     overrides = dict(TINY) if cfg.tiny_clip else {}
     overrides.update(cfg.model or {})
@@ -124,8 +124,8 @@ def find_latest_checkpoint(run_uri: str, s3_endpoint: str | None = None) -> str 
     warning, and the run resumes from the one before it."""
     import pyarrow.fs as pafs
 
-    from otmel.integrity import CHECKSUMS_FILE
-    from otmel.storage import join, resolve
+    from otmel.io.integrity import CHECKSUMS_FILE
+    from otmel.io.storage import join, resolve
 
     fs, path = resolve(run_uri, s3_endpoint)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
@@ -161,10 +161,10 @@ def _incomplete_files(fs, files: dict, checksums_name: str) -> str:
 
 def preflight(cfg: TrainConfig) -> dict:
     """Every check a user can fix, before any worker starts: one clear error each."""
-    from otmel.data import load_split
-    from otmel.storage import exists, read_bytes
+    from otmel.data.pairs import load_split
+    from otmel.io.storage import exists, read_bytes
 
-    from otmel.training import SCHEDULES
+    from otmel.training.loop import SCHEDULES
 
     if cfg.mode not in ("ot", "att", "kd"):
         raise ValueError(f"--mode must be ot, att or kd, got {cfg.mode!r}")
@@ -208,7 +208,7 @@ def preflight(cfg: TrainConfig) -> dict:
 # ---------------------------------------------------------------------- Ray Data preprocessing
 def pairs_table(kb: pa.Table, mentions: pa.Table) -> tuple[pa.Table, dict]:
     """Mentions joined with their gold KB rows (``entity_*`` columns); skipped rows counted."""
-    from otmel.data import usable_pairs
+    from otmel.data.pairs import usable_pairs
 
     rows, gold_rows, skipped = usable_pairs(mentions, kb)
     m = mentions.take(pa.array(rows, pa.int64())).select(["mention", "text", "image"])
@@ -292,14 +292,14 @@ def _inputs(batch: dict, prefix: str) -> dict:
 
 # ---------------------------------------------------------------------- the worker loop
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker: thin over otmel.training / otmel.evaluation."""
+    """Runs on every Ray Train worker: thin over otmel.training.loop / otmel.evaluation."""
     import ray.train
     import torch
     from ray.train.torch import prepare_model
 
-    from otmel.distributed import make_entity_gather
-    from otmel.model import OTMEL, ModelConfig
-    from otmel.training import OptimConfig, clip_gradients, global_batches, make_optimizer, state_digest, worker_rows
+    from otmel.training.distributed import make_entity_gather
+    from otmel.model.otmel import OTMEL, ModelConfig
+    from otmel.training.loop import OptimConfig, clip_gradients, global_batches, make_optimizer, state_digest, worker_rows
 
     cfg = TrainConfig(**config["train"])
     ctx = ray.train.get_context()
@@ -350,7 +350,7 @@ def train_loop_per_worker(config: dict) -> None:
             if not torch.isfinite(losses["loss"]):
                 raise FloatingPointError(f"non-finite loss at step {step}")
             opt.zero_grad(set_to_none=True)
-            (losses["loss"] * world).backward()  # DDP averages; see otmel.distributed
+            (losses["loss"] * world).backward()  # DDP averages; see otmel.training.distributed
             clip_gradients(model, cfg.grad_clip)
             opt.step()
             sched.step()
@@ -376,7 +376,7 @@ def train_loop_per_worker(config: dict) -> None:
         dev_metrics = {}
         if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and rank == 0:
             if dev_data is None:  # read once, on the rank that evaluates
-                from otmel.data import load_split
+                from otmel.data.pairs import load_split
 
                 dev_data = load_split(cfg.data, "dev", cfg.s3_endpoint)
             dev_metrics = _dev_eval(core, preprocessor, cfg, *dev_data)
@@ -424,8 +424,8 @@ def save_training_checkpoint(directory: str, model, preprocessor, optimizer, sch
     """Model checkpoint + optimizer/scheduler + train state, then checksums.json (last)."""
     import torch
 
-    from otmel.factory import save_model
-    from otmel.integrity import write_checksums
+    from otmel.model.factory import save_model
+    from otmel.io.integrity import write_checksums
 
     save_model(model, preprocessor, directory)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
@@ -450,7 +450,7 @@ def restore_checkpoint(checkpoint, rank: int) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from otmel.integrity import verify_checksums
+    from otmel.io.integrity import verify_checksums
 
     where = checkpoint.path
     if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
@@ -481,8 +481,8 @@ def _dev_eval(model, preprocessor, cfg: TrainConfig, kb: pa.Table, dev: pa.Table
 
 def _write_run_files(cfg: TrainConfig, history: list[dict]) -> None:
     """metrics.jsonl and training_curves.png into the run directory (rewritten each epoch)."""
-    from otmel.plots import plot_training_curves
-    from otmel.storage import join, write_bytes
+    from otmel.training.plots import plot_training_curves
+    from otmel.io.storage import join, write_bytes
 
     lines = "\n".join(json.dumps(h, sort_keys=True) for h in history) + "\n"
     write_bytes(join(cfg.run_uri, "metrics.jsonl"), lines.encode(), cfg.s3_endpoint)
@@ -505,9 +505,9 @@ def run(cfg: TrainConfig, ray_init_kwargs: dict | None = None) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from otmel.factory import create_model
+    from otmel.model.factory import create_model
     from otmel.jobs.common import connect_ray, worker_env
-    from otmel.storage import resolve
+    from otmel.io.storage import resolve
 
     checks = preflight(cfg)
     model_cfg = _model_config(cfg)
@@ -566,6 +566,6 @@ def run(cfg: TrainConfig, ray_init_kwargs: dict | None = None) -> TrainResult:
 
 
 def _uri_of(cfg: TrainConfig, checkpoint) -> str:
-    from otmel.storage import join
+    from otmel.io.storage import join
 
     return join(cfg.run_uri, Path(checkpoint.path).name)

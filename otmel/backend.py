@@ -4,7 +4,7 @@
 wraps an ONNX export. Both take and return numpy arrays:
 
 * ``encode(inputs)``: the four model inputs (``input_ids``, ``attention_mask``,
-  ``pixel_values``, ``has_image``) -> the features of ``otmel.model.FEATURE_SHAPES``;
+  ``pixel_values``, ``has_image``) -> the features of ``otmel.model.otmel.FEATURE_SHAPES``;
 * ``score(mention, candidates)``: mention features ``(M, ...)`` and candidate entity
   features ``(M, K, ...)`` -> ``{"overall", "fused", "text", "visual"}``, each ``(M, K)``;
 
@@ -41,8 +41,8 @@ class Backend(Protocol):
 
 def probe_feature_shapes(backend) -> dict[str, list[int]]:
     """Per-row feature shapes of a backend that can encode: one dummy mention through it."""
-    from otmel.features import FEATURE_NAMES
-    from otmel.preprocessing import MODEL_INPUTS
+    from otmel.model.features import FEATURE_NAMES
+    from otmel.model.preprocessing import MODEL_INPUTS
 
     batch = backend.preprocessor.mentions({"mention": ["probe"], "text": [""], "image": [None]})
     feats = backend.encode({k: getattr(batch, k) for k in MODEL_INPUTS}, FEATURE_NAMES)
@@ -58,7 +58,7 @@ class TorchBackend:
     def __init__(self, model, preprocessor, model_version: str | None = None, device: str | None = None):
         import torch
 
-        from otmel.model import model_version as version_of
+        from otmel.model.otmel import model_version as version_of
 
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,7 +71,7 @@ class TorchBackend:
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path) -> "TorchBackend":
-        from otmel.factory import load_model
+        from otmel.model.factory import load_model
 
         model, pre = load_model(directory)
         return cls(model, pre)
@@ -103,10 +103,10 @@ def load_backend(uri: str, s3_endpoint: str | None = None, **kwargs) -> Backend:
 
     Remote (s3://) directories are copied to a local temp dir first.
     """
-    from otmel.storage import is_remote
+    from otmel.io.storage import is_remote
 
     if is_remote(uri):
-        from otmel.storage import download_dir, scratch_dir
+        from otmel.io.storage import download_dir, scratch_dir
 
         # an ONNX export opened without its encoder (drivers, shard actors) does not fetch it
         skip = ("encoder.onnx",) if kwargs.get("encoder") is False else ()
@@ -120,7 +120,7 @@ def load_backend(uri: str, s3_endpoint: str | None = None, **kwargs) -> Backend:
         return TorchBackend.from_checkpoint(d)
     if not d.exists():
         raise FileNotFoundError(f"{uri}: no such model directory")
-    from otmel.model import CheckpointError
+    from otmel.model.otmel import CheckpointError
 
     raise CheckpointError(f"{uri} is neither an otmel ONNX export (export.json) nor a checkpoint "
                           "(config.json + model.safetensors)")

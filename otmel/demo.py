@@ -61,7 +61,7 @@ def linked_metrics(rows: list[dict], gold: dict[str, str]) -> dict[str, float]:
 
 
 def run_demo(cfg: DemoConfig, progress=print) -> dict:
-    from otmel.calibration import CalibrateConfig, calibrate
+    from otmel.linking.calibration import CalibrateConfig, calibrate
     from otmel.exporters.onnx import ExportConfig, export
     from otmel.jobs.index import IndexConfig
     from otmel.jobs.index import run as build_index
@@ -69,9 +69,9 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict:
     from otmel.jobs.link import run as link
     from otmel.jobs.train import TrainConfig
     from otmel.jobs.train import run as train
-    from otmel.link_output import read_link_output
-    from otmel.schemas import read_mentions
-    from otmel.synth import write_synthetic_dataset
+    from otmel.linking.link_output import read_link_output
+    from otmel.data.schemas import read_mentions
+    from otmel.data.synth import write_synthetic_dataset
 
     from otmel.jobs.common import init_ray
 

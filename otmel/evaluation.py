@@ -25,8 +25,8 @@ import pyarrow as pa
 import torch
 
 from otmel.metrics import gold_rank_counts, ranking_metrics
-from otmel.model import ENTITY_FEATURES, MENTION_FEATURES, OTMEL
-from otmel.preprocessing import IssueCounter, Preprocessor
+from otmel.model.otmel import ENTITY_FEATURES, MENTION_FEATURES, OTMEL
+from otmel.model.preprocessing import IssueCounter, Preprocessor
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from otmel.factory import TINY, create_model
-from otmel.model import ModelConfig
+from otmel.model.factory import TINY, create_model
+from otmel.model.otmel import ModelConfig
 
 # dummy credentials for the local S3-compatible endpoint, set before any Ray process starts
 # so that every Ray actor inherits them (a real cluster uses its nodes' credential chain)
@@ -110,7 +110,7 @@ def own_worker_env() -> dict:
 
 def scratch_dirs() -> set[str]:
     """The jobs' actors' scratch copies in this machine's temp dir (shards copied from remote
-    storage, shards being built, remote models: otmel.storage.scratch_dir), not the local
+    storage, shards being built, remote models: otmel.io.storage.scratch_dir), not the local
     clusters' Ray dirs (``otmel-ray-PORT``). A job that ended leaves none of its own."""
     import tempfile
 
@@ -147,7 +147,7 @@ SYNTH_MENTIONS = 400
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
     """A small synthetic dataset shared by the job tests."""
-    from otmel.synth import write_synthetic_dataset
+    from otmel.data.synth import write_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synth")
     write_synthetic_dataset(out, n_entities=SYNTH_ENTITIES, n_mentions=SYNTH_MENTIONS, seed=0)
@@ -217,7 +217,7 @@ def onnx_model(trained_run, tmp_path_factory):
 def s3_index(ray_local, onnx_model, synth_dir, s3_server):
     """A 2-shard Flat index of the synth KB on the S3 test endpoint (KB read from S3 too)."""
     from otmel.jobs.index import IndexConfig, run
-    from otmel.storage import write_bytes
+    from otmel.io.storage import write_bytes
 
     write_bytes("s3://otmel-test/data/kb.parquet", (synth_dir / "kb.parquet").read_bytes(), s3_server)
     cfg = IndexConfig(model=onnx_model, kb="s3://otmel-test/data/kb.parquet", out="s3://otmel-test/index-2",

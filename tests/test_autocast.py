@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from conftest import make_model, random_inputs
-from otmel.correlation import assign
-from otmel.losses import distillation_kl
+from otmel.model.correlation import assign
+from otmel.model.losses import distillation_kl
 
 IDS = ["a", "b", "c", "a", "d", "e"]
 
 
 def _plans_and_losses(model, dtype=None):
     """Every OT plan of one kd training forward (captured in call order) and its losses."""
-    import otmel.correlation as correlation
-    import otmel.matching as matching
+    import otmel.model.correlation as correlation
+    import otmel.model.matching as matching
 
     plans, real = [], correlation.assign
 

@@ -1,4 +1,4 @@
-"""Collective disambiguation with KGE vectors (otmel.coherence): the formula, the commit's
+"""Collective disambiguation with KGE vectors (otmel.linking.coherence): the formula, the commit's
 passes over a file's parts, bad embeddings files, and embed -> calibrate -> link end to end
 on posts naming several related entities."""
 
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ONE_ACTOR_EACH
 
-from otmel.coherence import (EmbeddingsError, EntityVectors, apply_to_rows, load_entity_vectors, post_tops,
+from otmel.linking.coherence import (EmbeddingsError, EntityVectors, apply_to_rows, load_entity_vectors, post_tops,
                              post_tops_of_table, rescore)
 
 
@@ -59,7 +59,7 @@ def test_coherence_averages_over_the_other_mentions_and_excludes_the_mention_its
 
 def _rows(entries):
     """Link output rows from (mention, post, [(entity, score)], status)."""
-    from otmel.schemas import LINK_OUTPUT_SCHEMA
+    from otmel.data.schemas import LINK_OUTPUT_SCHEMA
 
     rows = []
     for m, p, cands, status in entries:
@@ -89,7 +89,7 @@ def test_apply_to_rows_rescores_ok_and_nil_rows_and_decides_nil_again():
 def test_commit_with_coherence_groups_a_post_across_parts_and_counts_what_it_writes(tmp_path):
     """A post's mentions in different staged parts (a mentions file need not keep a post's
     rows together) still see each other; the footer's counts are those of the rows written."""
-    from otmel.link_output import commit_output_file, read_link_output, read_output_meta, write_part
+    from otmel.linking.link_output import commit_output_file, read_link_output, read_output_meta, write_part
 
     src = "file:///in/posts.parquet"
     first = _rows([("m1", "p", [("C", 0.50), ("B", 0.45)], "nil"), ("m9", "q", [("D", 0.2)], "nil")])
@@ -138,8 +138,8 @@ def test_zero_vectors_are_dropped_and_missing_files_named(tmp_path, caplog):
 def related(synth_dir, tmp_path_factory):
     """Posts of 2-3 related mentions over the session KB, its team KG, and KGE vectors
     trained on that KG with ``otmel kge train`` / ``embed``."""
-    from otmel.cli import main
-    from otmel.synth_posts import write_related_posts
+    from otmel.cli.main import main
+    from otmel.data.synth_posts import write_related_posts
 
     root = tmp_path_factory.mktemp("related")
     counts = write_related_posts(synth_dir / "kb.parquet", root / "data", n_posts=240, team_size=4, seed=3)
@@ -154,7 +154,7 @@ def related(synth_dir, tmp_path_factory):
 
 
 def _h1(out_dir, gold: dict[str, str]) -> float:
-    from otmel.link_output import read_link_output
+    from otmel.linking.link_output import read_link_output
 
     rows = read_link_output(out_dir).to_pylist()
     assert len(rows) == len(gold)
@@ -167,9 +167,9 @@ def test_embed_calibrate_link_with_coherence_raises_h1_on_posts_of_related_entit
     """KGE vectors from the posts' KG: calibrate picks W > 0 on dev, and the link job with
     --kge-embeddings (the calibrated W) gets a clearly higher top-1 accuracy on test posts
     than without. The footers count the statuses written."""
-    from otmel.cli import main
+    from otmel.cli.main import main
     from otmel.jobs.link import LinkConfig, run
-    from otmel.link_output import read_link_output
+    from otmel.linking.link_output import read_link_output
 
     root, counts = related
     model = tmp_path / "model"

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from otmel.synth import write_synthetic_dataset
+from otmel.data.synth import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def synth(tmp_path_factory):
 
 
 def test_training_pairs_count_every_skip(synth):
-    from otmel.data import PairDataset
+    from otmel.data.pairs import PairDataset
 
     from conftest import make_model
 

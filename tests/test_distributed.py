@@ -37,7 +37,7 @@ def _worker(rank: int, world: int, port: int, mode: str, result_dir: str):
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from otmel.distributed import make_entity_gather
+        from otmel.training.distributed import make_entity_gather
 
         model, _ = make_model(mode, missing_image="mask", seed=0)
         model.train()

@@ -5,7 +5,7 @@ Each job runs as its own driver process joined to the session's Ray instance; th
 reports its peak RSS during the job (VmHWM, reset after the imports). A driver that collected output rows (or
 encoded entity features) would grow by tens of MB between the two sizes. The job's worker
 processes are measured from outside, by the test: the peak of the private (anonymous) RSS
-of every Ray worker process started during the job, sampled every 50 ms (otmel.worker_memory), by what it ran.
+of every Ray worker process started during the job, sampled every 50 ms (otmel.io.worker_memory), by what it ran.
 Not VmHWM: a worker's RSS also counts the object store's shared pages it has read, which
 grow with the data that passed through it whatever it keeps (measured: +90 to +215 MB per
 worker kind from 5k to 20k rows).
@@ -66,7 +66,7 @@ def _peak_rss_mb(module: str, config: str, cfg: dict, workers: dict | None = Non
             "hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
             "print('OTMEL_REPORT', json.dumps({'peak_kb': hwm, "
             "'summary': getattr(r, 'summary', None) or {'count': getattr(r, 'count', None)}}, default=str))")
-    from otmel.worker_memory import SAMPLE_EVERY_S, WorkerMemory
+    from otmel.io.worker_memory import SAMPLE_EVERY_S, WorkerMemory
 
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -31,7 +31,7 @@ def test_the_default_encode_actor_runs_onnx_runtime_on_every_core_without_import
     import ray
 
     from otmel.jobs.common import Encode
-    from otmel.linking import LINK_MENTION_FEATURES
+    from otmel.linking.linker import LINK_MENTION_FEATURES
 
     def threads(self):
         import sys

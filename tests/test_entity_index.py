@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from otmel.entity_index import (AUTO_EXACT_MAX, AUTO_GPU_FLAT_MAX, STORED_FEATURES, Shard, ShardWriter,
+from otmel.linking.entity_index import (AUTO_EXACT_MAX, AUTO_GPU_FLAT_MAX, STORED_FEATURES, Shard, ShardWriter,
                                 auto_factory, keeps_keys_exactly, new_manifest)
-from otmel.model import KEY_FEATURES, retrieval_key_of
+from otmel.model.otmel import KEY_FEATURES, retrieval_key_of
 
 SHAPES = {"text_mask": [8], "vision_mask": [5], "has_image": [], "text_query": [8, 16], "vision_query": [5, 16],
           "text_summary": [24], "vision_summary": [24], "fused": [32]}

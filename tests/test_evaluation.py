@@ -12,7 +12,7 @@ import torch
 from conftest import make_model, png_bytes, random_inputs
 from otmel.evaluation import evaluate, rank_exhaustive, rank_retrieve_rerank
 from otmel.metrics import ranking_metrics, ranks_from_scores
-from otmel.model import CheckpointError, load_checkpoint, model_version
+from otmel.model.otmel import CheckpointError, load_checkpoint, model_version
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -213,7 +213,7 @@ def test_preprocessing_bad_input_is_reported_not_dropped():
 
 # ---------------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip(tmp_path):
-    from otmel.factory import load_model, save_model
+    from otmel.model.factory import load_model, save_model
 
     model, pre = make_model("kd", missing_image="mask", seed=5)
     model.eval()

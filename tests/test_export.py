@@ -10,7 +10,7 @@ import pytest
 from conftest import make_model
 from otmel.backend import TorchBackend, load_backend
 from otmel.exporters.onnx import ExportConfig, ExportError, export
-from otmel.factory import save_model
+from otmel.model.factory import save_model
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_int8_export_quantises_the_matmuls_within_its_tolerance(kd_checkpoint, k
     from pathlib import Path
 
     from otmel.backend import load_backend
-    from otmel.cli import main
+    from otmel.cli.main import main
 
     assert main(["export", "--checkpoint", kd_checkpoint, "--out", str(tmp_path / "q"), "--precision", "int8"]) == 0
     assert "int8" in capsys.readouterr().out
@@ -144,7 +144,7 @@ def test_int8_export_quantises_the_matmuls_within_its_tolerance(kd_checkpoint, k
 
 
 def test_export_errors_are_one_clear_line_and_leave_nothing(tmp_path):
-    from otmel.cli import main
+    from otmel.cli.main import main
 
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "config.json").write_text('{"model_type": "bert"}')
@@ -173,7 +173,7 @@ def test_export_refuses_a_parity_failure(kd_checkpoint, tmp_path, monkeypatch):
 
 def test_trained_kd_model_ranks_identically_through_onnx(trained_run, tmp_path):
     """Rankings of the ONNX backend equal the PyTorch backend's on the synth test split."""
-    from otmel.data import load_split
+    from otmel.data.pairs import load_split
 
     cfg, result = trained_run
     out = tmp_path / "onnx"
@@ -207,7 +207,7 @@ def test_a_job_driver_opens_the_export_without_its_encoder_and_knows_the_encoder
 
     from otmel.backend import probe_feature_shapes as probe_model
     from otmel.jobs.common import driver_model
-    from otmel.storage import upload_dir
+    from otmel.io.storage import upload_dir
 
     out, _ = kd_export
     probed = probe_model(load_backend(out))

@@ -46,8 +46,8 @@ def _encoded(img: Image.Image, fmt: str) -> bytes:
 
 
 def _preprocessor(edge: int):
-    from otmel.encoders import build_tiny_tokenizer, tiny_image_processor
-    from otmel.preprocessing import Preprocessor
+    from otmel.model.encoders import build_tiny_tokenizer, tiny_image_processor
+    from otmel.model.preprocessing import Preprocessor
 
     return Preprocessor(build_tiny_tokenizer(["paris"]), tiny_image_processor(edge))
 
@@ -55,7 +55,7 @@ def _preprocessor(edge: int):
 @pytest.mark.parametrize("size,fmt", [((3000, 2000), "JPEG"), ((2600, 2600), "PNG"), ((4000, 700), "PNG"),
                                       ((900, 5000), "JPEG")])
 def test_decoding_small_gives_the_full_size_pixels_within_the_tolerance(size, fmt):
-    from otmel.images import decode_image
+    from otmel.io.images import decode_image
 
     pre = _preprocessor(224)  # CLIP's real input size
     assert pre.decode_edge == 448
@@ -68,7 +68,7 @@ def test_decoding_small_gives_the_full_size_pixels_within_the_tolerance(size, fm
 
 
 def test_small_images_are_untouched():
-    from otmel.images import decode_image
+    from otmel.io.images import decode_image
 
     pre = _preprocessor(224)
     data = _encoded(_photo_like(500, 400), "PNG")

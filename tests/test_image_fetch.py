@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import png_bytes
-from otmel.image_fetch import ImageFetchError, ImagePolicy, fetch_image
+from otmel.linking.image_fetch import ImageFetchError, ImagePolicy, fetch_image
 
 PNG = png_bytes(3)
 BIG = b"x" * 5000
@@ -226,7 +226,7 @@ def test_redirects_are_followed_and_counted(server):
 
 def test_every_redirect_hop_is_checked(server, monkeypatch):
     """A first hop that passes the check but redirects to a loopback address is refused."""
-    import otmel.image_fetch as image_fetch
+    import otmel.linking.image_fetch as image_fetch
 
     checked = []
     original = image_fetch._non_public_kind

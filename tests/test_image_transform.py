@@ -13,9 +13,9 @@ import pytest
 from conftest import ONE_ACTOR_EACH
 from PIL import Image
 
-from otmel.encoders import tiny_image_processor
-from otmel.pixels import DEVICE_PIXEL_TOLERANCE, PixelTransform
-from otmel.preprocessing import Preprocessor
+from otmel.model.encoders import tiny_image_processor
+from otmel.model.pixels import DEVICE_PIXEL_TOLERANCE, PixelTransform
+from otmel.model.preprocessing import Preprocessor
 
 
 def _image(width: int, height: int, fmt: str, seed: int, noise: int = 30, mode: str = "RGB") -> bytes:
@@ -40,7 +40,7 @@ IMAGES = [(640, 480, "JPEG"), (480, 640, "JPEG"), (1920, 1080, "JPEG"), (2500, 3
 
 @pytest.mark.parametrize("edge", [224, 32])
 def test_the_device_transform_gives_the_cpu_paths_pixels_within_one_grey_level(edge):
-    from otmel.encoders import build_tiny_tokenizer
+    from otmel.model.encoders import build_tiny_tokenizer
 
     pre = Preprocessor(build_tiny_tokenizer(["a"]), tiny_image_processor(edge), text_length=8)
     data = [_image(w, h, fmt, seed) for seed, (w, h, fmt) in enumerate(IMAGES)]
@@ -60,7 +60,7 @@ def test_the_device_transform_gives_the_cpu_paths_pixels_within_one_grey_level(e
 def test_a_processor_the_device_path_does_not_reproduce_is_refused():
     from transformers import CLIPImageProcessorPil
 
-    from otmel.encoders import build_tiny_tokenizer
+    from otmel.model.encoders import build_tiny_tokenizer
 
     processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                                       do_center_crop=False)
@@ -74,7 +74,7 @@ def test_a_link_job_with_the_device_transform_gives_the_cpu_paths_links(ray_loca
     encode actor: the same links and candidates, scores within float noise of the pixels'
     1-grey-level differences (and not bit-identical: the encoder did the resizing)."""
     from otmel.jobs.link import LinkConfig, run
-    from otmel.link_output import read_link_output
+    from otmel.linking.link_output import read_link_output
 
     test = pq.read_table(synth_dir / "mentions" / "test.parquet").slice(0, 40)
     photos = [_image(160 + 7 * i, 120 + 5 * i, "JPEG" if i % 2 else "PNG", i, noise=10) for i in range(test.num_rows)]
@@ -98,7 +98,7 @@ def test_a_link_job_with_the_device_transform_gives_the_cpu_paths_links(ray_loca
 def test_the_cli_passes_the_encoder_options_to_both_data_jobs(monkeypatch, tmp_path):
     import otmel.jobs.index as index_job
     import otmel.jobs.link as link_job
-    from otmel.cli import main
+    from otmel.cli.main import main
 
     seen = {}
 

@@ -12,15 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ONE_ENCODE_ACTOR, scratch_dirs
 
-from otmel.entity_index import STORED_FEATURES, index_version_of, open_shards, shard_of, storage_dtype
+from otmel.linking.entity_index import STORED_FEATURES, index_version_of, open_shards, shard_of, storage_dtype
 from otmel.jobs.index import IndexConfig, run
-from otmel.model import KEY_FEATURES
-from otmel.preprocessing import MODEL_INPUTS
+from otmel.model.otmel import KEY_FEATURES
+from otmel.model.preprocessing import MODEL_INPUTS
 
 
 def test_s3_index_partitions_the_kb_with_verified_checksums(s3_index, synth_dir, s3_server, onnx_model):
     from otmel.backend import load_backend
-    from otmel.storage import local_copy
+    from otmel.io.storage import local_copy
 
     cfg, result = s3_index
     kb_ids = pq.read_table(synth_dir / "kb.parquet").column("entity_id").to_pylist()
@@ -65,7 +65,7 @@ def test_s3_index_partitions_the_kb_with_verified_checksums(s3_index, synth_dir,
 
 
 def test_index_refuses_existing_output_bad_factories_and_bad_kb(ray_local, onnx_model, synth_dir, tmp_path):
-    from otmel.schemas import SchemaError
+    from otmel.data.schemas import SchemaError
 
     base = dict(model=onnx_model, kb=str(synth_dir / "kb.parquet"))
     with pytest.raises(ValueError, match="FAISS factory 'NoSuchIndex'"):
@@ -179,10 +179,10 @@ def test_fp16_stored_features_move_reranked_scores_by_less_than_the_stated_toler
     of every (test mention, KB entity) pair stays within FP16_RERANK_TOLERANCE of the S_O of
     the model's own fp32 features (with fp32 storage the two are equal)."""
     from otmel.backend import load_backend
-    from otmel.preprocessing import MODEL_INPUTS
-    from otmel.linking import LINK_MENTION_FEATURES
-    from otmel.model import ENTITY_FEATURES
-    from otmel.storage import local_copy
+    from otmel.model.preprocessing import MODEL_INPUTS
+    from otmel.linking.linker import LINK_MENTION_FEATURES
+    from otmel.model.otmel import ENTITY_FEATURES
+    from otmel.io.storage import local_copy
 
     backend = load_backend(onnx_model)
     kb = pq.read_table(synth_dir / "kb.parquet")

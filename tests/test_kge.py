@@ -191,7 +191,7 @@ def test_unknown_relations_and_duplicates_are_counted_and_bad_feature_files_refu
 
 
 def test_cli_train_evaluate_embed(kg, tmp_path, capsys):
-    from otmel.cli import main
+    from otmel.cli.main import main
 
     out = str(tmp_path / "ckpt")
     assert main(["kge", "train", "--triples", str(kg), "--out", out, "--dim", "64", "--epochs", "6",

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 
 def test_kb_features_from_the_clip_encoder_feed_kge_training(onnx_model, synth_dir, tmp_path, capsys):
     from otmel.backend import load_backend
-    from otmel.cli import main
-    from otmel.preprocessing import MODEL_INPUTS
-    from otmel.synth_posts import write_related_posts
+    from otmel.cli.main import main
+    from otmel.model.preprocessing import MODEL_INPUTS
+    from otmel.data.synth_posts import write_related_posts
 
     kb = pq.read_table(synth_dir / "kb.parquet")
     # one row without an id and one with an image that cannot be fetched: counted, not fatal

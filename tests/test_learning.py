@@ -9,12 +9,12 @@ import torch
 @pytest.mark.slow  # trains for ~15 s: not in make test-fast
 @pytest.mark.parametrize("mode", ["kd"])
 def test_tiny_model_learns_to_link_far_above_chance(mode, tmp_path):
-    from otmel.data import PairDataset, load_split
+    from otmel.data.pairs import PairDataset, load_split
     from otmel.evaluation import evaluate
-    from otmel.factory import TINY, create_model
-    from otmel.model import ModelConfig
-    from otmel.synth import SYNTH_VOCABULARY, write_synthetic_dataset
-    from otmel.training import OptimConfig, make_optimizer, train_epoch
+    from otmel.model.factory import TINY, create_model
+    from otmel.model.otmel import ModelConfig
+    from otmel.data.synth import SYNTH_VOCABULARY, write_synthetic_dataset
+    from otmel.training.loop import OptimConfig, make_optimizer, train_epoch
 
     report = write_synthetic_dataset(tmp_path, n_entities=150, n_mentions=1500, seed=7)
     kb, train = load_split(tmp_path, "train")

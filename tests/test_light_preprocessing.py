@@ -1,4 +1,4 @@
-"""The torch-free preprocessing (otmel.light_preprocessing) gives the Hugging Face objects'
+"""The torch-free preprocessing (otmel.model.light_preprocessing) gives the Hugging Face objects'
 exact ids, masks and pixels, and a pickled Preprocessor (what Ray sends to every preprocess
 task and training worker) starts in a fresh process without importing torch or
 transformers."""
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from otmel.encoders import build_tiny_tokenizer, tiny_image_processor
-from otmel.preprocessing import Preprocessor
-from otmel.synth import SYNTH_VOCABULARY
+from otmel.model.encoders import build_tiny_tokenizer, tiny_image_processor
+from otmel.model.preprocessing import Preprocessor
+from otmel.data.synth import SYNTH_VOCABULARY
 
 WORDS = list(SYNTH_VOCABULARY) + ["Zürich", "naïve", "日本語", "[SEP]", "robert's", "!!", "x" * 50, "", " ", "washing",
                                   "WAS", "\t", "e\u0301", "😀"]
@@ -136,7 +136,7 @@ def test_a_checkpoint_saved_by_a_training_worker_carries_the_original_preprocess
     through transformers rewrote tokenizer_config.json with keys of its own)."""
     from conftest import make_model
 
-    from otmel.factory import load_model, save_model
+    from otmel.model.factory import load_model, save_model
 
     model, pre = make_model()
     save_model(model, pre, tmp_path / "driver")

@@ -16,8 +16,8 @@ import pytest
 from link_rows import assert_same_link_rows
 
 from otmel.jobs.link import LinkConfig, run
-from otmel.link_output import output_name, read_link_output
-from otmel.schemas import LINK_OUTPUT_SCHEMA
+from otmel.linking.link_output import output_name, read_link_output
+from otmel.data.schemas import LINK_OUTPUT_SCHEMA
 
 from conftest import ONE_ACTOR_EACH, own_worker_env, png_bytes, scratch_dirs
 
@@ -32,7 +32,7 @@ def _jsonl(rows: list) -> bytes:
 def s3_inputs(synth_dir, s3_server):
     """Two mention Parquet files (the synth test split), a posts JSONL with bad lines and an
     unknown-columns file, all under s3://otmel-test/in/."""
-    from otmel.storage import write_bytes
+    from otmel.io.storage import write_bytes
 
     test = pq.read_table(synth_dir / "mentions" / "test.parquet")
     half = test.num_rows // 2
@@ -123,7 +123,7 @@ def test_a_restarted_actors_scratch_dir_replaces_its_predecessors_copy(tmp_path,
     so the same scratch dir is emptied and reused, not a second one added."""
     import tempfile
 
-    from otmel.storage import scratch_dir
+    from otmel.io.storage import scratch_dir
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     first = scratch_dir("otmel-shard-00000-", "a1b2")
@@ -161,7 +161,7 @@ def test_bad_rows_become_error_rows_with_their_reason(s3_link, s3_inputs, s3_ser
 def _job_actors() -> dict[int, str]:
     """The shard and commit-coordinator actors' worker processes of this session's Ray, by
     their process titles (a killed actor's process exits)."""
-    from otmel.worker_memory import ray_workers
+    from otmel.io.worker_memory import ray_workers
 
     return {p.pid: k for p, k in ray_workers(("ShardServer", "CommitCoordinator"), root_pid=os.getpid())}
 
@@ -213,7 +213,7 @@ def test_rerun_keys_recompute_exactly_the_files_whose_result_would_change(s3_lin
     model, the index, and an input file's size make a re-run recompute (that file, for the
     input); nothing else does. Checked on the s3_link outputs as the job plans its work."""
     from otmel.jobs.link import plan_inputs, preflight
-    from otmel.link_input import list_input_files
+    from otmel.linking.link_input import list_input_files
 
     cfg, first, _, _ = s3_link
     pre = preflight(cfg)
@@ -259,8 +259,8 @@ def test_rerun_keys_recompute_exactly_the_files_whose_result_would_change(s3_lin
 
 def _encoded_mentions(backend, mentions: pa.Table) -> dict[str, np.ndarray]:
     """The link job's mention features, computed in this process."""
-    from otmel.linking import LINK_MENTION_FEATURES
-    from otmel.preprocessing import MODEL_INPUTS
+    from otmel.linking.linker import LINK_MENTION_FEATURES
+    from otmel.model.preprocessing import MODEL_INPUTS
 
     batch = backend.preprocessor.mentions(mentions.select(["mention", "text", "image"]).to_pydict())
     return backend.encode({n: getattr(batch, n) for n in MODEL_INPUTS}, LINK_MENTION_FEATURES)
@@ -269,7 +269,7 @@ def _encoded_mentions(backend, mentions: pa.Table) -> dict[str, np.ndarray]:
 def _exhaustive_scores(backend, shards, m: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Brute force, in this process: every stored entity's id, and S_O of every mention
     against every one of them (mentions x entities)."""
-    from otmel.model import ENTITY_FEATURES
+    from otmel.model.otmel import ENTITY_FEATURES
 
     ids = np.concatenate([s.entity_ids for s in shards])
     grid = {n: np.concatenate([s.gather(np.arange(s.count)[None], (n,))[n][0] for s in shards]) for n in ENTITY_FEATURES}
@@ -288,8 +288,8 @@ def test_sharded_replicated_index_gives_the_exhaustive_results(s3_index, onnx_mo
     process), candidates and scores; every replica serves batches, each batch going to one
     replica of every shard."""
     from otmel.backend import load_backend
-    from otmel.entity_index import open_shards
-    from otmel.storage import local_copy
+    from otmel.linking.entity_index import open_shards
+    from otmel.io.storage import local_copy
 
     mentions = pq.read_table(synth_dir / "mentions" / "test.parquet")
     K = 64  # >= every shard's size (60 entities in all)
@@ -319,9 +319,9 @@ def test_rerank_scores_equal_exhaustive_scores_and_topk_follows(onnx_model, s3_i
     """DESIGN.md guarantees, on the stored features: reranked scores == exhaustive S_O for the
     same pairs; top-k == exhaustive top-k when it lies in the candidates; identical when K = E."""
     from otmel.backend import load_backend
-    from otmel.entity_index import open_shards
-    from otmel.linking import ShardLinker, link_locally
-    from otmel.storage import local_copy
+    from otmel.linking.entity_index import open_shards
+    from otmel.linking.linker import ShardLinker, link_locally
+    from otmel.io.storage import local_copy
 
     backend = load_backend(onnx_model)
     test = pq.read_table(synth_dir / "mentions" / "test.parquet")
@@ -370,7 +370,7 @@ def test_shard_actors_and_the_link_stage_score_and_merge_without_torch_or_transf
     import ray
 
     from otmel.backend import load_backend
-    from otmel.entity_index import load_manifest
+    from otmel.linking.entity_index import load_manifest
     from otmel.jobs.link import ShardServer
 
     idx_cfg, _ = s3_index
@@ -382,9 +382,9 @@ def test_shard_actors_and_the_link_stage_score_and_merge_without_torch_or_transf
         import sys
 
         from otmel.jobs.link import LinkStage  # noqa: F401 - what a link actor imports for a batch
-        from otmel.link_output import write_part  # noqa: F401
-        from otmel.linking import merge_topk, nil_decision  # noqa: F401
-        from otmel.schemas import CANDIDATE  # noqa: F401
+        from otmel.linking.link_output import write_part  # noqa: F401
+        from otmel.linking.linker import merge_topk, nil_decision  # noqa: F401
+        from otmel.data.schemas import CANDIDATE  # noqa: F401
 
         return sorted(m for m in ("torch", "transformers") if m in sys.modules)
 
@@ -399,8 +399,8 @@ def test_shard_actors_and_the_link_stage_score_and_merge_without_torch_or_transf
 
 
 def test_job_level_mismatches_fail_before_any_work(s3_index, onnx_model, tmp_path, s3_server):
-    from otmel.entity_index import IndexMismatchError
-    from otmel.factory import save_model
+    from otmel.linking.entity_index import IndexMismatchError
+    from otmel.model.factory import save_model
 
     from conftest import make_model
 
@@ -420,7 +420,7 @@ def test_job_level_mismatches_fail_before_any_work(s3_index, onnx_model, tmp_pat
 
 
 def test_cli_link_reports_a_missing_input_in_one_line(s3_index, onnx_model, tmp_path, capsys, s3_server):
-    from otmel.cli import main
+    from otmel.cli.main import main
 
     code = main(["link", "--model", onnx_model, "--index", s3_index[0].out, "--input", str(tmp_path / "none"),
                  "--output", str(tmp_path / "o"), "--s3-endpoint", s3_server])
@@ -429,13 +429,13 @@ def test_cli_link_reports_a_missing_input_in_one_line(s3_index, onnx_model, tmp_
 
 
 def _write(uri, data, endpoint):
-    from otmel.storage import write_bytes
+    from otmel.io.storage import write_bytes
 
     write_bytes(uri, data, endpoint)
 
 
 def _read(uri, endpoint):
-    from otmel.storage import read_bytes
+    from otmel.io.storage import read_bytes
 
     return read_bytes(uri, endpoint)
 
@@ -519,7 +519,7 @@ def _wait_for(predicate, what: str, timeout: float = 300.0, alive=lambda: True) 
 def _staged_parts(out: Path, input_file: str | None = None) -> list:
     """Parts staged by link actors (of one input file if given); a commit's temporary file
     (``commit-*``) is not a part."""
-    from otmel.link_output import input_hash
+    from otmel.linking.link_output import input_hash
 
     root = out / "_staging" / input_hash(input_file) if input_file else out / "_staging"
     return [p for p in root.rglob("*.parquet") if not p.name.startswith("commit-")] if root.exists() else []
@@ -551,7 +551,7 @@ def test_the_commit_tracker_counts_a_retried_part_once_and_refuses_overlapping_r
     with the same rows): counted once, the file committed with each row once. Parts that
     overlap without being the same batch mean duplicated rows: refused."""
     from otmel.jobs.link import CommitTracker
-    from otmel.link_output import PART_SCHEMA, write_part
+    from otmel.linking.link_output import PART_SCHEMA, write_part
 
     def rows(lo, hi):
         return pa.Table.from_pylist([{"mention_id": f"m{i}", "status": "nil", "source_row": i} for i in range(lo, hi)],
@@ -683,7 +683,7 @@ def test_a_killed_driver_leaves_only_whole_files_and_the_rerun_completes_them_on
 
 
 def test_best_threshold_is_the_max_f1_cut():
-    from otmel.calibration import best_threshold
+    from otmel.linking.calibration import best_threshold
 
     rng = np.random.default_rng(0)
     scores = rng.normal(size=200)
@@ -704,7 +704,7 @@ def test_best_threshold_is_the_max_f1_cut():
 def test_calibrate_stores_the_threshold_and_link_uses_it_by_default(s3_index, onnx_model, synth_dir, tmp_path, s3_server):
     import shutil
 
-    from otmel.calibration import CalibrateConfig, calibrate
+    from otmel.linking.calibration import CalibrateConfig, calibrate
     from otmel.jobs.link import preflight
 
     model = tmp_path / "model"
@@ -720,7 +720,7 @@ def test_calibrate_stores_the_threshold_and_link_uses_it_by_default(s3_index, on
 
 
 def test_cli_index_and_calibrate_run_through_their_configs(s3_index, onnx_model, synth_dir, tmp_path, capsys, s3_server):
-    from otmel.cli import main
+    from otmel.cli.main import main
 
     code = main(["index", "--model", onnx_model, "--kb", str(tmp_path / "no-kb"), "--out", str(tmp_path / "i"),
                  "--shards", "2", "--factory", "Flat", "--feature-dtype", "fp32", "--workers", "1"])
@@ -735,7 +735,7 @@ def test_cli_index_and_calibrate_run_through_their_configs(s3_index, onnx_model,
 
 
 def test_input_files_are_streamed_in_chunks_with_their_line_and_row_numbers(tmp_path):
-    from otmel.link_input import iter_mention_rows
+    from otmel.linking.link_input import iter_mention_rows
 
     post = {"post_id": "p", "text": "hello Paris", "mentions": [{"mention": "Paris", "start": 6, "end": 11}]}
     lines = [json.dumps(dict(post, post_id=f"p{i}")) for i in range(2500)] + ["", "{bad"]
@@ -757,7 +757,7 @@ def test_a_bad_value_or_a_damaged_row_group_becomes_error_rows_and_the_rest_of_t
     failures: error rows with a reason, one per row lost, and every other row read."""
     from hostile_files import damage_row_group, deeply_nested_json_line, string_column_with_invalid_utf8
 
-    from otmel.link_input import iter_mention_rows
+    from otmel.linking.link_input import iter_mention_rows
 
     def read(path, **kw):
         return pa.concat_tables(list(iter_mention_rows(str(path), **kw))).to_pylist()
@@ -789,7 +789,7 @@ def test_a_bad_value_or_a_damaged_row_group_becomes_error_rows_and_the_rest_of_t
 def test_read_chunks_are_bounded_by_bytes_when_rows_carry_images(tmp_path):
     """A chunk of 1,024 rows of inline images is 64 MB: rows this wide are read fewer at a
     time (Parquet from the footer's bytes per row, JSONL by line bytes), none lost."""
-    from otmel.link_input import iter_mention_rows
+    from otmel.linking.link_input import iter_mention_rows
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, 40_000, dtype=np.uint8).tobytes() for _ in range(300)]
@@ -809,7 +809,7 @@ def test_calibrated_threshold_in_a_checkpoint_gives_nil_rows(trained_run, s3_ind
     checkpoint and no --nil-threshold, says nil exactly for the mentions scoring below it."""
     import shutil
 
-    from otmel.calibration import CalibrateConfig, calibrate
+    from otmel.linking.calibration import CalibrateConfig, calibrate
 
     _, train = trained_run
     ckpt = tmp_path / "ckpt"

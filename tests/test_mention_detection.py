@@ -7,7 +7,7 @@ import pickle
 import pyarrow as pa
 import pytest
 
-from otmel.mention_detection import (AliasFilter, AliasMatcher, Span, build_alias_table, context_window, normalize,
+from otmel.linking.mention_detection import (AliasFilter, AliasMatcher, Span, build_alias_table, context_window, normalize,
                                      normalize_with_offsets)
 
 

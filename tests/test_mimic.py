@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from otmel.images import decode_image
-from otmel.mimic import attributes_text, import_mimic, locate_release
-from otmel.schemas import KB_SCHEMA, MENTION_SCHEMA, read_kb, read_mentions
+from otmel.io.images import decode_image
+from otmel.data.mimic import attributes_text, import_mimic, locate_release
+from otmel.data.schemas import KB_SCHEMA, MENTION_SCHEMA, read_kb, read_mentions
 
 
 def _jpeg(color: tuple[int, int, int], size: int = 16) -> bytes:

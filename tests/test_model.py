@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import TEXT_LENGTH, make_model, random_inputs
-from otmel.correlation import assign
-from otmel.model import ENTITY_FEATURES, FEATURE_NAMES, MENTION_FEATURES
-from otmel.pooling import AttentionPool, softpool
+from otmel.model.correlation import assign
+from otmel.model.otmel import ENTITY_FEATURES, FEATURE_NAMES, MENTION_FEATURES
+from otmel.model.pooling import AttentionPool, softpool
 
 
 # ---------------------------------------------------------------------------- pooling
@@ -178,11 +178,11 @@ def test_stage1_inner_product_is_the_separable_part_of_S_O_for_every_pair(missin
 @pytest.mark.parametrize("missing_image", ["zeros", "mask"])
 def test_the_stage1_key_is_built_from_the_stored_features_and_gives_them_back(missing_image):
     """The index stores k_e once (in FAISS) and builds it from the entity's fused and summary
-    features (otmel.model.retrieval_key_of): it must equal the model's own key, bit for bit,
+    features (otmel.model.otmel.retrieval_key_of): it must equal the model's own key, bit for bit,
     and key_features_of must give those features back, for entities with and without images."""
     import numpy as np
 
-    from otmel.model import KEY_FEATURES, key_features_of, retrieval_key_of
+    from otmel.model.otmel import KEY_FEATURES, key_features_of, retrieval_key_of
 
     model, _ = make_model("ot", missing_image=missing_image)
     model.eval()
@@ -244,7 +244,7 @@ def test_modes_train_with_finite_decreasing_loss(mode):
 
 def test_kd_gradient_reaches_attention_not_the_teacher_only_path():
     """L_KD trains the attention path (W_q/W_k) and never pushes gradient through the plans."""
-    from otmel.losses import distillation_kl
+    from otmel.model.losses import distillation_kl
 
     torch.manual_seed(0)
     q = torch.randn(2, 4, 8, requires_grad=True)
@@ -257,7 +257,7 @@ def test_kd_gradient_reaches_attention_not_the_teacher_only_path():
     assert q.grad is not None and q.grad.abs().sum() > 0
     # the same gradient as distilling towards a constant copy of the plan
     q2, k2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
-    from otmel.correlation import Assignment, attention_logits
+    from otmel.model.correlation import Assignment, attention_logits
 
     a2 = Assignment(a.transported, a.weights.detach().clone(), attention_logits(q2, k2), ones_q, ones_k)
     distillation_kl(a2).backward()
@@ -267,8 +267,8 @@ def test_kd_gradient_reaches_attention_not_the_teacher_only_path():
 def test_tiny_tokenizer_keeps_every_vocabulary_word_whole(tmp_path):
     from transformers import AutoTokenizer
 
-    from otmel.encoders import build_tiny_tokenizer
-    from otmel.synth import SYNTH_VOCABULARY
+    from otmel.model.encoders import build_tiny_tokenizer
+    from otmel.data.synth import SYNTH_VOCABULARY
 
     tok = build_tiny_tokenizer(SYNTH_VOCABULARY)
     split = [w for w in SYNTH_VOCABULARY if w.isalpha() and len(tok(w)["input_ids"]) != 3]
@@ -282,7 +282,7 @@ def test_tiny_tokenizer_keeps_every_vocabulary_word_whole(tmp_path):
 def test_in_batch_copies_of_the_gold_entity_are_not_negatives():
     """Rows 0 and 3 link to the same entity: in each of their softmaxes the other copy of
     that entity is left out of the denominator (it is not a negative); other rows keep it."""
-    from otmel.losses import allowed_columns
+    from otmel.model.losses import allowed_columns
 
     ids = ["a", "b", "c", "a", "d", "e"]
     target = torch.arange(6)

@@ -1,4 +1,4 @@
-"""Tests of otmel.ot: batched masked log-domain Sinkhorn and the barycentric map.
+"""Tests of otmel.model.ot: batched masked log-domain Sinkhorn and the barycentric map.
 
 Most tests run on both evaluation paths of the log-sum-exps (the precomputed-kernel one and
 the torch.logsumexp fallback), selected through the ``path`` fixture.
@@ -14,8 +14,8 @@ import ot as pot
 import pytest
 import torch
 
-import otmel.ot as otm
-from otmel.ot import CHECK_EVERY, barycentric_map, sinkhorn
+import otmel.model.ot as otm
+from otmel.model.ot import CHECK_EVERY, barycentric_map, sinkhorn
 
 
 @pytest.fixture(params=["kernel", "lse"])
@@ -372,7 +372,7 @@ def _iters_record(caplog):
 
 
 def test_tol_stops_early(path, caplog):
-    caplog.set_level(logging.DEBUG, logger="otmel.ot")
+    caplog.set_level(logging.DEBUG, logger="otmel.model.ot")
     gen = torch.Generator().manual_seed(14)
     cost = torch.rand(4, 3, 8, 9, generator=gen, dtype=torch.float64)
     ma, mb = rand_mask((4, 1, 8), 0.7, gen), rand_mask((1, 3, 9), 0.7, gen)
@@ -391,7 +391,7 @@ def test_tol_stops_early(path, caplog):
 
 
 def test_tol_not_reached_runs_n_iters_and_warns(path, caplog):
-    caplog.set_level(logging.DEBUG, logger="otmel.ot")
+    caplog.set_level(logging.DEBUG, logger="otmel.model.ot")
     cost = torch.rand(2, 6, 7, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
     plan = sinkhorn(cost, epsilon=0.05, n_iters=23, tol=1e-14)
     rec = _iters_record(caplog)

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from otmel.schemas import (
+from otmel.data.schemas import (
     KB_SCHEMA,
     LINK_OUTPUT_SCHEMA,
     LINK_STATUSES,
@@ -121,7 +121,7 @@ def _encoded(mode: str, fmt: str, size=(8, 6), **save) -> bytes:
 
 
 def test_decode_image_gives_loaded_rgb():
-    from otmel.images import decode_image, encode_png
+    from otmel.io.images import decode_image, encode_png
 
     for mode, fmt in (("RGB", "JPEG"), ("L", "PNG"), ("RGBA", "PNG"), ("P", "GIF"), ("CMYK", "JPEG")):
         img = decode_image(_encoded(mode, fmt))
@@ -133,7 +133,7 @@ def test_decode_image_gives_loaded_rgb():
 
 
 def test_decode_image_refuses_bad_bytes_with_a_reason():
-    from otmel.images import ImageDecodeError, decode_image
+    from otmel.io.images import ImageDecodeError, decode_image
 
     jpeg = _encoded("RGB", "JPEG", size=(64, 64))
     cases = {b"": "empty", b"hello world": "not a recognised image format", jpeg[: len(jpeg) // 2]: "cannot decode"}
@@ -149,7 +149,7 @@ def test_decompression_bomb_is_refused_from_the_header():
     import struct
     import zlib
 
-    from otmel.images import ImageDecodeError, decode_image
+    from otmel.io.images import ImageDecodeError, decode_image
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

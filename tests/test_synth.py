@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from otmel.schemas import KB_SCHEMA, MENTION_SCHEMA, read_kb, read_mentions
-from otmel.synth import MAX_CONTEXT_WORDS, SLOTS, SYNTH_VOCABULARY, write_synthetic_dataset
+from otmel.data.schemas import KB_SCHEMA, MENTION_SCHEMA, read_kb, read_mentions
+from otmel.data.synth import MAX_CONTEXT_WORDS, SLOTS, SYNTH_VOCABULARY, write_synthetic_dataset
 
 N_ENTITIES = 1500
 N_MENTIONS = 3000

@@ -12,7 +12,7 @@ from otmel.jobs.train import TrainConfig, preflight, run
 
 
 def _state(ckpt_uri: str, s3_endpoint=None) -> dict:
-    from otmel.storage import read_bytes
+    from otmel.io.storage import read_bytes
 
     return json.loads(read_bytes(f"{ckpt_uri}/train_state.json", s3_endpoint))
 
@@ -20,7 +20,7 @@ def _state(ckpt_uri: str, s3_endpoint=None) -> dict:
 def test_two_worker_run_writes_checkpoints_metrics_and_plot(trained_run):
     from pathlib import Path
 
-    from otmel.integrity import verify_checksums
+    from otmel.io.integrity import verify_checksums
 
     cfg, result = trained_run
     run_dir = Path(result.run_uri)
@@ -45,8 +45,8 @@ def test_every_pair_is_trained_once_per_epoch_in_a_new_order(trained_run):
 
     import numpy as np
 
-    from otmel.data import load_split, usable_pairs
-    from otmel.training import global_batches
+    from otmel.data.pairs import load_split, usable_pairs
+    from otmel.training.loop import global_batches
 
     cfg, result = trained_run
     kb, train = load_split(cfg.data, "train")
@@ -64,7 +64,7 @@ def test_every_pair_is_trained_once_per_epoch_in_a_new_order(trained_run):
 def test_global_batches_cover_the_epoch_and_split_exactly_across_workers(n):
     import numpy as np
 
-    from otmel.training import global_batches, worker_rows
+    from otmel.training.loop import global_batches, worker_rows
 
     B = 16
     for world in (1, 2, 4):
@@ -90,7 +90,7 @@ def test_global_batches_cover_the_epoch_and_split_exactly_across_workers(n):
 def _weights(ckpt_uri: str, s3_endpoint=None) -> dict:
     from safetensors.torch import load
 
-    from otmel.storage import read_bytes
+    from otmel.io.storage import read_bytes
 
     return load(read_bytes(f"{ckpt_uri}/model.safetensors", s3_endpoint))
 
@@ -125,7 +125,7 @@ def test_two_workers_train_like_one_process_through_the_job(trained_run, tmp_pat
 def _registered_checkpoints(run_uri: str, s3_endpoint) -> list:
     """Checkpoints Ray Train's controller has registered (its own snapshot in the run dir):
     files on storage alone are not yet a checkpoint a restart would restore from."""
-    from otmel.storage import read_bytes
+    from otmel.io.storage import read_bytes
 
     try:
         return json.loads(read_bytes(f"{run_uri}/checkpoint_manager_snapshot.json", s3_endpoint))["checkpoint_results"]
@@ -138,7 +138,7 @@ def _kill_a_train_worker() -> int:
     import os
     import signal
 
-    from otmel.worker_memory import ray_workers
+    from otmel.io.worker_memory import ray_workers
 
     for p, _ in ray_workers(("RayTrainWorker",), root_pid=os.getpid()):
         p.send_signal(signal.SIGKILL)
@@ -188,8 +188,8 @@ def _checkpoint_digests(ckpt_uri: str, s3_endpoint=None) -> tuple[str, str]:
 
     import torch
 
-    from otmel.storage import read_bytes
-    from otmel.training import state_digest
+    from otmel.io.storage import read_bytes
+    from otmel.training.loop import state_digest
 
     optimizer = torch.load(io.BytesIO(read_bytes(f"{ckpt_uri}/optimizer.pt", s3_endpoint)), weights_only=True)
     return state_digest(_weights(ckpt_uri, s3_endpoint)), state_digest(optimizer["optimizer"])
@@ -264,7 +264,7 @@ def _newer_copy(src, dst, step: int) -> None:
     """A complete copy of checkpoint ``src`` claiming ``step`` (its checksums re-recorded)."""
     import shutil
 
-    from otmel.integrity import write_checksums
+    from otmel.io.integrity import write_checksums
 
     shutil.copytree(src, dst)
     state = json.loads((dst / "train_state.json").read_text())
@@ -332,7 +332,7 @@ def test_preflight_rejects_resume_with_another_mode(trained_run):
 def test_unreachable_s3_endpoint_fails_fast_with_a_clear_error(synth_dir):
     import time
 
-    from otmel.storage import StorageError
+    from otmel.io.storage import StorageError
 
     t0 = time.monotonic()
     with pytest.raises(StorageError, match="s3://otmel-test"):
@@ -341,7 +341,7 @@ def test_unreachable_s3_endpoint_fails_fast_with_a_clear_error(synth_dir):
 
 
 def test_cli_train_reports_one_line_errors(capsys, tmp_path):
-    from otmel.cli import main
+    from otmel.cli.main import main
 
     assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--tiny-clip"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -349,7 +349,7 @@ def test_cli_train_reports_one_line_errors(capsys, tmp_path):
 
 
 def test_cli_evaluate_prints_and_writes_json(trained_run, tmp_path, capsys):
-    from otmel.cli import main
+    from otmel.cli.main import main
 
     cfg, result = trained_run
     out = tmp_path / "m.json"

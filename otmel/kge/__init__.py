@@ -9,7 +9,7 @@ per-step OT over embedding dimensions make data-parallel training a poor fit):
 * :mod:`otmel.kge.relations` - the relation transforms ComplEx / RotatE / TransE (eq. 4-5)
   and the N3 regulariser;
 * :mod:`otmel.kge.fusion` - Algorithm 1: OT between embedding DIMENSIONS of each modality
-  and of the structural space (``otmel.ot.sinkhorn``), the barycentric mapping of eq. 2 with
+  and of the structural space (``otmel.model.ot.sinkhorn``), the barycentric mapping of eq. 2 with
   a learnable Delta_T, the lambda-weighted fusion of eq. 3; and the ``mean`` / ``concat``
   ablations (a learned linear projection instead of the OT alignment);
 * :mod:`otmel.kge.model` - the model: structural embeddings, relations (with reciprocals),

@@ -49,9 +49,9 @@ def encode_kb_features(model_uri: str, kb_uri: str, out_uri: str, batch_size: in
     import pyarrow.parquet as pq
 
     from otmel.backend import load_backend
-    from otmel.image_fetch import ImagePolicy, fetch_images
-    from otmel.preprocessing import MODEL_INPUTS
-    from otmel.storage import resolve, write_bytes
+    from otmel.linking.image_fetch import ImagePolicy, fetch_images
+    from otmel.model.preprocessing import MODEL_INPUTS
+    from otmel.io.storage import resolve, write_bytes
 
     backend = load_backend(model_uri, s3_endpoint)
     policy = ImagePolicy(allowed_prefixes=tuple(allow_image_prefix), s3_endpoint=s3_endpoint)

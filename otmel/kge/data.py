@@ -75,7 +75,7 @@ class KGData:
 
 
 def _split_uri(directory: str, split: str, s3_endpoint: str | None) -> str | None:
-    from otmel.storage import exists, join
+    from otmel.io.storage import exists, join
 
     for suffix in SUFFIXES:
         uri = join(directory, split + suffix)
@@ -88,7 +88,7 @@ def read_entity_map(uri: str | None, s3_endpoint: str | None = None) -> dict[str
     """``name<TAB>entity_id`` lines -> {name: entity_id}."""
     if not uri:
         return None
-    from otmel.storage import read_bytes
+    from otmel.io.storage import read_bytes
 
     out: dict[str, str] = {}
     for n, line in enumerate(read_bytes(uri, s3_endpoint).decode("utf-8").splitlines(), start=1):
@@ -116,7 +116,7 @@ def parse_triples(text: str, where: str) -> list[tuple[str, str, str]]:
 def load_triples(directory: str, s3_endpoint: str | None = None, entity_map: dict[str, str] | None = None,
                  splits: tuple[str, ...] = SPLITS) -> KGData:
     """Read ``train`` (required) and the other splits present; ids from the training split."""
-    from otmel.storage import read_bytes
+    from otmel.io.storage import read_bytes
 
     raw: dict[str, list[tuple[str, str, str]]] = {}
     for split in splits:
@@ -188,7 +188,7 @@ def _npy_features(uri: str, modalities: tuple[str, ...], s3_endpoint: str | None
 
     import pyarrow as pa
 
-    from otmel.storage import join, read_bytes
+    from otmel.io.storage import join, read_bytes
 
     try:
         ids = read_bytes(join(uri, NPY_ENTITIES), s3_endpoint).decode().splitlines()
@@ -217,7 +217,7 @@ def load_features(uri: str, entities: list[str], modalities: tuple[str, ...],
     without a row get zeros (counted); rows of entities not in the KG are counted and
     ignored; a missing column, a duplicate id, vectors of different lengths or a matrix
     whose rows do not match the entity list are errors."""
-    from otmel.storage import read_parquet
+    from otmel.io.storage import read_parquet
 
     if uri.rstrip("/").endswith(".parquet"):
         table = read_parquet(uri, s3_endpoint)

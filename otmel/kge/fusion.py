@@ -6,7 +6,7 @@ problem are the embedding DIMENSIONS, not the entities: dimension i of E_k is th
 E_k[:, i] over all entities, and
 
     C_k[i, j] = || E_k[:, i] - E_S[:, j] ||^2                         (Algorithm 1)
-    T_k = OT(mu_k = 1/n_k, nu = 1/m, C_k)           (eq. 1, entropic: otmel.ot.sinkhorn)
+    T_k = OT(mu_k = 1/n_k, nu = 1/m, C_k)           (eq. 1, entropic: otmel.model.ot.sinkhorn)
     Ehat_k = diag(1/v) (T_k^T + Delta_T) E_k                                       (eq. 2)
 
 with E_k read as (n_k, N) in eq. 2, i.e. in (N, dims) layout ``Ehat_k = E_k @ (m T_k +
@@ -62,7 +62,7 @@ def dimension_cost(features: Tensor, structural: Tensor) -> Tensor:
 
 def dimension_plan(features: Tensor, structural: Tensor, epsilon: float = 0.05, n_iters: int = 50) -> Tensor:
     """T_k (n_k, m): uniform marginals 1/n_k and 1/m, entropic OT on the dimension cost."""
-    from otmel.ot import sinkhorn
+    from otmel.model.ot import sinkhorn
 
     with torch.no_grad():
         cost = dimension_cost(features.float(), structural.detach().float())

@@ -175,8 +175,8 @@ def save_checkpoint(model: KGEModel, data: KGData, cfg: KGETrainConfig, metrics:
 
     from safetensors.torch import save_file
 
-    from otmel.integrity import write_checksums
-    from otmel.storage import is_remote, upload_dir
+    from otmel.io.integrity import write_checksums
+    from otmel.io.storage import is_remote, upload_dir
 
     def write(d: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
@@ -199,8 +199,8 @@ def load_checkpoint(uri: str, s3_endpoint: str | None = None, device: str = "cpu
     """(model, entities, relations) of a checkpoint, its checksums verified."""
     from safetensors.torch import load_file
 
-    from otmel.integrity import verify_checksums
-    from otmel.storage import local_copy
+    from otmel.io.integrity import verify_checksums
+    from otmel.io.storage import local_copy
 
     with local_copy(uri, s3_endpoint) as d:
         verify_checksums(d)

@@ -44,7 +44,7 @@ def _alive(match: str) -> list:
     import psutil
     from ray._private.state import actors
 
-    from otmel.worker_memory import worker_kind
+    from otmel.io.worker_memory import worker_kind
 
     found = []
     for a in actors(actor_state_name="ALIVE").values():
@@ -75,7 +75,7 @@ def _kill_through_ray(actor_id: str) -> None:
 def test_killed_shard_encode_and_link_actors_are_restarted_and_every_row_is_linked_once(ray_local, model_and_index,
                                                                                          synth_dir, tmp_path,
                                                                                          record_property):
-    from otmel.link_output import read_link_output
+    from otmel.linking.link_output import read_link_output
 
     onnx, index = model_and_index
     test = write_split_copies(synth_dir, tmp_path / "in", 4)
@@ -134,8 +134,8 @@ def test_a_hung_encode_actor_stalls_the_pipeline_and_the_job_restarts_it_for_the
     from fault_proxy import FaultProxy, Faults
     from link_rows import assert_same_link_rows
 
-    from otmel.link_output import read_link_output
-    from otmel.storage import write_parquet
+    from otmel.linking.link_output import read_link_output
+    from otmel.io.storage import write_parquet
 
     # a small input and a large one, on the S3 endpoint behind a proxy that holds the large
     # one's reads until the small one is committed: the encode actor is hung with the large

@@ -26,8 +26,8 @@ from conftest import ONE_ACTOR_EACH
 from hostile_files import damage_row_group, deeply_nested_json_line, string_column_with_invalid_utf8
 
 from otmel.jobs.link import LinkConfig, run
-from otmel.link_output import read_link_output
-from otmel.schemas import LINK_STATUSES
+from otmel.linking.link_output import read_link_output
+from otmel.data.schemas import LINK_STATUSES
 
 
 def _png(size: int = 32) -> bytes:
@@ -135,7 +135,7 @@ def test_the_pixel_cap_refuses_a_bomb_before_decoding():
 
     import pytest
 
-    from otmel.images import ImageDecodeError, decode_image
+    from otmel.io.images import ImageDecodeError, decode_image
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(ImageDecodeError, match="exceeds the cap"):

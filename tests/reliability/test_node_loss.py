@@ -18,7 +18,7 @@ import pytest
 from corpus import write_split_copies
 from job_driver import JobDriver
 
-from otmel.link_output import STAGING_DIR
+from otmel.linking.link_output import STAGING_DIR
 
 
 #: missed health checks (one a second) before the head declares a node dead: 5 s, and a check
@@ -68,7 +68,7 @@ def _remove_worker_node_of(cluster, workers, driver: JobDriver, kinds: tuple[str
     state API, beside other CPU-bound work, one listing took as long as the link job's window
     with staged parts, and loaded runs saw the job end before a listing and a staged part
     coincided (twice, also with the listing in a thread of its own)."""
-    from otmel.worker_memory import descends_from, ray_workers
+    from otmel.io.worker_memory import descends_from, ray_workers
 
     raylets = {w.all_processes["raylet"][0].process.pid: w for w in workers}
     seen: dict[str, set] = {}  # what the worker nodes ran, by raylet (for the failure message)
@@ -139,10 +139,10 @@ def big_kb_index(model_and_index, synth_dir, tmp_path_factory):
 def test_an_index_build_whose_driver_is_killed_is_never_loadable_and_the_rerun_completes_it(ray_local, big_kb_index,
                                                                                              tmp_path, record_property):
     import os
-    from otmel.entity_index import load_manifest
+    from otmel.linking.entity_index import load_manifest
     from otmel.jobs.index import IndexConfig
     from otmel.jobs.index import run as build_index
-    from otmel.worker_memory import ray_workers
+    from otmel.io.worker_memory import ray_workers
 
     index_cfg, undisturbed, _ = big_kb_index
     cfg = dict(index_cfg, out=str(tmp_path / "index"))
@@ -169,7 +169,7 @@ def test_an_index_build_whose_driver_is_killed_is_never_loadable_and_the_rerun_c
 
 def test_a_node_lost_mid_build_and_mid_link_the_jobs_finish_with_the_same_results(cluster, model_and_index, big_kb_index,
                                                                                     synth_dir, tmp_path, record_property):
-    from otmel.link_output import read_link_output
+    from otmel.linking.link_output import read_link_output
 
     c, workers = cluster
     onnx, _ = model_and_index

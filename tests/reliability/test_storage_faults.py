@@ -22,7 +22,7 @@ from conftest import ONE_ACTOR_EACH, cli_options
 from fault_proxy import FaultProxy, Faults
 from link_rows import assert_same_link_rows
 from otmel.jobs.link import LinkConfig, run
-from otmel.link_output import read_link_output
+from otmel.linking.link_output import read_link_output
 
 OTMEL = str(Path(sys.executable).parent / "otmel")
 BUCKET = "otmel-test"
@@ -31,7 +31,7 @@ BUCKET = "otmel-test"
 @pytest.fixture(scope="module")
 def on_s3(ray_local, model_and_index, synth_dir, s3_server):
     """Input mentions (two files) and the index on the S3 test endpoint."""
-    from otmel.storage import upload_dir, write_bytes
+    from otmel.io.storage import upload_dir, write_bytes
 
     model, index = model_and_index
     for split in ("dev", "test"):
@@ -48,7 +48,7 @@ def _keys(endpoint: str, prefix: str) -> list[str]:
 
 
 def _sorted_rows(out: str, endpoint: str) -> list[dict]:
-    from otmel.storage import local_copy
+    from otmel.io.storage import local_copy
 
     with local_copy(out, endpoint) as d:
         rows = read_link_output(str(d)).to_pylist()

@@ -28,9 +28,9 @@ def flip_one_byte(path: Path) -> None:
 def checkpoint(tmp_path_factory):
     import torch
 
-    from otmel.factory import TINY, create_model, save_model
-    from otmel.model import ModelConfig
-    from otmel.synth import SYNTH_VOCABULARY
+    from otmel.model.factory import TINY, create_model, save_model
+    from otmel.model.otmel import ModelConfig
+    from otmel.data.synth import SYNTH_VOCABULARY
 
     torch.manual_seed(0)
     model, pre = create_model(ModelConfig(mode="kd", text_length=24, **TINY), tiny=True, words=SYNTH_VOCABULARY)
@@ -39,8 +39,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])
 def test_a_checkpoint_with_one_flipped_byte_is_refused_naming_the_file(checkpoint, tmp_path, name):
-    from otmel.factory import load_model
-    from otmel.model import CheckpointError
+    from otmel.model.factory import load_model
+    from otmel.model.otmel import CheckpointError
 
     copy = tmp_path / "ckpt"
     shutil.copytree(checkpoint, copy)
@@ -53,7 +53,7 @@ def test_a_checkpoint_with_one_flipped_byte_is_refused_naming_the_file(checkpoin
 @pytest.mark.parametrize("name", ["encoder.onnx", "matcher.onnx", "config.json", "tokenizer.json"])
 def test_an_onnx_export_with_one_flipped_byte_is_refused_naming_the_file(model_and_index, tmp_path, name):
     from otmel.backend import load_backend
-    from otmel.integrity import IntegrityError
+    from otmel.io.integrity import IntegrityError
 
     copy = tmp_path / "onnx"
     shutil.copytree(model_and_index[0], copy)
@@ -63,8 +63,8 @@ def test_an_onnx_export_with_one_flipped_byte_is_refused_naming_the_file(model_a
 
 
 def test_calibration_rewrites_the_threshold_and_its_checksum(checkpoint, tmp_path):
-    from otmel.calibration import store_calibration
-    from otmel.factory import load_model
+    from otmel.linking.calibration import store_calibration
+    from otmel.model.factory import load_model
 
     copy = tmp_path / "ckpt"
     shutil.copytree(checkpoint, copy)
@@ -97,7 +97,7 @@ def cli_process(model_and_index, synth_dir, tmp_path_factory, s3_server):
              "s3://creds/out", *cli_options(ONE_ACTOR_EACH), "--s3-endpoint", s3_server],
             ["link", "--model", model_and_index[0], "--index", str(index), "--input", test, "--output",
              str(root / "out"), *cli_options(ONE_ACTOR_EACH)]]
-    probe = ("import json, ray, sys; from otmel.cli import main\n"
+    probe = ("import json, ray, sys; from otmel.cli.main import main\n"
              f"codes = [main(argv) for argv in {runs!r}]\n"
              "from ray.util.state import list_jobs\n"
              "jobs = list_jobs(address=ray.get_runtime_context().gcs_address, detail=True)\n"

@@ -1,0 +1,33 @@
+"""What the command groups share: printing, and the options of the Ray Data jobs (index, link)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def say(msg: str) -> None:
+    """A result line on stdout (logs go to stderr)."""
+    print(msg, flush=True)
+
+
+def data_job_options(s: argparse.ArgumentParser) -> None:
+    """Options the Ray Data jobs (index, link) share: actors, images, cluster, storage."""
+    s.add_argument("--workers", default="auto", metavar="auto|N|MIN-MAX",
+                   help="encode actors: N, or MIN-MAX for a pool Ray Data scales with the queue (one GPU each "
+                        "on a GPU cluster); auto (default): one per GPU of the cluster, or on CPU one "
+                        "single-thread actor per CPU of its nodes")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--gpu", dest="gpu", action="store_const", const=True, default=None,
+                   help="a GPU per encode actor even if no GPU node is up yet (the autoscaler adds them)")
+    g.add_argument("--cpu", dest="gpu", action="store_const", const=False, help="encode on CPUs even on a GPU cluster")
+    s.add_argument("--cpus-per-actor", type=float, default=0.25, metavar="C",
+                   help="CPUs of each CPU encode actor; its intra-op threads: C if >= 1, else the node's CPUs over "
+                        "the pool's maximum size (the default 0.25 leaves room for the read tasks on small machines)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--image-transform", choices=["auto", "cpu", "device"], default="auto",
+                   help="where images are resized and normalised: in the CPU preprocess tasks, or on the encode "
+                        "actors' device (their GPU: the CPUs then only decode); auto: device when they have a GPU")
+    s.add_argument("--allow-image-prefix", action="append", metavar="DIR", help="local image_uri roots allowed (repeatable)")
+    s.add_argument("--allow-private-hosts", action="store_true", help="allow http(s) image_uri on private/loopback hosts")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
+    s.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")

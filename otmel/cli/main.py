@@ -1,0 +1,77 @@
+"""The ``otmel`` command line.
+
+    otmel synth --entities N --mentions M --out DIR
+    otmel import-mimic --root DIR --dataset wikimel|richpediamel|wikidiverse --out DIR2
+    otmel train --data DATA_URI --out RUN_URI --mode ot|att|kd --workers N [--gpu] [--epochs E]
+                [--batch-size B] [--lr LR] [--lr-schedule constant|cosine] [--grad-clip NORM]
+                [--clip NAME_OR_DIR | --tiny-clip] [--resume] [--address ADDR]
+    otmel evaluate --checkpoint CKPT_URI --data DATA_URI --split test [--retrieve K] [--out metrics.json]
+    otmel index --model MODEL_URI --kb KB_URI --out INDEX_URI --shards S [--factory FAISS_FACTORY]
+    otmel index --update INDEX_URI --kb CHANGED_KB_URI --model MODEL_URI
+    otmel link --model MODEL_URI --index INDEX_URI --input INPUT_URI --output OUTPUT_URI [--top-k k]
+               [--candidates K] [--nil-threshold T] [--workers auto|N|MIN-MAX] [--link-actors N|MIN-MAX]
+               [--shard-replicas R] [--detect-mentions alias]
+    otmel calibrate --model MODEL_URI --index INDEX_URI --data DATA_URI [--split dev]
+    otmel demo [--out DIR]
+
+  on a cluster (Ray Jobs API / autoscaler; see README "Run on a cluster"):
+    otmel submit --address http://HEAD:8265 [--wait] train|index|link|evaluate|export|calibrate -- ARGS...
+    otmel jobs|status JOB_ID|logs JOB_ID [--follow]|stop JOB_ID --address http://HEAD:8265
+    otmel scale --address HEAD:6379 (--cpus N | --gpus N | --bundles JSON | --clear) [--timeout S]
+    otmel cluster local --nodes N [--autoscale] | otmel cluster down
+
+Errors a user can fix (bad paths, schemas, checkpoints) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from otmel.cli import cluster, data, demo, export, index, kge, link, train
+
+#: the command groups, in the order of ``otmel --help``
+GROUPS = (data, train, export, kge, index, link, demo, cluster)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "filelock", "urllib3", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="otmel", description="Multimodal entity linking with OT-MEL at cluster scale.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    for group in GROUPS:
+        group.add_parsers(sub)
+    return p
+
+
+#: errors a user can act on: one line, exit code 2 (anything else is a bug: full traceback)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from otmel.cluster.ops import ClusterError
+    from otmel.jobs.common import PipelineStalled
+    from otmel.io.storage import StorageError
+
+    return (FileNotFoundError, FileExistsError, ValueError, PermissionError, StorageError, ClusterError,
+            PipelineStalled)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        if args.verbose:
+            raise
+        print(f"otmel {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
