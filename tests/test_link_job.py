@@ -212,7 +212,8 @@ def test_rerun_keys_recompute_exactly_the_files_whose_result_would_change(s3_lin
     """Re-run keys of the committed outputs: every setting that changes output rows, the
     model, the index, and an input file's size make a re-run recompute (that file, for the
     input); nothing else does. Checked on the s3_link outputs as the job plans its work."""
-    from otmel.jobs.link import plan_inputs, preflight
+    from otmel.jobs.link import preflight
+    from otmel.jobs.link_resume import plan_inputs
     from otmel.linking.link_input import list_input_files
 
     cfg, first, _, _ = s3_link
@@ -371,7 +372,7 @@ def test_shard_actors_and_the_link_stage_score_and_merge_without_torch_or_transf
 
     from otmel.backend import load_backend
     from otmel.linking.entity_index import load_manifest
-    from otmel.jobs.link import ShardServer
+    from otmel.jobs.link_pipeline import ShardServer
 
     idx_cfg, _ = s3_index
     backend = load_backend(onnx_model)
@@ -381,7 +382,7 @@ def test_shard_actors_and_the_link_stage_score_and_merge_without_torch_or_transf
     def link_stage_imports(self):
         import sys
 
-        from otmel.jobs.link import LinkStage  # noqa: F401 - what a link actor imports for a batch
+        from otmel.jobs.link_pipeline import LinkStage  # noqa: F401 - what a link actor imports for a batch
         from otmel.linking.link_output import write_part  # noqa: F401
         from otmel.linking.linker import merge_topk, nil_decision  # noqa: F401
         from otmel.data.schemas import CANDIDATE  # noqa: F401
@@ -530,7 +531,7 @@ def test_a_batch_mixing_chunks_out_of_order_is_written_as_slices_of_the_sorted_f
     start of an earlier one, or two chunks with a gap between them. Each part written must be
     a slice of the file's sorted output, or the commit finds parts overlapping (seen on the
     1 GB bench: chunks of 127 rows, batches of 64)."""
-    from otmel.jobs.link import consecutive_runs, read_inputs
+    from otmel.jobs.link_pipeline import consecutive_runs, read_inputs
 
     n = 50
     pq.write_table(pa.table({"mention_id": [f"m{i:02d}" for i in range(n)], "mention": ["a"] * n}),
@@ -550,7 +551,7 @@ def test_the_commit_tracker_counts_a_retried_part_once_and_refuses_overlapping_r
     """A link task retried after its actor died reports the same batch again (a new part file
     with the same rows): counted once, the file committed with each row once. Parts that
     overlap without being the same batch mean duplicated rows: refused."""
-    from otmel.jobs.link import CommitTracker
+    from otmel.jobs.link_commit import CommitTracker
     from otmel.linking.link_output import PART_SCHEMA, write_part
 
     def rows(lo, hi):

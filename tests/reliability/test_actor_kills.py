@@ -9,7 +9,7 @@ A hung encode actor (its process SIGSTOPped, as a process waiting on a hung devi
 is: alive, answering nothing, failing nothing) stops the pipeline; after ``--stall-timeout``
 the job ends that attempt, its actors with it, and restarts the pipeline for the files not
 committed yet (the recovery that gets a job past Ray 2.60's deadlock after a node loss,
-``jobs/link.py``: ``PIPELINE_ATTEMPTS``); the output equals the session's reference rows."""
+``jobs/link_pipeline.py``: ``PIPELINE_ATTEMPTS``); the output equals the session's reference rows."""
 
 from __future__ import annotations
 

@@ -200,7 +200,7 @@ def test_a_node_lost_mid_build_and_mid_link_the_jobs_finish_with_the_same_result
     # --stall-timeout: Ray 2.60 can leave the pipeline waiting for good after a node loss (the
     # encode actors Ray core restarts to rebuild lost blocks hold the CPUs the rebuild's read
     # tasks need: once in ~10 runs here, 10 minutes at 0.05 CPU free); the job then restarts
-    # the pipeline for the files not committed (jobs/link.py, PIPELINE_ATTEMPTS). A minute
+    # the pipeline for the files not committed (jobs/link_pipeline.py, PIPELINE_ATTEMPTS). A minute
     # without a block moving is far beyond this job's pauses, even on a loaded machine
     driver = JobDriver("link", "LinkConfig", dict(model=onnx, index=str(undisturbed_dir), input=str(tmp_path / "in"),
                                                   output=str(link_out), batch_size=8, read_chunk_rows=16,
