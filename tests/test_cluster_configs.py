@@ -350,7 +350,7 @@ def test_cluster_down_finds_its_own_processes_only(tmp_path):
     import subprocess
     import sys
 
-    from otmel.cluster.ops import _processes_under
+    from otmel.cluster.local import _processes_under
 
     ours, other = str(tmp_path / "otmel-ray-6379"), str(tmp_path / "otmel-ray-63790")
     argvs = {"flag": [f"--temp-dir={ours}"], "path": [f"{ours}/session_1/logs"],

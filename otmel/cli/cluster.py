@@ -49,12 +49,12 @@ def cmd_scale(args) -> int:
 
 
 def cmd_cluster(args) -> int:
-    from otmel.cluster import ops
+    from otmel.cluster import local
 
     if args.action == "local":
-        ops.start_local_cluster(args.nodes, args.autoscale, args.max_nodes, args.cpus_per_node, args.dir)
+        local.start_local_cluster(args.nodes, args.autoscale, args.max_nodes, args.cpus_per_node, args.dir)
     else:
-        ops.stop_local_cluster(args.dir)
+        local.stop_local_cluster(args.dir)
     return 0
 
 

@@ -81,7 +81,7 @@ def _start_cluster(directory: Path, *args) -> dict:
 def _stop_cluster(state: dict) -> None:
     """`otmel cluster down`, then no process of the cluster may be left (once: the last test
     stops the module's cluster itself)."""
-    from otmel.cluster.ops import _processes_under
+    from otmel.cluster.local import _processes_under
 
     if state.get("stopped"):
         return
@@ -235,7 +235,7 @@ def test_scale_up_then_a_submitted_job_links_to_s3_on_the_new_nodes_and_clear_le
     # the cluster's processes, the new node's too, run in a session of their own, not the
     # terminal's (here the test's): beside CPU-bound work in the terminal's session a submitted
     # job's driver got ~1% of a core on Linux (autogroup scheduling; tests/README.md)
-    from otmel.cluster.ops import _processes_under
+    from otmel.cluster.local import _processes_under
 
     sessions = set()
     for pid in _processes_under(cluster["temp_dir"]):  # raylets, GCS, agents, monitors
