@@ -1,4 +1,5 @@
-"""Build or update the sharded entity index (``otmel index``) on Ray Data.
+"""Build or update the sharded entity index (``otmel index``) on Ray Data. One cohesive thing over
+~500 lines: the build and the update share their pipeline, shard builders and manifest commit.
 
     otmel index --model MODEL_URI --kb KB_URI --out INDEX_URI --shards S [--factory FAISS_FACTORY]
                 [--feature-dtype fp16|fp32] [--workers auto|N|MIN-MAX] [--address ADDR]

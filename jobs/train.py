@@ -1,4 +1,5 @@
-"""Distributed OT-MEL training on Ray Train (``otmel train``).
+"""Distributed OT-MEL training on Ray Train (``otmel train``). One cohesive thing over ~500 lines:
+the run's config, its worker loop and the checkpoint/resume rules that loop writes and reads.
 
     otmel train --data DATA_URI --out RUN_URI --mode ot|att|kd --workers N [--gpu]
                 [--epochs E] [--batch-size B] [--lr LR] [--lr-schedule constant|cosine]

@@ -253,8 +253,15 @@ PLANTS = (
           "otmel/model/ot.py",
           (('    mask_b = _check_mask(mask_b, m, "mask_b")\n', '    mask_b = _check_mask(None, m, "mask_b")\n'),),
           ("tests/test_ot.py::test_matches_pot_masked", "tests/test_ot.py::test_padded_entries_exactly_zero_and_ignored")),
+    Plant("layer-rules", "The layers hold: the model imports only itself and io, data never linking or jobs, linking "
+          "never jobs or cluster, only the CLI and the demo run jobs (imports inside functions included)",
+          "the model's checkpoint loader imports the linker inside the function",
+          "otmel/model/factory.py",
+          (('    """Load a checkpoint directory written by :func:`save_model` (eval mode)."""\n',
+            '    """Load a checkpoint directory written by :func:`save_model` (eval mode)."""\n'
+            '    from otmel.linking.linker import merge_topk  # noqa: F401\n'),),
+          ("tests/test_layout.py::test_every_import_keeps_the_layer_rules",)),
 )
-
 
 def _apply(plant: Plant) -> str:
     """Plant the bug; returns the file's original text (for :func:`_restore`)."""

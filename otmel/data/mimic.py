@@ -1,4 +1,5 @@
-"""Import the MIMIC release of WikiMEL, RichpediaMEL and WikiDiverse as an otmel dataset.
+"""Import the MIMIC release of WikiMEL, RichpediaMEL and WikiDiverse as an otmel dataset (one
+cohesive thing over ~500 lines: one release format, three datasets' quirks).
 
 OT-MEL (ACL Findings 2024) trains and evaluates on the cleaned releases published with MIMIC
 (Luo et al., KDD 2023, github.com/pengfei-luo/MIMIC). :func:`import_mimic` converts one such

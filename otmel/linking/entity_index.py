@@ -1,4 +1,5 @@
 """The sharded entity index: FAISS stage-1 search + memory-mapped entity features for reranking.
+One cohesive thing over ~500 lines: the on-disk format, its writer and its verified reader.
 
 On disk (DESIGN.md "Data contracts", "Sizes")::
 
