@@ -142,7 +142,8 @@ def kb_benchmark(tmp: Path, onnx_dir: Path, size: int, mentions: int, exhaustive
 def job_benchmark(tmp: Path, onnx_dir: Path, data: Path, job_mentions: int, k: int) -> list[dict]:
     """The Ray Data link job vs the same pipeline stopped after encoding, 1 and 2 encode actors."""
     from otmel.jobs.common import init_ray
-    from otmel.jobs.link import LinkConfig, encoded_mentions
+    from otmel.jobs.link import LinkConfig
+    from otmel.jobs.link_pipeline import encoded_mentions
     from otmel.jobs.link import run as link
 
     test = pq.read_table(data / "mentions" / "test.parquet")

@@ -161,7 +161,8 @@ def job(onnx_dir: Path, index_dir: Path, inputs: Path, out: Path, repeats: int =
     pairs in alternating order (the machine's load drifts: each pair is compared within
     itself); per-pair rates and ratios, and their medians."""
     from otmel.backend import load_backend
-    from otmel.jobs.link import LinkConfig, encoded_mentions
+    from otmel.jobs.link import LinkConfig
+    from otmel.jobs.link_pipeline import encoded_mentions
     from otmel.jobs.link import run as link
     from otmel.linking.link_input import list_input_files
 

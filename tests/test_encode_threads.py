@@ -103,10 +103,11 @@ def test_preprocessing_stays_out_of_the_encode_actors_whatever_cpus_they_get(ray
 
 
 def _encoded(job: str, onnx_model: str, synth_dir, pre):
-    from otmel.jobs.link import PREPROCESS_CPUS
+    from otmel.jobs.link_pipeline import PREPROCESS_CPUS
 
     if job == "link":
-        from otmel.jobs.link import LinkConfig, encoded_mentions
+        from otmel.jobs.link import LinkConfig
+        from otmel.jobs.link_pipeline import encoded_mentions
 
         cfg = LinkConfig(model=onnx_model, index="unused", input="unused", output="unused",
                          cpus_per_actor=PREPROCESS_CPUS, workers=2)
