@@ -95,6 +95,15 @@ class LinkConfig:
     s3_endpoint: str | None = None
 
     def __post_init__(self):
+        # the CLI checks every flag while parsing; these hold for library callers too
+        if self.nil_threshold is not None and not np.isfinite(self.nil_threshold):
+            raise ValueError(f"--nil-threshold must be a finite number, got {self.nil_threshold}")
+        if self.batch_size < 1 or self.context_chars < 0:
+            raise ValueError(f"--batch-size must be >= 1 and --context-chars >= 0, got {self.batch_size}, "
+                             f"{self.context_chars}")
+        if not (self.image_timeout_s > 0 and np.isfinite(self.image_timeout_s)) or not self.cpus_per_actor > 0:
+            raise ValueError(f"--image-timeout and --cpus-per-actor must be > 0, got {self.image_timeout_s}, "
+                             f"{self.cpus_per_actor}")
         if self.top_k < 1 or self.candidates < 1:
             raise ValueError("--top-k and --candidates must be >= 1")
         if self.top_k > self.candidates:
@@ -161,8 +170,9 @@ def preflight(cfg: LinkConfig) -> dict:
     """Everything that can fail the whole job, checked before any work."""
     from otmel.linking.entity_index import check_compatible, index_version_of, load_manifest
     from otmel.jobs.common import driver_model
-    from otmel.linking.link_input import list_input_files
+    from otmel.linking.link_input import check_output_apart, list_input_files
 
+    check_output_apart(cfg.input, cfg.output)
     files = list_input_files(cfg.input, cfg.s3_endpoint)
     manifest = load_manifest(cfg.index, cfg.s3_endpoint)
     backend, dims = driver_model(cfg.model, cfg.s3_endpoint)

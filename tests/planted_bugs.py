@@ -261,8 +261,18 @@ PLANTS = (
             '    """Load a checkpoint directory written by :func:`save_model` (eval mode)."""\n'
             '    from otmel.linking.linker import merge_topk  # noqa: F401\n'),),
           ("tests/test_layout.py::test_every_import_keeps_the_layer_rules",)),
+    Plant("flags-checked", "Every numeric flag of every command is checked while parsing: a bad value exits 2 in "
+          "one line naming the flag, before Ray starts or a file is touched",
+          "--nil-threshold parsed as a plain float (nan accepted by the parser)",
+          "otmel/cli/link.py",
+          (('"--nil-threshold", type=real()', '"--nil-threshold", type=float'),),
+          ("tests/test_cli_flags.py::test_the_table_names_every_numeric_flag_and_each_is_checked_by_the_parser",)),
+    Plant("output-apart", "An output equal to, inside or containing the input is refused before any work",
+          "the link job does not compare its output with its input",
+          "jobs/link.py",
+          (("    check_output_apart(cfg.input, cfg.output)\n", ""),),
+          ("tests/test_cli_flags.py::test_an_output_that_overlaps_the_input_is_refused_before_any_work",)),
 )
-
 def _apply(plant: Plant) -> str:
     """Plant the bug; returns the file's original text (for :func:`_restore`)."""
     path = ROOT / plant.file

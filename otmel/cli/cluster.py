@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from otmel.cli.common import integer, real
+
 
 def cmd_submit(args) -> int:
     from otmel.cluster import ops
@@ -87,25 +89,25 @@ def add_parsers(sub) -> None:
         if name == "logs":
             s.add_argument("--follow", action="store_true", help="stream until the job ends")
         if name == "stop":
-            s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the job to stop")
+            s.add_argument("--timeout", type=real(above=0), default=60.0, help="seconds to wait for the job to stop")
         s.set_defaults(func=func)
 
     s = sub.add_parser("scale", help="ask the autoscaler for capacity (request_resources) or release it")
     common(s, "the cluster's GCS address, HEAD:6379")
     g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--cpus", type=int, help="at least N CPUs in the cluster (N one-CPU bundles)")
-    g.add_argument("--gpus", type=int, help="at least N GPUs (N bundles of 1 GPU + 1 CPU)")
+    g.add_argument("--cpus", type=integer(1), help="at least N CPUs in the cluster (N one-CPU bundles)")
+    g.add_argument("--gpus", type=integer(1), help="at least N GPUs (N bundles of 1 GPU + 1 CPU)")
     g.add_argument("--bundles", help='JSON list of resource bundles, e.g. \'[{"GPU": 1, "CPU": 8}]\'')
     g.add_argument("--clear", action="store_true", help="drop the request: idle nodes leave after the idle timeout")
-    s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the capacity")
+    s.add_argument("--timeout", type=real(above=0), default=600.0, help="seconds to wait for the capacity")
     s.set_defaults(func=cmd_scale)
 
     s = sub.add_parser("cluster", help="a local multi-node Ray cluster on this machine (token auth on)")
     s.add_argument("action", choices=["local", "down"])
-    s.add_argument("--nodes", type=int, default=3, help="nodes including the head (local)")
+    s.add_argument("--nodes", type=integer(1), default=3, help="nodes including the head (local)")
     s.add_argument("--autoscale", action="store_true", help="let `otmel scale` add nodes up to --max-nodes")
-    s.add_argument("--max-nodes", type=int, default=None, help="default: --nodes + 2 with --autoscale")
-    s.add_argument("--cpus-per-node", type=int, default=2,
+    s.add_argument("--max-nodes", type=integer(1), default=None, help="default: --nodes + 2 with --autoscale")
+    s.add_argument("--cpus-per-node", type=integer(1), default=2,
                    help="logical CPUs of each node (Ray Data lists input files in 1-CPU tasks: keep >= 2)")
     s.add_argument("--dir", default=None, help="state directory (default ~/.otmel/local-cluster)")
     s.set_defaults(func=cmd_cluster)

@@ -3,6 +3,59 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sys
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse with its usage errors in one line, ``otmel COMMAND: error: ...`` (exit 2), like
+    every other error a user can fix; ``--help`` still shows the usage."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def integer(minimum: int | None = None, maximum: int | None = None):
+    """An ``argparse`` type: an integer within [minimum, maximum], checked while parsing (before
+    any work: Ray is not started, nothing is deleted)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if minimum is not None and value < minimum or maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be {_bounds(minimum, None, maximum)}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def real(minimum: float | None = None, above: float | None = None, maximum: float | None = None):
+    """An ``argparse`` type: a FINITE number (``nan`` and ``inf`` refused) >= minimum, > above,
+    <= maximum."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or minimum is not None and value < minimum or \
+                above is not None and value <= above or maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be a finite number {_bounds(minimum, above, maximum)}, got {text}"
+                                             .replace(" , got", ", got"))
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _bounds(minimum, above, maximum) -> str:
+    parts = ([f">= {minimum:g}"] if minimum is not None else []) + ([f"> {above:g}"] if above is not None else []) \
+        + ([f"<= {maximum:g}"] if maximum is not None else [])
+    return " and ".join(parts)
 
 
 def say(msg: str) -> None:
@@ -20,10 +73,10 @@ def data_job_options(s: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu", dest="gpu", action="store_const", const=True, default=None,
                    help="a GPU per encode actor even if no GPU node is up yet (the autoscaler adds them)")
     g.add_argument("--cpu", dest="gpu", action="store_const", const=False, help="encode on CPUs even on a GPU cluster")
-    s.add_argument("--cpus-per-actor", type=float, default=0.25, metavar="C",
+    s.add_argument("--cpus-per-actor", type=real(above=0), default=0.25, metavar="C",
                    help="CPUs of each CPU encode actor; its intra-op threads: C if >= 1, else the node's CPUs over "
                         "the pool's maximum size (the default 0.25 leaves room for the read tasks on small machines)")
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=integer(1), default=64)
     s.add_argument("--image-transform", choices=["auto", "cpu", "device"], default="auto",
                    help="where images are resized and normalised: in the CPU preprocess tasks, or on the encode "
                         "actors' device (their GPU: the CPUs then only decode); auto: device when they have a GPU")

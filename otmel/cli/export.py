@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from otmel.cli.common import say
+from otmel.cli.common import integer, say
 
 
 def cmd_export(args) -> int:
@@ -29,7 +29,7 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("export", help="ONNX export (encoder.onnx + matcher.onnx), verified against PyTorch")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--opset", type=int, default=17)
+    s.add_argument("--opset", type=integer(7), default=17)
     g = s.add_mutually_exclusive_group()
     g.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None,
                    help="fp32 (default), fp16 (weights and compute; on a GPU with onnxruntime-gpu's CUDA provider) or "

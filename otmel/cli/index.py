@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from otmel.cli.common import data_job_options, say
+from otmel.cli.common import data_job_options, integer, say
 
 
 def cmd_index(args) -> int:
@@ -29,12 +29,12 @@ def add_parsers(sub) -> None:
                    "(a boolean 'deleted' column marks removals)")
     s.add_argument("--out", default=None, help="index URI to create (local dir or s3://)")
     s.add_argument("--update", default=None, metavar="INDEX_URI", help="apply --kb as changes to this index")
-    s.add_argument("--shards", type=int, default=1)
+    s.add_argument("--shards", type=integer(1), default=1)
     s.add_argument("--factory", default="auto",
                    help="FAISS index factory string: auto (default: SQfp16 / Flat, exact, up to 50k entities per shard, "
                         "else IVF{sqrt(n)},PQ{R/16} with exact re-scoring), or e.g. Flat, HNSW32,SQfp16, IVF4096,PQ76")
     s.add_argument("--feature-dtype", choices=["fp16", "fp32"], default="fp16", help="stored reranking features")
-    s.add_argument("--nprobe", type=int, default=32, help="IVF lists scanned per query (IVF factories only)")
+    s.add_argument("--nprobe", type=integer(1), default=32, help="IVF lists scanned per query (IVF factories only)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     data_job_options(s)
     s.set_defaults(func=cmd_index)

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from otmel.cli.common import say
+from otmel.cli.common import integer, real, say
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +89,24 @@ def add_parsers(sub) -> None:
     k.add_argument("--features", default=None, help="*.parquet: entity_id + ling / visual vectors (otmel kge features); or a directory of "
                         "ling.npy / visual.npy whose rows entities.txt names")
     k.add_argument("--entity-map", default=None, help="name<TAB>entity_id lines, when triples use other names")
-    k.add_argument("--dim", type=int, default=400, help="reals per entity embedding (ComplEx/RotatE: even)")
-    k.add_argument("--epochs", type=int, default=50)
-    k.add_argument("--batch-size", type=int, default=1000)
-    k.add_argument("--lr", type=float, default=0.1)
+    k.add_argument("--dim", type=integer(2), default=400, help="reals per entity embedding (ComplEx/RotatE: even)")
+    k.add_argument("--epochs", type=integer(1), default=50)
+    k.add_argument("--batch-size", type=integer(1), default=1000)
+    k.add_argument("--lr", type=real(above=0), default=0.1)
     k.add_argument("--optimizer", default="adagrad", choices=["adagrad", "adam"])
     k.add_argument("--loss", default="ce", choices=["ce", "logistic"],
                    help="ce: 1-N cross-entropy (strong baseline); logistic: the paper's eq. 6 with negatives")
-    k.add_argument("--reg", type=float, default=0.05, help="N3 regularisation weight")
-    k.add_argument("--negatives", type=int, default=64, help="logistic loss: corrupted tails per triple")
-    k.add_argument("--eval-every", type=int, default=5, help="epochs between validation MRRs (best kept); 0: none")
-    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--reg", type=real(0), default=0.05, help="N3 regularisation weight")
+    k.add_argument("--negatives", type=integer(1), default=64, help="logistic loss: corrupted tails per triple")
+    k.add_argument("--eval-every", type=integer(0), default=5, help="epochs between validation MRRs (best kept); 0: none")
+    k.add_argument("--seed", type=integer(0), default=0)
     k.add_argument("--s3-endpoint", default=None)
     k = kge.add_parser("features", help="ling / visual entity features from the otmel CLIP encoder over a KB "
                                         "(the --features file of kge train)")
     k.add_argument("--model", required=True, help="otmel checkpoint or ONNX export dir (local or s3://)")
     k.add_argument("--kb", required=True, help="KB Parquet: entity_id, name, attributes, image / image_uri")
     k.add_argument("--out", required=True, help="Parquet file URI: entity_id, ling, visual")
-    k.add_argument("--batch-size", type=int, default=64)
+    k.add_argument("--batch-size", type=integer(1), default=64)
     k.add_argument("--allow-image-prefix", action="append", default=None, metavar="DIR",
                    help="local directory whose files image_uri may name (repeatable)")
     k.add_argument("--s3-endpoint", default=None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from otmel.cli.common import data_job_options, say
+from otmel.cli.common import data_job_options, integer, real, say
 
 log = logging.getLogger(__name__)
 
@@ -52,30 +52,30 @@ def add_parsers(sub) -> None:
     s.add_argument("--index", required=True)
     s.add_argument("--input", required=True, help="Parquet/JSONL file, directory or glob (local or s3://)")
     s.add_argument("--output", required=True, help="output dir (local or s3://): one Parquet file per input file")
-    s.add_argument("--top-k", type=int, default=5, help="candidates written per mention")
-    s.add_argument("--candidates", type=int, default=20, metavar="K", help="retrieved per shard, then reranked")
-    s.add_argument("--nil-threshold", type=float, default=None, help="default: the calibrated value of the model")
+    s.add_argument("--top-k", type=integer(1), default=5, help="candidates written per mention")
+    s.add_argument("--candidates", type=integer(1), default=20, metavar="K", help="retrieved per shard, then reranked")
+    s.add_argument("--nil-threshold", type=real(), default=None, help="default: the calibrated value of the model")
     s.add_argument("--kge-embeddings", default=None, metavar="URI",
                    help="collective disambiguation: entity vectors (otmel kge embed) of the KB; each candidate's score "
                         "gains W x its mean cosine to the other mentions' top candidates in the post")
-    s.add_argument("--coherence-weight", type=float, default=None, metavar="W",
+    s.add_argument("--coherence-weight", type=real(0), default=None, metavar="W",
                    help="W (default: the weight otmel calibrate --kge-embeddings stored for these embeddings)")
     s.add_argument("--detect-mentions", choices=["alias"], default=None,
                    help="find mentions in posts without spans by KB name/alias matching")
-    s.add_argument("--context-chars", type=int, default=200, help="context window around a span")
-    s.add_argument("--min-alias-length", type=int, default=3)
-    s.add_argument("--max-alias-entities", type=int, default=20, help="aliases shared by more entities are not matched")
+    s.add_argument("--context-chars", type=integer(0), default=200, help="context window around a span")
+    s.add_argument("--min-alias-length", type=integer(1), default=3)
+    s.add_argument("--max-alias-entities", type=integer(1), default=20, help="aliases shared by more entities are not matched")
     s.add_argument("--bad-image", choices=["error", "text"], default="error",
                    help="a given image that cannot be fetched/decoded: error row (default) or link on text")
-    s.add_argument("--image-timeout", type=float, default=10.0, help="seconds per image fetch")
+    s.add_argument("--image-timeout", type=real(above=0), default=10.0, help="seconds per image fetch")
     s.add_argument("--force", action="store_true", help="recompute inputs whose output is already complete")
     s.add_argument("--link-actors", default="2", metavar="N|MIN-MAX",
                    help="link-stage actors: batches in flight at the index shard actors")
-    s.add_argument("--shard-replicas", type=int, default=1, metavar="R",
+    s.add_argument("--shard-replicas", type=integer(1), default=1, metavar="R",
                    help="actors per index shard; queries are spread over them (more index throughput)")
-    s.add_argument("--shard-gpus", type=float, default=None, metavar="SHARE",
+    s.add_argument("--shard-gpus", type=real(0, maximum=1), default=None, metavar="SHARE",
                    help="GPU share of each shard actor (default 0.25 on a GPU cluster, 0 otherwise)")
-    s.add_argument("--stall-timeout", type=float, default=600.0, metavar="SECONDS",
+    s.add_argument("--stall-timeout", type=real(0), default=600.0, metavar="SECONDS",
                    help="no batch moved for this long (e.g. after a node loss): the pipeline is restarted for the "
                         "files not committed yet, twice at most, then the job fails; 0: wait forever")
     data_job_options(s)
@@ -86,11 +86,11 @@ def add_parsers(sub) -> None:
     s.add_argument("--index", required=True)
     s.add_argument("--data", required=True, help="dataset dir with kb.parquet and mentions/SPLIT.parquet")
     s.add_argument("--split", default="dev", choices=["train", "dev", "test"])
-    s.add_argument("--candidates", type=int, default=20)
+    s.add_argument("--candidates", type=integer(1), default=20)
     s.add_argument("--kge-embeddings", default=None, metavar="URI",
                    help="also choose the coherence weight for these KGE vectors (otmel kge embed); "
                         "the dev mentions' post_id groups them")
-    s.add_argument("--top-k", type=int, default=5, help="with --kge-embeddings: candidates re-ordered per mention "
+    s.add_argument("--top-k", type=integer(1), default=5, help="with --kge-embeddings: candidates re-ordered per mention "
                                                          "(use the link job's --top-k)")
     s.add_argument("--dry-run", action="store_true", help="print the threshold, store nothing")
     s.add_argument("--s3-endpoint", default=None)

@@ -30,6 +30,7 @@ import logging
 import sys
 
 from otmel.cli import cluster, data, demo, export, index, kge, link, train
+from otmel.cli.common import OneLineErrors
 
 #: the command groups, in the order of ``otmel --help``
 GROUPS = (data, train, export, kge, index, link, demo, cluster)
@@ -43,7 +44,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="otmel", description="Multimodal entity linking with OT-MEL at cluster scale.")
+    p = OneLineErrors(prog="otmel", description="Multimodal entity linking with OT-MEL at cluster scale.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     for group in GROUPS:
@@ -62,7 +63,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:  # a usage error (one line) or --help: nothing started, nothing touched
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
     _setup_logging(args.verbose)
     try:
         return args.func(args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from otmel.cli.common import say
+from otmel.cli.common import integer, real, say
 
 
 def cmd_train(args) -> int:
@@ -65,33 +65,33 @@ def add_parsers(sub) -> None:
     s.add_argument("--data", required=True, help="dataset URI (kb.parquet + mentions/{train,dev}.parquet)")
     s.add_argument("--out", required=True, help="run storage URI (local dir or s3://bucket/prefix)")
     s.add_argument("--mode", default="kd", choices=["ot", "att", "kd"])
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--workers", type=integer(1), default=2)
     s.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
-    s.add_argument("--epochs", type=int, default=20, help="training epochs (default 20, the authors' release)")
-    s.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch (each worker gets B / workers)")
-    s.add_argument("--lr", type=float, default=2e-5)
-    s.add_argument("--head-lr", type=float, default=None, help="learning rate of the OT-MEL heads (default: --lr)")
+    s.add_argument("--epochs", type=integer(1), default=20, help="training epochs (default 20, the authors' release)")
+    s.add_argument("--batch-size", type=integer(1), default=256, help="GLOBAL batch (each worker gets B / workers)")
+    s.add_argument("--lr", type=real(above=0), default=2e-5)
+    s.add_argument("--head-lr", type=real(above=0), default=None, help="learning rate of the OT-MEL heads (default: --lr)")
     s.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                    help="constant (default, the release) or cosine decay to 0 at the last epoch")
-    s.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
-    s.add_argument("--grad-clip", type=float, default=None, metavar="NORM",
+    s.add_argument("--warmup-steps", type=integer(0), default=0, help="linear learning-rate warm-up steps")
+    s.add_argument("--grad-clip", type=real(above=0), default=None, metavar="NORM",
                    help="clip the global gradient norm (default: no clipping, the release)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--clip", default=None, help="pretrained CLIP: hub name or local directory")
     g.add_argument("--tiny-clip", action="store_true", help="tiny random CLIP (tests, CPU demo)")
     s.add_argument("--missing-image", choices=["zeros", "mask"], default=None)
-    s.add_argument("--text-length", type=int, default=None)
+    s.add_argument("--text-length", type=integer(3), default=None)
     s.add_argument("--resume", action="store_true", help="continue the run in --out/--name from its latest checkpoint")
     s.add_argument("--name", default="otmel-train", help="run name (the run dir is OUT/NAME)")
-    s.add_argument("--eval-every", type=int, default=1, help="dev evaluation every N epochs (0 = never)")
-    s.add_argument("--eval-retrieve", type=int, default=None, metavar="K",
+    s.add_argument("--eval-every", type=integer(0), default=1, help="dev evaluation every N epochs (0 = never)")
+    s.add_argument("--eval-retrieve", type=integer(1), default=None, metavar="K",
                    help="dev evaluation by retrieve K + rerank instead of exhaustive")
-    s.add_argument("--max-failures", type=int, default=2, help="worker failures to survive")
-    s.add_argument("--cpus-per-worker", type=float, default=0.5)
+    s.add_argument("--max-failures", type=integer(-1), default=2, help="worker failures to survive")
+    s.add_argument("--cpus-per-worker", type=real(above=0), default=0.5)
     s.add_argument("--preprocess", choices=["auto", "tasks", "inline"], default="auto",
                    help="where pairs are tokenised and their images processed: Ray Data CPU tasks beside the "
                         "workers, or inline in each worker (default auto: tasks with --gpu, inline on CPU)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=integer(0), default=0)
     s.add_argument("--address", default=None, help="Ray cluster address (default: a local instance)")
     s.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
     s.set_defaults(func=cmd_train)
@@ -100,9 +100,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--data", required=True)
     s.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    s.add_argument("--retrieve", type=int, default=None, metavar="K",
+    s.add_argument("--retrieve", type=integer(1), default=None, metavar="K",
                    help="retrieve K candidates by the separable score, then rerank with the full S_O")
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=integer(1), default=64)
     s.add_argument("--out", default=None, help="metrics JSON path (default: CHECKPOINT/eval-SPLIT.json)")
     s.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
     s.set_defaults(func=cmd_evaluate)

@@ -141,6 +141,31 @@ def list_input_files(uri: str, s3_endpoint: str | None = None) -> list[str]:
     return sorted(prefix + f for f in files)
 
 
+def _location(uri: str) -> str:
+    """A comparable form of a local path or ``s3://`` URI: absolute, symlinks resolved, no
+    trailing slash; for a glob, the directory it lists."""
+    import os
+
+    uri = str(uri)
+    if _is_glob(uri):
+        head = uri[:min(uri.index(c) for c in "*?[" if c in uri)]
+        uri = head.rsplit("/", 1)[0] if "/" in head else "."
+    if uri.startswith(("s3://", "s3a://")):
+        return "s3://" + uri.split("://", 1)[1].strip("/")
+    return os.path.realpath(os.path.abspath(uri or "."))
+
+
+def check_output_apart(input_uri: str, output_uri: str) -> None:
+    """Refuse an output equal to, inside, or containing the input (one line, before any work): a
+    later run would read the job's own output files as input, or a run would write among its
+    inputs."""
+    where, out = _location(input_uri), _location(output_uri)
+    if out == where or out.startswith(where.rstrip("/") + "/") or where.startswith(out.rstrip("/") + "/"):
+        relation = "is" if out == where else "is inside" if out.startswith(where.rstrip("/") + "/") else "contains"
+        raise ValueError(f"--output {output_uri} {relation} the input {input_uri}: a re-run would read this job's own "
+                         f"output as input; write the output outside the input")
+
+
 def input_stamps(files: list[str], s3_endpoint: str | None = None) -> dict[str, str]:
     """``size:mtime`` of each input file: a rewritten input is not "already linked"."""
     from otmel.io.storage import StorageError, resolve
