@@ -88,6 +88,7 @@ class LinkConfig:
     kge_embeddings: str | None = None  # entity_id + vector Parquet (`otmel kge embed`): collective disambiguation
     coherence_weight: float | None = None  # W of otmel.linking.coherence (None = the weight calibrated for these embeddings)
     force: bool = False  # recompute inputs whose output is already complete
+    skip_unsupported: bool = False  # input files no reader claims: skipped and listed (else the job is refused)
     stall_timeout_s: float = 600.0  # no block moved for this long: the pipeline is restarted (see run); 0 = never
     cpus_per_actor: float = 0.25  # Ray CPUs an encode actor holds (fractional: read tasks must still get CPUs)
     gpu: bool | None = None  # None = a GPU per encode actor when the cluster has one
@@ -170,10 +171,15 @@ def preflight(cfg: LinkConfig) -> dict:
     """Everything that can fail the whole job, checked before any work."""
     from otmel.linking.entity_index import check_compatible, index_version_of, load_manifest
     from otmel.jobs.common import driver_model
-    from otmel.linking.link_input import check_output_apart, list_input_files
+    from otmel.linking.link_input import check_output_apart, classify_input_files, unsupported_error
 
     check_output_apart(cfg.input, cfg.output)
-    files = list_input_files(cfg.input, cfg.s3_endpoint)
+    listing = classify_input_files(cfg.input, cfg.s3_endpoint)
+    if listing.unsupported and not cfg.skip_unsupported:
+        raise unsupported_error(cfg.input, listing)
+    for f, reason in listing.skipped.items():
+        (log.warning if f in listing.unsupported else log.info)("not read: %s: %s", f, reason)
+    files = listing.files
     manifest = load_manifest(cfg.index, cfg.s3_endpoint)
     backend, dims = driver_model(cfg.model, cfg.s3_endpoint)
     check_compatible(manifest, backend.model_version, dims["retrieval_query"][0], where=f"index {cfg.index}")
@@ -188,7 +194,7 @@ def preflight(cfg: LinkConfig) -> dict:
     if threshold is None:
         log.warning("no NIL threshold (none given, none calibrated in the model): every mention with a candidate "
                     "is linked; run `otmel calibrate` to calibrate one")
-    return {"files": files, "backend": backend, "manifest": manifest, "index_version": index_version_of(manifest),
+    return {"files": files, "skipped_files": listing.skipped, "backend": backend, "manifest": manifest, "index_version": index_version_of(manifest),
             "nil_threshold": threshold, "coherence": coherence, "detector": load_detector(cfg, cfg.index, manifest)}
 
 
@@ -229,8 +235,9 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
     backend, manifest = pre["backend"], pre["manifest"]
     todo, done, file_meta = plan_inputs(cfg, pre["files"], backend.model_version, pre["index_version"],
                                         pre["nil_threshold"], pre["coherence"])
-    log.info("linking %d input file(s) (%d already complete, skipped) against index %s (%d entities, %d shard(s)) "
-             "-> %s", len(todo), len(done), pre["index_version"][:12], manifest["count"], manifest["num_shards"], cfg.output)
+    log.info("linking %d input file(s) (%d already complete, skipped; %d not read, listed in _SUCCESS.json) against "
+             "index %s (%d entities, %d shard(s)) -> %s", len(todo), len(done), len(pre["skipped_files"]),
+             pre["index_version"][:12], manifest["count"], manifest["num_shards"], cfg.output)
     written: dict[str, dict] = {}
     shard_batches: dict[str, list[int]] = {}
     t_work = time.perf_counter()
@@ -303,6 +310,7 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
         "counts": counts,
         "errors_by_reason": dict(reasons),
         "files": {f: output_name(f) for f in pre["files"]},
+        "skipped_files": pre["skipped_files"],  # every input file not read, with its reason
         "files_processed": len(written),
         "files_skipped_complete": len(done),
         "rows_processed": processed,

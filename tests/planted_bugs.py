@@ -272,8 +272,13 @@ PLANTS = (
           "jobs/link.py",
           (("    check_output_apart(cfg.input, cfg.output)\n", ""),),
           ("tests/test_cli_flags.py::test_an_output_that_overlaps_the_input_is_refused_before_any_work",)),
-)
-def _apply(plant: Plant) -> str:
+    Plant("unsupported-files", "Every input file is read or accounted for: files no reader claims refuse the job in "
+          "one line (or, with --skip-unsupported, are listed with their reason in _SUCCESS.json)",
+          "input files no reader claims are left out silently",
+          "jobs/link.py",
+          (("    if listing.unsupported and not cfg.skip_unsupported:\n", "    if False:\n"),),
+          ("tests/test_cli_flags.py::test_input_files_no_reader_claims_refuse_the_job_unless_skipped",)),
+)def _apply(plant: Plant) -> str:
     """Plant the bug; returns the file's original text (for :func:`_restore`)."""
     path = ROOT / plant.file
     original = text = path.read_text()

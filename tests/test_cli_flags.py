@@ -6,6 +6,7 @@ has (a new flag without a row fails here)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -193,3 +194,60 @@ def test_object_store_outputs_are_compared_by_bucket_and_key(input_uri, output_u
             check_output_apart(input_uri, output_uri)
     else:
         check_output_apart(input_uri, output_uri)
+
+
+def _mixed_input(root):
+    """A dump directory as users have them: two readable files beside files no reader claims,
+    files that are not data, and an earlier otmel link output."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "sub").mkdir(parents=True)
+    pq.write_table(pa.table({"mention_id": ["m"], "mention": ["x"]}), root / "a.parquet")
+    (root / "sub" / "b.jsonl").write_text('{"post_id": "p", "text": "x"}\n')
+    for name in ("notes.docx", "sheet.xlsx", "paper.pdf", "README"):
+        (root / name).write_bytes(b"PK\x03\x04 not an input")
+    for name in (".hidden.jsonl", "_SUCCESS", "sub/_staging/x.parquet", "old/part-0123456789abcdef0123.parquet"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"not data")
+
+
+def test_every_input_file_is_read_or_skipped_with_its_reason(tmp_path):
+    from otmel.linking.link_input import classify_input_files
+
+    _mixed_input(tmp_path / "in")
+    listing = classify_input_files(str(tmp_path / "in"))
+    assert listing.files == [str(tmp_path / "in" / "a.parquet"), str(tmp_path / "in" / "sub" / "b.jsonl")]
+    why = {str(p.relative_to(tmp_path / "in")): r for p, r in ((Path(f), r) for f, r in listing.skipped.items())}
+    assert set(why) == {"notes.docx", "sheet.xlsx", "paper.pdf", "README", ".hidden.jsonl", "_SUCCESS",
+                        "sub/_staging/x.parquet", "old/part-0123456789abcdef0123.parquet"}
+    assert set(listing.unsupported) == {str(tmp_path / "in" / n) for n in ("notes.docx", "sheet.xlsx", "paper.pdf",
+                                                                          "README")}
+    assert why["notes.docx"].startswith("unsupported: .docx") and why["README"].startswith("unsupported: no extension")
+    assert why["old/part-0123456789abcdef0123.parquet"].startswith("an otmel link output")
+    # a glob accounts for what it matches the same way
+    glob = classify_input_files(str(tmp_path / "in" / "*"))
+    assert glob.files == [str(tmp_path / "in" / "a.parquet")] and str(tmp_path / "in" / "paper.pdf") in glob.unsupported
+
+
+def test_input_files_no_reader_claims_refuse_the_job_unless_skipped(tmp_path, capsys):
+    """20 rows in, 0 out, exit 0 was the old end of a directory of files no reader claimed: now
+    the job is refused in one line naming them, before any work; --skip-unsupported links the
+    rest (here it gets as far as the missing index)."""
+    import ray
+
+    from otmel.cli.main import main
+
+    _mixed_input(tmp_path / "in")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "_SUCCESS.json").write_text("{}")
+    before = _tree(tmp_path)
+    argv = ["link", "--model", str(tmp_path / "m"), "--index", str(tmp_path / "no-index"), "--input",
+            str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "4 file(s)" in err[0] and "no reader" in err[0] and "--skip-unsupported" in err[0], err
+    assert "notes.docx" in err[0] and not ray.is_initialized() and _tree(tmp_path) == before
+    assert main([*argv, "--skip-unsupported"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-index" in err[0] and "no reader" not in err[0], err

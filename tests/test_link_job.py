@@ -63,18 +63,22 @@ def s3_inputs(synth_dir, s3_server):
     other = pa.BufferOutputStream()
     pq.write_table(pa.table({"foo": [1, 2], "bar": ["x", "y"]}), other)
     files["other.parquet"] = other.getvalue().to_pybytes()
-    for name, data in files.items():
+    # files no reader claims, or that are not data: not read, each listed with its reason
+    not_read = {"notes.docx": "unsupported", ".hidden.jsonl": "hidden", "_SUCCESS": "hidden",
+                "old-out/part-0123456789abcdef0123.parquet": "otmel link output"}
+    for name, data in {**files, **{n: b"not read" for n in not_read}}.items():
         write_bytes(f"{BUCKET}/in/{name}", data, s3_server)
     expected = {"a.parquet": half, "b.parquet": test.num_rows - half, "posts.jsonl": 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1,
                 "other.parquet": 2, "empty.jsonl": 0, "array.json": 1}
-    return {"uri": f"{BUCKET}/in/", "test": test, "expected_rows": expected, "text": text, "spans": spans}
+    return {"uri": f"{BUCKET}/in/", "test": test, "expected_rows": expected, "text": text, "spans": spans,
+            "not_read": not_read}
 
 
 @pytest.fixture(scope="module")
 def s3_link(s3_index, s3_inputs, onnx_model, s3_server):
     idx_cfg, idx = s3_index
     cfg = LinkConfig(model=onnx_model, index=idx_cfg.out, input=s3_inputs["uri"], output=f"{BUCKET}/out-1",
-                     top_k=3, candidates=10, s3_endpoint=s3_server)
+                     top_k=3, candidates=10, s3_endpoint=s3_server, skip_unsupported=True)
     before = scratch_dirs()
     result = run(cfg)
     return cfg, result, idx, scratch_dirs() - before
@@ -109,6 +113,11 @@ def test_every_input_mention_gives_exactly_one_row_in_the_contract_schema(s3_lin
     assert set(out.column("index_version").to_pylist()) == {idx.index_version}
     success = json.loads(_read(f"{cfg.output}/_SUCCESS.json", s3_server))
     assert success["counts"] == counts and success["index_version"] == idx.index_version
+    # every file of the input not read is accounted for, with its reason (--skip-unsupported)
+    assert success["skipped_files"] == result.summary["skipped_files"]
+    skipped = {f.rsplit("/in/", 1)[1]: reason for f, reason in success["skipped_files"].items()}
+    assert set(skipped) == set(s3_inputs["not_read"]), skipped
+    assert all(skipped[name].startswith(why) for name, why in s3_inputs["not_read"].items()), skipped
 
 
 def test_a_job_on_a_remote_index_leaves_no_local_shard_copy_behind(s3_link):
@@ -408,8 +417,10 @@ def test_job_level_mismatches_fail_before_any_work(s3_index, onnx_model, tmp_pat
     other, pre = make_model("kd", seed=3)
     save_model(other, pre, tmp_path / "other")
     good = dict(index=s3_index[0].out, output=str(tmp_path / "out"), s3_endpoint=s3_server)
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"mention_id": ["m"], "mention": ["x"]}), tmp_path / "in" / "m.parquet")
     with pytest.raises(IndexMismatchError, match="rebuild the index"):
-        run(LinkConfig(model=str(tmp_path / "other"), input=str(tmp_path), **good))
+        run(LinkConfig(model=str(tmp_path / "other"), input=str(tmp_path / "in"), **good))
     with pytest.raises(FileNotFoundError, match="no input files"):
         run(LinkConfig(model=onnx_model, input=f"{BUCKET}/no-such-prefix/*.parquet", **good))
     with pytest.raises(ValueError, match="--top-k"):

@@ -18,7 +18,8 @@ def cmd_link(args) -> int:
                      context_chars=args.context_chars, min_alias_length=args.min_alias_length,
                      max_alias_entities=args.max_alias_entities, bad_image=args.bad_image,
                      allow_image_prefix=args.allow_image_prefix or [], allow_private_hosts=args.allow_private_hosts,
-                     image_timeout_s=args.image_timeout, force=args.force, address=args.address,
+                     image_timeout_s=args.image_timeout, force=args.force,
+                     skip_unsupported=args.skip_unsupported, address=args.address,
                      link_actors=args.link_actors, shard_replicas=args.shard_replicas, shard_gpus=args.shard_gpus,
                      gpu=args.gpu, s3_endpoint=args.s3_endpoint, kge_embeddings=args.kge_embeddings,
                      coherence_weight=args.coherence_weight, cpus_per_actor=args.cpus_per_actor,
@@ -69,6 +70,9 @@ def add_parsers(sub) -> None:
                    help="a given image that cannot be fetched/decoded: error row (default) or link on text")
     s.add_argument("--image-timeout", type=real(above=0), default=10.0, help="seconds per image fetch")
     s.add_argument("--force", action="store_true", help="recompute inputs whose output is already complete")
+    s.add_argument("--skip-unsupported", action="store_true",
+                   help="link the input files a reader claims and list the others (e.g. .docx, .pdf) in the log and "
+                        "_SUCCESS.json (default: refuse the job, naming them)")
     s.add_argument("--link-actors", default="2", metavar="N|MIN-MAX",
                    help="link-stage actors: batches in flight at the index shard actors")
     s.add_argument("--shard-replicas", type=integer(1), default=1, metavar="R",

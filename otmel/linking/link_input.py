@@ -26,6 +26,7 @@ import base64
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Iterator
 
@@ -97,12 +98,47 @@ def _glob_regex(pattern: str) -> "re.Pattern[str]":
     return re.compile("".join(out))
 
 
-def list_input_files(uri: str, s3_endpoint: str | None = None) -> list[str]:
-    """Sorted input file URIs of a file, directory or glob URI; FileNotFoundError if none."""
+#: what an input listing does not read, and why
+SKIP_HIDDEN = "hidden or _-prefixed (not data: _SUCCESS, .crc, .DS_Store, ...)"
+SKIP_OWN_OUTPUT = "an otmel link output file (part-<hash>.parquet): never an input"
+#: an output file of ``otmel link`` (otmel.linking.link_output.output_name)
+OWN_OUTPUT = re.compile(r"part-[0-9a-f]{20}\.parquet")
+
+
+@dataclass
+class InputListing:
+    """Every file an input URI names, accounted for: ``files`` are read (sorted URIs),
+    ``skipped`` maps each other file to the reason it is not read."""
+
+    files: list[str]
+    skipped: dict[str, str]
+
+    @property
+    def unsupported(self) -> dict[str, str]:
+        return {f: r for f, r in self.skipped.items() if r.startswith("unsupported")}
+
+
+def _classify(rel: str) -> str | None:
+    """None when a file (its path relative to what was listed) is read, else why not."""
+    parts = PurePosixPath(rel).parts
+    if any(part.startswith(("_", ".")) for part in parts):
+        return SKIP_HIDDEN
+    if OWN_OUTPUT.fullmatch(parts[-1]):
+        return SKIP_OWN_OUTPUT
+    if not parts[-1].lower().endswith(INPUT_SUFFIXES):
+        suffix = "".join(PurePosixPath(parts[-1]).suffixes[-2:]) or "no extension"
+        return f"unsupported: {suffix} (no reader for it; read: {', '.join(INPUT_SUFFIXES)})"
+    return None
+
+
+def list_files(uri: str, s3_endpoint: str | None = None) -> list[tuple[str, str]]:
+    """Every file a file, directory or glob URI names: sorted ``(uri, path relative to what was
+    listed)``; a file named directly has the relative path ``""``."""
     from otmel.io.storage import StorageError, resolve
 
     uri = str(uri)
     prefix = "s3://" if uri.startswith(("s3://", "s3a://")) else ""
+    found: list[tuple[str, str]] = []
     if _is_glob(uri):
         cut = min(uri.index(c) for c in "*?[" if c in uri)
         head = uri[:cut]
@@ -115,30 +151,60 @@ def list_input_files(uri: str, s3_endpoint: str | None = None) -> list[str]:
                                                        allow_not_found=True))
         except OSError as exc:
             raise StorageError(f"{uri}: {exc}") from exc
-        files = []
         for i in infos:
             rel = i.path[len(base_path):].lstrip("/")
-            if (i.type == pafs.FileType.File and pattern.fullmatch(rel)
-                    and not any(part.startswith(("_", ".")) for part in PurePosixPath(rel).parts)):
-                files.append(i.path)
+            if i.type == pafs.FileType.File and pattern.fullmatch(rel):
+                found.append((prefix + i.path, rel))
     else:
         fs, path = resolve(uri, s3_endpoint)
         try:
             info = fs.get_file_info(path)
             if info.type == pafs.FileType.File:
-                files = [path]
+                found = [(prefix + path, "")]
             elif info.type == pafs.FileType.Directory:
-                infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                files = [i.path for i in infos if i.type == pafs.FileType.File
-                         and i.path.lower().endswith(INPUT_SUFFIXES)
-                         and not any(part.startswith(("_", ".")) for part in PurePosixPath(i.path[len(path):]).parts)]
-            else:
-                files = []
+                found = [(prefix + i.path, i.path[len(path):].lstrip("/"))
+                         for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                         if i.type == pafs.FileType.File]
         except OSError as exc:
             raise StorageError(f"{uri}: {exc}") from exc
+    return sorted(found)
+
+
+def classify_input_files(uri: str, s3_endpoint: str | None = None) -> InputListing:
+    """The files of a file, directory or glob URI, each read or skipped with a reason
+    (hidden / _-prefixed, an otmel output file, an extension no reader claims);
+    FileNotFoundError if none is read. A file named directly is read whatever its name (its
+    reader says if it cannot)."""
+    files, skipped = [], {}
+    for path, rel in list_files(uri, s3_endpoint):
+        reason = _classify(rel) if rel else None
+        if reason is None:
+            files.append(path)
+        else:
+            skipped[path] = reason
     if not files:
-        raise FileNotFoundError(f"{uri}: no input files found (expected *.parquet / *.jsonl files, a directory or a glob)")
-    return sorted(prefix + f for f in files)
+        said = f" ({len(skipped)} file(s) not read: {_some(skipped)})" if skipped else ""
+        raise FileNotFoundError(f"{uri}: no input files found (expected *.parquet / *.jsonl files, a directory or a "
+                                f"glob){said}")
+    return InputListing(files, skipped)
+
+
+def _some(skipped: dict[str, str], n: int = 3) -> str:
+    items = [f"{f} ({r.split(' (')[0]})" for f, r in list(skipped.items())[:n]]
+    return ", ".join(items) + (f" and {len(skipped) - n} more" if len(skipped) > n else "")
+
+
+def unsupported_error(uri: str, listing: InputListing) -> ValueError:
+    """The one-line refusal of input files no reader claims (unless --skip-unsupported)."""
+    bad = listing.unsupported
+    return ValueError(f"{len(bad)} file(s) in {uri} have no reader: {_some(bad)}; pass --skip-unsupported to link "
+                      f"the other {len(listing.files)} and list these in _SUCCESS.json")
+
+
+def list_input_files(uri: str, s3_endpoint: str | None = None) -> list[str]:
+    """Sorted URIs of the files a file, directory or glob URI reads (see
+    :func:`classify_input_files` for the others); FileNotFoundError if none."""
+    return classify_input_files(uri, s3_endpoint).files
 
 
 def _location(uri: str) -> str:

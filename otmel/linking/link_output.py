@@ -228,12 +228,9 @@ def write_success(out_uri: str, summary: dict, s3_endpoint: str | None = None) -
 def read_link_output(out_uri: str, s3_endpoint: str | None = None) -> pa.Table:
     """Every COMMITTED output row of a link job directory (local or s3://), in file-name
     order (staged parts of unfinished inputs are never included)."""
-    from otmel.linking.link_input import list_input_files
     from otmel.io.storage import read_parquet
+    from otmel.linking.link_input import OWN_OUTPUT, list_files
 
-    try:
-        files = [f for f in list_input_files(out_uri, s3_endpoint) if f.rsplit("/", 1)[-1].startswith("part-")]
-    except FileNotFoundError:
-        files = []
+    files = [f for f, rel in list_files(out_uri, s3_endpoint) if OWN_OUTPUT.fullmatch(rel)]
     tables = [read_parquet(f, s3_endpoint).replace_schema_metadata(None) for f in files]
     return pa.concat_tables(tables) if tables else LINK_OUTPUT_SCHEMA.empty_table()
