@@ -278,7 +278,10 @@ PLANTS = (
           "jobs/link.py",
           (("    if listing.unsupported and not cfg.skip_unsupported:\n", "    if False:\n"),),
           ("tests/test_cli_flags.py::test_input_files_no_reader_claims_refuse_the_job_unless_skipped",)),
-)def _apply(plant: Plant) -> str:
+)
+
+
+def _apply(plant: Plant) -> str:
     """Plant the bug; returns the file's original text (for :func:`_restore`)."""
     path = ROOT / plant.file
     original = text = path.read_text()
