@@ -864,3 +864,17 @@ def test_a_jobs_ray_data_requests_expire_30_s_after_its_driver_stops_refreshing_
         out = subprocess.run([sys.executable, "-c", probe], env=run_env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.strip().splitlines()[-1] == expected, out.stdout
+
+
+def test_a_storage_error_raised_in_a_worker_is_found_in_the_drivers_exception():
+    """Ray hands the driver a worker's exception as text (its chained causes do not survive the
+    trip): the storage error is read from the traceback line the worker printed, under the
+    class's real module path (a moved module once made every such job exit 1 with a traceback)."""
+    from otmel.io.storage import StorageError, storage_failure
+
+    worker = StorageError("s3://b/out/_staging/x.parquet: OSError: AWS Error INTERNAL_FAILURE")
+    text = ("ray::MapWorker(MapBatches(LinkStage)).submit()\n  File \"storage.py\", line 198, in write_bytes\n"
+            f"{type(worker).__module__}.StorageError: {worker}\n\nUDF failed to process a data block.")
+    found = storage_failure(RuntimeError(text))
+    assert isinstance(found, StorageError) and str(found) == str(worker)
+    assert storage_failure(RuntimeError("a bug, not storage")) is None

@@ -137,7 +137,8 @@ def storage_failure(exc: BaseException) -> OSError | None:
         texts.append(str(e))
         todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
     for text in texts:
-        found = re.findall(r"^\s*otmel\.storage\.StorageError: (.+)$", text, flags=re.M)
+        # the class's qualified name as the worker's traceback prints it (from the class: it moves with the module)
+        found = re.findall(rf"^\s*{re.escape(StorageError.__module__)}\.StorageError: (.+)$", text, flags=re.M)
         if found:
             return StorageError(found[-1].strip())
     return None
