@@ -171,6 +171,7 @@ def preflight(cfg: LinkConfig) -> dict:
     """Everything that can fail the whole job, checked before any work."""
     from otmel.linking.entity_index import check_compatible, index_version_of, load_manifest
     from otmel.jobs.common import driver_model
+    from otmel.io.storage import probe_writable
     from otmel.linking.link_input import check_output_apart, classify_input_files, unsupported_error
 
     check_output_apart(cfg.input, cfg.output)
@@ -194,8 +195,11 @@ def preflight(cfg: LinkConfig) -> dict:
     if threshold is None:
         log.warning("no NIL threshold (none given, none calibrated in the model): every mention with a candidate "
                     "is linked; run `otmel calibrate` to calibrate one")
-    return {"files": files, "skipped_files": listing.skipped, "backend": backend, "manifest": manifest, "index_version": index_version_of(manifest),
-            "nil_threshold": threshold, "coherence": coherence, "detector": load_detector(cfg, cfg.index, manifest)}
+    detector = load_detector(cfg, cfg.index, manifest)
+    probe_writable(cfg.output, cfg.s3_endpoint, "--output")  # last: every other check is side-effect free
+    return {"files": files, "skipped_files": listing.skipped, "backend": backend, "manifest": manifest,
+            "index_version": index_version_of(manifest), "nil_threshold": threshold, "coherence": coherence,
+            "detector": detector}
 
 
 def resolve_coherence(cfg: LinkConfig, backend) -> tuple[dict, float | None]:

@@ -91,6 +91,26 @@ FLAGS = {
 }
 
 
+@pytest.fixture
+def ray_starts(monkeypatch) -> list:
+    """Every call that would start or join Ray (``ray.init``, the jobs' ``init_ray``) is recorded
+    and refused: a command refused before any work makes none. (``ray.is_initialized`` cannot
+    tell: in the whole suite the session's instance is up in this process.)"""
+    import ray
+
+    import otmel.jobs.common as common
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise RuntimeError("Ray was started before the command's checks")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(common, "init_ray", refuse)
+    return calls
+
+
 def _numeric_flags(parser: argparse.ArgumentParser, path: tuple = ()) -> set:
     found = set()
     for action in parser._actions:
@@ -130,9 +150,7 @@ def _tree(root) -> dict:
 
 
 @pytest.mark.parametrize("command,flag", sorted(FLAGS))
-def test_a_bad_numeric_flag_exits_2_in_one_line_before_any_work(command, flag, tmp_path, capsys):
-    import ray
-
+def test_a_bad_numeric_flag_exits_2_in_one_line_before_any_work(command, flag, tmp_path, capsys, ray_starts):
     from otmel.cli.main import build_parser, main
 
     # what a job would clean up at its start: an earlier run's output in the output dir
@@ -144,7 +162,7 @@ def test_a_bad_numeric_flag_exits_2_in_one_line_before_any_work(command, flag, t
         assert main(_argv(command, flag, value, tmp_path)) == 2, (command, flag, value)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and flag in err[0] and err[0].startswith(f"otmel {' '.join(command)}: error:"), err
-    assert not ray.is_initialized() and _tree(tmp_path) == before
+    assert not ray_starts and _tree(tmp_path) == before
     args = build_parser().parse_args(_argv(command, flag, good, tmp_path))  # a sound value parses
     assert getattr(args, flag.lstrip("-").replace("-", "_")) == type(getattr(args, flag.lstrip("-").replace("-", "_")))(good)
 
@@ -160,12 +178,10 @@ def test_a_library_caller_gets_the_same_refusal_from_the_link_config(field, valu
 
 
 @pytest.mark.parametrize("output", ["{tmp}/in", "{tmp}/in/", "{tmp}/in/out", "{tmp}", "{tmp}/link-to-in/x"])
-def test_an_output_that_overlaps_the_input_is_refused_before_any_work(output, tmp_path, capsys):
+def test_an_output_that_overlaps_the_input_is_refused_before_any_work(output, tmp_path, capsys, ray_starts):
     """Equal to the input directory (the re-run linked the first run's own parts: every id
     twice), inside it, containing it, or reaching it through a symlink: one line, exit 2,
     nothing touched (not even the earlier run's _SUCCESS.json the job would delete)."""
-    import ray
-
     from otmel.cli.main import main
 
     (tmp_path / "in").mkdir()
@@ -178,7 +194,7 @@ def test_an_output_that_overlaps_the_input_is_refused_before_any_work(output, tm
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--output" in err[0] and "the input" in err[0], err
-    assert not ray.is_initialized() and _tree(tmp_path) == before
+    assert not ray_starts and _tree(tmp_path) == before
 
 
 @pytest.mark.parametrize("input_uri,output_uri,refused", [
@@ -230,12 +246,10 @@ def test_every_input_file_is_read_or_skipped_with_its_reason(tmp_path):
     assert glob.files == [str(tmp_path / "in" / "a.parquet")] and str(tmp_path / "in" / "paper.pdf") in glob.unsupported
 
 
-def test_input_files_no_reader_claims_refuse_the_job_unless_skipped(tmp_path, capsys):
+def test_input_files_no_reader_claims_refuse_the_job_unless_skipped(tmp_path, capsys, ray_starts):
     """20 rows in, 0 out, exit 0 was the old end of a directory of files no reader claimed: now
     the job is refused in one line naming them, before any work; --skip-unsupported links the
     rest (here it gets as far as the missing index)."""
-    import ray
-
     from otmel.cli.main import main
 
     _mixed_input(tmp_path / "in")
@@ -247,7 +261,7 @@ def test_input_files_no_reader_claims_refuse_the_job_unless_skipped(tmp_path, ca
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "4 file(s)" in err[0] and "no reader" in err[0] and "--skip-unsupported" in err[0], err
-    assert "notes.docx" in err[0] and not ray.is_initialized() and _tree(tmp_path) == before
+    assert "notes.docx" in err[0] and not ray_starts and _tree(tmp_path) == before
     assert main([*argv, "--skip-unsupported"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no-index" in err[0] and "no reader" not in err[0], err

@@ -65,7 +65,7 @@ def s3_inputs(synth_dir, s3_server):
     files["other.parquet"] = other.getvalue().to_pybytes()
     # files no reader claims, or that are not data: not read, each listed with its reason
     not_read = {"notes.docx": "unsupported", ".hidden.jsonl": "hidden", "_SUCCESS": "hidden",
-                "old-out/part-0123456789abcdef0123.parquet": "otmel link output"}
+                "old-out/part-0123456789abcdef0123.parquet": "an otmel link output"}
     for name, data in {**files, **{n: b"not read" for n in not_read}}.items():
         write_bytes(f"{BUCKET}/in/{name}", data, s3_server)
     expected = {"a.parquet": half, "b.parquet": test.num_rows - half, "posts.jsonl": 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1,
@@ -214,6 +214,7 @@ RERUN_KEY_CASES = {
     "batch_size": (8, False), "read_chunk_rows": (16, False), "read_chunk_bytes": (1 << 20, False),
     "cpus_per_actor": (1.0, False), "gpu": (False, False), "address": ("auto", False), "stall_timeout_s": (30.0, False),
     "output": (f"{BUCKET}/out-1/", False),  # the same place spelled with a slash
+    "skip_unsupported": (False, False),  # which files are read is the input listing's, not a row setting
 }
 
 
@@ -429,6 +430,27 @@ def test_job_level_mismatches_fail_before_any_work(s3_index, onnx_model, tmp_pat
         with pytest.raises(ValueError, match="--stall-timeout"):
             LinkConfig(model=onnx_model, input="x", stall_timeout_s=bad, **good)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_output_fails_before_any_work(s3_index, onnx_model, synth_dir, tmp_path, capsys, s3_server):
+    """An output that cannot be written failed only after every row was encoded (37 s); now the
+    job's preflight (before Ray work) writes and removes a probe there and stops in one line."""
+    from otmel.cli.main import main
+    from otmel.io.storage import StorageError
+    from otmel.jobs.link import preflight
+
+    (tmp_path / "afile").write_text("a file where the output's parent directory should be")
+    cfg = LinkConfig(model=onnx_model, index=s3_index[0].out, input=str(synth_dir / "mentions" / "dev.parquet"),
+                     output=str(tmp_path / "afile" / "out"), s3_endpoint=s3_server)
+    with pytest.raises(StorageError, match="--output .*afile/out is not writable"):
+        preflight(cfg)
+    code = main(["link", "--model", cfg.model, "--index", cfg.index, "--input", cfg.input, "--output", cfg.output,
+                 "--s3-endpoint", s3_server])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is not writable" in err[0], err
+    # a writable output keeps nothing of the probe
+    preflight(LinkConfig(**{**cfg.to_dict(), "output": str(tmp_path / "ok")}))
+    assert list((tmp_path / "ok").iterdir()) == []
 
 
 def test_cli_link_reports_a_missing_input_in_one_line(s3_index, onnx_model, tmp_path, capsys, s3_server):

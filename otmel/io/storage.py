@@ -247,6 +247,20 @@ def file_sizes(uri: str, s3_endpoint: str | None = None) -> dict[str, int]:
     return {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}
 
 
+def probe_writable(dir_uri: str, s3_endpoint: str | None = None, what: str = "output") -> None:
+    """Write and remove a small object in ``dir_uri`` (creating a local directory): a job checks
+    its output this way before any work, not after every row was encoded. Raises StorageError
+    in one line."""
+    import uuid
+
+    probe = join(dir_uri, f"_otmel-write-probe-{uuid.uuid4().hex[:12]}")
+    try:
+        write_bytes(probe, b"", s3_endpoint)
+        delete_file(probe, s3_endpoint)
+    except (StorageError, OSError) as exc:
+        raise StorageError(f"{what} {dir_uri} is not writable: {exc}") from None
+
+
 def delete_file(uri: str, s3_endpoint: str | None = None) -> None:
     """Remove one file; absent is fine."""
     fs, path = resolve(uri, s3_endpoint)

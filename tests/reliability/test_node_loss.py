@@ -137,31 +137,42 @@ def big_kb_index(model_and_index, synth_dir, tmp_path_factory):
 
 
 def test_an_index_build_whose_driver_is_killed_is_never_loadable_and_the_rerun_completes_it(ray_local, big_kb_index,
-                                                                                             tmp_path, record_property):
-    import os
-    from otmel.linking.entity_index import load_manifest
+                                                                                             s3_server, tmp_path,
+                                                                                             record_property):
+    """The build writes to the S3 test endpoint through a proxy that holds every write once the
+    first shard file is uploaded: the driver is killed while its build cannot have finished,
+    however fast the machine (waiting for a builder to be seen with rows raced a quick build to
+    its end). Nothing loadable is left; the same command re-run completes it."""
+    import uuid
+
+    from fault_proxy import FaultProxy, Faults
+
     from otmel.jobs.index import IndexConfig
     from otmel.jobs.index import run as build_index
-    from otmel.io.worker_memory import ray_workers
+    from otmel.linking.entity_index import load_manifest
 
     index_cfg, undisturbed, _ = big_kb_index
-    cfg = dict(index_cfg, out=str(tmp_path / "index"))
-    driver = JobDriver("index", "IndexConfig", dict(cfg, address=ray_local.get_runtime_context().gcs_address),
-                       tmp_path / "driver.log")
-    try:
-        deadline = time.monotonic() + 300
-        while not any(_has_appended_rows(p.pid) for p, _ in ray_workers(("ShardBuilder",), root_pid=os.getpid())):
-            assert driver.poll() is None and time.monotonic() < deadline, "no builder received rows"
-            time.sleep(0.1)
-        driver.sigkill()
-        driver.wait(60)
-    finally:
-        driver.kill()
-    assert not (tmp_path / "index" / "manifest.json").exists()
+    out = f"s3://otmel-test/killed-index-{uuid.uuid4().hex[:8]}"
+    faults = Faults(stall_writes_after="/shard-")
+    with FaultProxy(s3_server, faults) as proxy:
+        driver = JobDriver("index", "IndexConfig", dict(index_cfg, out=out, s3_endpoint=proxy.endpoint,
+                                                        address=ray_local.get_runtime_context().gcs_address),
+                           tmp_path / "driver.log")
+        try:
+            deadline = time.monotonic() + 300
+            while not faults.stalled.is_set():  # a shard file is up: the build is mid-way, and stays so
+                assert driver.poll() is None and time.monotonic() < deadline, "no shard file was uploaded"
+                time.sleep(0.1)
+            assert driver.poll() is None  # its manifest, written last, cannot have gone through
+            driver.sigkill()
+            driver.wait(60)
+        finally:
+            driver.kill()
+            faults.end_stall()
     with pytest.raises(FileNotFoundError):
-        load_manifest(str(tmp_path / "index"))
+        load_manifest(out, s3_server)
     t0 = time.monotonic()
-    again = build_index(IndexConfig(**cfg)).manifest
+    again = build_index(IndexConfig(**index_cfg, out=out, s3_endpoint=s3_server)).manifest
     record_property("rerun_seconds", round(time.monotonic() - t0, 1))  # figures for docs/reliability.md
     assert again["count"] == undisturbed["count"]
     assert [s["files"] for s in again["shards"]] == [s["files"] for s in undisturbed["shards"]]
