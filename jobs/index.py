@@ -450,7 +450,7 @@ def run(cfg: IndexConfig) -> IndexResult:
 def build(cfg: IndexConfig) -> IndexResult:
     from otmel.linking.entity_index import MANIFEST_FILE, STORED_FEATURES, key_dim, load_manifest, new_manifest, shard_name
     from otmel.jobs.common import driver_model, gpu_count, init_ray
-    from otmel.io.storage import exists, join
+    from otmel.io.storage import exists, join, probe_writable
 
     t0 = time.perf_counter()
     # fail fast, before any work: model loads, KB readable and valid, factory usable, output free
@@ -467,6 +467,7 @@ def build(cfg: IndexConfig) -> IndexResult:
     # over an existing index, new files get new names: the old manifest stays valid (and its
     # files untouched) until the new one replaces it
     suffix = f"-b{uuid.uuid4().hex[:8]}" if previous else ""
+    probe_writable(cfg.out, cfg.s3_endpoint, "--out")  # before any work, not when the first shard is uploaded
     init_ray(cfg.address)
     use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
     if cfg.factory == "auto" and use_gpu:  # shards searched by faiss-gpu: a factory it has
@@ -506,7 +507,7 @@ def update(cfg: IndexConfig) -> IndexResult:
 
     from otmel.linking.entity_index import ALIASES_FILE, check_compatible, index_version_of, load_manifest, shard_of
     from otmel.jobs.common import driver_model, gpu_count, init_ray
-    from otmel.io.storage import join, read_bytes
+    from otmel.io.storage import join, probe_writable, read_bytes
 
     t0 = time.perf_counter()
     backend, dims = driver_model(cfg.model, cfg.s3_endpoint)
@@ -527,6 +528,7 @@ def update(cfg: IndexConfig) -> IndexResult:
     previous = copy.deepcopy(manifest)  # for deleting what only it referenced, after the commit
     entries = {e["name"]: e for e in manifest["shards"]}
     changed = frozenset(change_ids)
+    probe_writable(cfg.out, cfg.s3_endpoint, "--update")
     init_ray(cfg.address)
     use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
     plan = {}

@@ -163,7 +163,7 @@ def _incomplete_files(fs, files: dict, checksums_name: str) -> str:
 def preflight(cfg: TrainConfig) -> dict:
     """Every check a user can fix, before any worker starts: one clear error each."""
     from otmel.data.pairs import load_split
-    from otmel.io.storage import exists, read_bytes
+    from otmel.io.storage import exists, probe_writable, read_bytes
 
     from otmel.training.loop import SCHEDULES
 
@@ -203,6 +203,7 @@ def preflight(cfg: TrainConfig) -> dict:
             if saved.get(key) != want.get(key):
                 raise ValueError(f"--resume: the checkpoint in {latest} has {key}={saved.get(key)!r} but this run asks "
                                  f"{key}={want.get(key)!r}")
+    probe_writable(cfg.out, cfg.s3_endpoint, "--out")  # last: the checks above write nothing
     return {"kb": kb, "train": train, "dev": dev, "latest": latest}
 
 

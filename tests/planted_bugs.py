@@ -278,6 +278,11 @@ PLANTS = (
           "jobs/link.py",
           (("    if listing.unsupported and not cfg.skip_unsupported:\n", "    if False:\n"),),
           ("tests/test_cli_flags.py::test_input_files_no_reader_claims_refuse_the_job_unless_skipped",)),
+    Plant("output-probe", "An output that cannot be written fails the job before any work (link, index, train)",
+          "the link job does not probe its output",
+          "jobs/link.py",
+          (('    probe_writable(cfg.output, cfg.s3_endpoint, "--output")', '    pass'),),
+          ("tests/test_link_job.py::test_an_unwritable_output_fails_before_any_work",)),
 )
 
 

@@ -73,6 +73,12 @@ def test_index_refuses_existing_output_bad_factories_and_bad_kb(ray_local, onnx_
     with pytest.raises(ValueError, match="cannot be trained"):
         run(IndexConfig(out=str(tmp_path / "b"), factory="IVF4096,Flat", **base))
     assert not (tmp_path / "b" / "manifest.json").exists()  # nothing half-written is loadable
+    # an output that cannot be written is found before any work, not when the first shard is uploaded
+    from otmel.io.storage import StorageError
+
+    (tmp_path / "afile").write_text("a file where the index's parent directory should be")
+    with pytest.raises(StorageError, match="--out .*afile/e is not writable"):
+        run(IndexConfig(out=str(tmp_path / "afile" / "e"), **base))
     kb = pq.read_table(synth_dir / "kb.parquet")
     dup = pa.concat_tables([kb, kb.slice(0, 1)])
     pq.write_table(dup, tmp_path / "dup.parquet")

@@ -322,6 +322,17 @@ def test_preflight_rejects_missing_columns_and_empty_splits(synth_dir, tmp_path)
         preflight(_cfg(synth_dir, tmp_path / "o", preprocess="gpu"))
 
 
+def test_an_unwritable_run_storage_fails_in_preflight(synth_dir, tmp_path):
+    """Before any worker starts (it used to fail at the first checkpoint, an epoch later)."""
+    from otmel.io.storage import StorageError
+
+    (tmp_path / "afile").write_text("a file where the run storage's parent directory should be")
+    with pytest.raises(StorageError, match="--out .*afile/runs is not writable"):
+        preflight(_cfg(synth_dir, tmp_path / "afile" / "runs"))
+    preflight(_cfg(synth_dir, tmp_path / "runs"))  # a writable one keeps nothing of the probe
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
 def test_preflight_rejects_resume_with_another_mode(trained_run):
     cfg, _ = trained_run
     other = TrainConfig(**{**cfg.to_dict(), "mode": "ot", "resume": True})
