@@ -89,6 +89,7 @@ class LinkConfig:
     coherence_weight: float | None = None  # W of otmel.linking.coherence (None = the weight calibrated for these embeddings)
     force: bool = False  # recompute inputs whose output is already complete
     skip_unsupported: bool = False  # input files no reader claims: skipped and listed (else the job is refused)
+    dry_run: bool = False  # plan only (:func:`dry_run_plan`): every check, then nothing started or written
     stall_timeout_s: float = 600.0  # no block moved for this long: the pipeline is restarted (see run); 0 = never
     cpus_per_actor: float = 0.25  # Ray CPUs an encode actor holds (fractional: read tasks must still get CPUs)
     gpu: bool | None = None  # None = a GPU per encode actor when the cluster has one
@@ -196,7 +197,8 @@ def preflight(cfg: LinkConfig) -> dict:
         log.warning("no NIL threshold (none given, none calibrated in the model): every mention with a candidate "
                     "is linked; run `otmel calibrate` to calibrate one")
     detector = load_detector(cfg, cfg.index, manifest)
-    probe_writable(cfg.output, cfg.s3_endpoint, "--output")  # last: every other check is side-effect free
+    if not cfg.dry_run:  # a dry run writes nothing, not even a probe
+        probe_writable(cfg.output, cfg.s3_endpoint, "--output")  # last: every other check is side-effect free
     return {"files": files, "skipped_files": listing.skipped, "backend": backend, "manifest": manifest,
             "index_version": index_version_of(manifest), "nil_threshold": threshold, "coherence": coherence,
             "detector": detector}
@@ -239,6 +241,8 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
     backend, manifest = pre["backend"], pre["manifest"]
     todo, done, file_meta = plan_inputs(cfg, pre["files"], backend.model_version, pre["index_version"],
                                         pre["nil_threshold"], pre["coherence"])
+    if cfg.dry_run:
+        return LinkResult(cfg.output, dry_run_plan(cfg, pre, todo, done), "")
     log.info("linking %d input file(s) (%d already complete, skipped; %d not read, listed in _SUCCESS.json) against "
              "index %s (%d entities, %d shard(s)) -> %s", len(todo), len(done), len(pre["skipped_files"]),
              pre["index_version"][:12], manifest["count"], manifest["num_shards"], cfg.output)
@@ -345,6 +349,43 @@ def _release(coordinator, shards: ShardActors | None) -> None:
 
     shard_actors = [a for replicas in shards.actors for a in replicas] if shards else []
     end_actors(([coordinator] if coordinator else []) + shard_actors)
+
+
+def dry_run_plan(cfg: LinkConfig, pre: dict, todo: list[str], done: dict) -> dict:
+    """What a run would do, from the checks alone (``--dry-run``): each input file read, with
+    its size (and rows, for Parquet: from its footer) and whether it would be linked or skipped
+    (its complete output already there); each file not read, with the reason."""
+    import pyarrow.parquet as pq
+
+    from otmel.io.storage import resolve
+    from otmel.linking.link_input import input_stamps
+    from otmel.linking.link_output import output_name
+
+    sizes = {f: int(stamp.split(":")[0]) for f, stamp in input_stamps(pre["files"], cfg.s3_endpoint).items()}
+    files = []
+    for f in pre["files"]:
+        rows = None
+        if f.lower().endswith(".parquet"):
+            fs, path = resolve(f, cfg.s3_endpoint)
+            with fs.open_input_file(path) as handle:
+                rows = pq.ParquetFile(handle).metadata.num_rows
+        files.append({"input": f, "bytes": sizes[f], "rows": rows, "output": output_name(f),
+                      "action": "link" if f in todo else "skip: its complete output is there"})
+    return {"dry_run": True, "input": cfg.input, "output": cfg.output, "files": files,
+            "not_read": pre["skipped_files"], "to_link": len(todo), "complete": len(done),
+            "index_version": pre["index_version"], "model_version": pre["backend"].model_version}
+
+
+def plan_lines(plan: dict) -> list[str]:
+    """A dry run's plan as lines for a terminal."""
+    lines = [f"dry run: {plan['to_link']} input file(s) to link, {plan['complete']} complete (skipped), "
+             f"{len(plan['not_read'])} not read; output {plan['output']}; nothing was started or written"]
+    for f in plan["files"]:
+        size = f"{f['bytes']:,} bytes" + (f", {f['rows']:,} rows" if f["rows"] is not None else "")
+        lines.append(f"  {f['action'].split(':')[0]:<5} {f['input']} ({size}) -> {f['output']}"
+                     + ("" if f["action"] == "link" else f" [{f['action'].split(': ', 1)[1]}]"))
+    lines += [f"  not read {f}: {reason}" for f, reason in plan["not_read"].items()]
+    return lines
 
 
 def summary_line(result: LinkResult) -> str:

@@ -289,6 +289,11 @@ PLANTS = (
           (('    ds = ds.map_batches(mark_bad_text, batch_format="pyarrow", batch_size=None, num_cpus=0.25)\n', ""),),
           ("tests/test_index_job.py::test_a_kb_of_a_few_files_is_listed_by_one_footer_reader_and_undecodable_rows_are_"
            "skipped_and_counted",)),
+    Plant("dry-run", "`otmel link --dry-run` prints each input file's fate and size and starts and writes nothing",
+          "the dry run goes on into the job",
+          "jobs/link.py",
+          (("    if cfg.dry_run:\n        return LinkResult(", "    if False:\n        return LinkResult("),),
+          ("tests/test_link_job.py::test_a_dry_run_prints_the_plan_and_starts_and_writes_nothing",)),
 )
 
 

@@ -215,7 +215,40 @@ RERUN_KEY_CASES = {
     "cpus_per_actor": (1.0, False), "gpu": (False, False), "address": ("auto", False), "stall_timeout_s": (30.0, False),
     "output": (f"{BUCKET}/out-1/", False),  # the same place spelled with a slash
     "skip_unsupported": (False, False),  # which files are read is the input listing's, not a row setting
+    "dry_run": (True, False),
 }
+
+
+def test_a_dry_run_prints_the_plan_and_starts_and_writes_nothing(s3_link, s3_inputs, s3_server, capsys):
+    """`otmel link --dry-run` after the job: every input file with its size (rows for Parquet)
+    and what a run would do (here: skip, its output is complete; with --force: link), every file
+    not read with its reason; the output untouched (no probe, no delete, no _SUCCESS.json)."""
+    import boto3
+
+    from otmel.cli.main import main
+
+    cfg, _, _, _ = s3_link
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+
+    def listing():
+        return {o["Key"]: (o["ETag"], o["LastModified"]) for o in
+                s3.list_objects_v2(Bucket=BUCKET.removeprefix("s3://"), Prefix="out-1/").get("Contents", [])}
+
+    before = listing()
+    argv = ["link", "--model", cfg.model, "--index", cfg.index, "--input", cfg.input, "--output", cfg.output,
+            "--top-k", str(cfg.top_k), "--candidates", str(cfg.candidates), "--s3-endpoint", s3_server,
+            "--skip-unsupported", "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    files = len(s3_inputs["expected_rows"])
+    assert out[0].startswith(f"dry run: 0 input file(s) to link, {files} complete (skipped), "
+                             f"{len(s3_inputs['not_read'])} not read"), out
+    assert sum(line.startswith("  skip ") for line in out) == files
+    assert any("a.parquet" in line and f"{s3_inputs['expected_rows']['a.parquet']:,} rows" in line for line in out)
+    assert sum(line.startswith("  not read ") for line in out) == len(s3_inputs["not_read"])
+    assert main([*argv, "--force"]) == 0
+    assert capsys.readouterr().out.startswith(f"dry run: {files} input file(s) to link, 0 complete")
+    assert listing() == before
 
 
 def test_rerun_keys_recompute_exactly_the_files_whose_result_would_change(s3_link, s3_server):

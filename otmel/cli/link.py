@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 
 def cmd_link(args) -> int:
-    from otmel.jobs.link import LinkConfig, run, summary_line
+    from otmel.jobs.link import LinkConfig, plan_lines, run, summary_line
 
     cfg = LinkConfig(model=args.model, index=args.index, input=args.input, output=args.output, top_k=args.top_k,
                      candidates=args.candidates, nil_threshold=args.nil_threshold, workers=args.workers,
@@ -19,12 +19,14 @@ def cmd_link(args) -> int:
                      max_alias_entities=args.max_alias_entities, bad_image=args.bad_image,
                      allow_image_prefix=args.allow_image_prefix or [], allow_private_hosts=args.allow_private_hosts,
                      image_timeout_s=args.image_timeout, force=args.force,
-                     skip_unsupported=args.skip_unsupported, address=args.address,
+                     skip_unsupported=args.skip_unsupported, dry_run=args.dry_run, address=args.address,
                      link_actors=args.link_actors, shard_replicas=args.shard_replicas, shard_gpus=args.shard_gpus,
                      gpu=args.gpu, s3_endpoint=args.s3_endpoint, kge_embeddings=args.kge_embeddings,
                      coherence_weight=args.coherence_weight, cpus_per_actor=args.cpus_per_actor,
                      image_transform=args.image_transform, stall_timeout_s=args.stall_timeout)
-    say(summary_line(run(cfg, progress=log.info)))
+    result = run(cfg, progress=log.info)
+    for line in plan_lines(result.summary) if cfg.dry_run else [summary_line(result)]:
+        say(line)
     return 0
 
 
@@ -70,6 +72,9 @@ def add_parsers(sub) -> None:
                    help="a given image that cannot be fetched/decoded: error row (default) or link on text")
     s.add_argument("--image-timeout", type=real(above=0), default=10.0, help="seconds per image fetch")
     s.add_argument("--force", action="store_true", help="recompute inputs whose output is already complete")
+    s.add_argument("--dry-run", action="store_true",
+                   help="check everything, print each input file with what the job would do (link, skip as complete, "
+                        "not read and why) and its size, and exit: nothing is started or written")
     s.add_argument("--skip-unsupported", action="store_true",
                    help="link the input files a reader claims and list the others (e.g. .docx, .pdf) in the log and "
                         "_SUCCESS.json (default: refuse the job, naming them)")
