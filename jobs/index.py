@@ -148,7 +148,7 @@ def read_kb_identity(files: list[str], s3_endpoint: str | None, update: bool = F
     non-null ids (a driver-side pass over three small columns, before any work)."""
     import pyarrow.parquet as pq
 
-    from otmel.data.schemas import REQUIRED, SchemaError, bad_utf8_rows, check_unique_ids, without_rows
+    from otmel.data.schemas import REQUIRED, SchemaError, check_unique_ids
     from otmel.io.storage import resolve
 
     tables = []
@@ -165,15 +165,8 @@ def read_kb_identity(files: list[str], s3_endpoint: str | None, update: bool = F
             t = t.append_column("aliases", pa.nulls(t.num_rows, pa.list_(pa.string())))
         if "deleted" not in t.column_names:
             t = t.append_column("deleted", pa.array([False] * t.num_rows))
-        t = t.select(["entity_id", "name", "aliases", "deleted"]).cast(pa.schema([
-            ("entity_id", pa.string()), ("name", pa.string()), ("aliases", pa.list_(pa.string())), ("deleted", pa.bool_())]))
-        for column in ("name", "aliases"):  # undecodable text: the entity is skipped by the build (mark_bad_text)
-            rows = bad_utf8_rows(t.column(column))
-            if rows:
-                log.warning("%s: %d KB row(s) with a %s that is not valid UTF-8 (first: row %d): left out of the "
-                            "aliases%s", uri, len(rows), column, rows[0], " and the index" if column == "name" else "")
-                t = t.set_column(t.column_names.index(column), column, without_rows(t.column(column), rows))
-        tables.append(t)
+        tables.append(t.select(["entity_id", "name", "aliases", "deleted"]).cast(pa.schema([
+            ("entity_id", pa.string()), ("name", pa.string()), ("aliases", pa.list_(pa.string())), ("deleted", pa.bool_())])))
     table = pa.concat_tables(tables)
     check_unique_ids(table, "KB", files[0] if len(files) == 1 else f"{len(files)} KB files")
     if not update and table.num_rows == 0:
@@ -203,26 +196,6 @@ def preprocess_entities(batch: dict, preprocessor, image_policy, bad_image: str,
     from otmel.jobs.common import Preprocess
 
     return Preprocess(preprocessor, "entity", image_policy, bad_image, transform)(batch)
-
-
-def mark_bad_text(batch: pa.Table) -> pa.Table:
-    """Ray Data step on Arrow batches, before any value becomes a Python string: a KB row whose
-    name or attributes are not valid UTF-8 (Parquet stores what its writer gave it) keeps its id,
-    loses that text and carries the reason in ``error``; the preprocess step then skips it and
-    the build counts it in the manifest (``skipped``: ``bad_text``), as it does empty names.
-    One such row used to fail the whole build."""
-    from otmel.data.schemas import bad_utf8_rows, without_rows
-
-    bad: dict[int, list[str]] = {}
-    for name in ("name", "attributes"):
-        if name in batch.column_names:
-            rows = bad_utf8_rows(batch.column(name))
-            for i in rows:
-                bad.setdefault(i, []).append(name)
-            if rows:
-                batch = batch.set_column(batch.column_names.index(name), name, without_rows(batch.column(name), rows))
-    reasons = [f"bad_text: {' and '.join(bad[i])} not valid UTF-8" if i in bad else None for i in range(batch.num_rows)]
-    return batch.append_column("error", pa.array(reasons, pa.string()))
 
 
 def rows_of_shards(batch: dict, shards: frozenset, num_shards: int) -> dict:
@@ -287,7 +260,6 @@ def encoded_entities(cfg: IndexConfig, files: list[str], preprocessor, use_gpu: 
     with footer_readers_for(len(paths)):
         ds = ray.data.read_parquet(paths, filesystem=fs, columns=None, num_cpus=0.25)
     ds = ds.select_columns([c for c in columns if c in ds.schema().names])
-    ds = ds.map_batches(mark_bad_text, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     if only_shards is not None:
         ds = ds.map_batches(rows_of_shards, batch_size=None, num_cpus=0.1,
                             fn_kwargs={"shards": only_shards[0], "num_shards": only_shards[1]})
