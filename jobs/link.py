@@ -242,7 +242,7 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
     todo, done, file_meta = plan_inputs(cfg, pre["files"], backend.model_version, pre["index_version"],
                                         pre["nil_threshold"], pre["coherence"])
     if cfg.dry_run:
-        return LinkResult(cfg.output, dry_run_plan(cfg, pre, todo, done), "")
+        return LinkResult(cfg.output, dry_run_plan(cfg, pre, todo, done, file_meta), "")
     log.info("linking %d input file(s) (%d already complete, skipped; %d not read, listed in _SUCCESS.json) against "
              "index %s (%d entities, %d shard(s)) -> %s", len(todo), len(done), len(pre["skipped_files"]),
              pre["index_version"][:12], manifest["count"], manifest["num_shards"], cfg.output)
@@ -351,17 +351,17 @@ def _release(coordinator, shards: ShardActors | None) -> None:
     end_actors(([coordinator] if coordinator else []) + shard_actors)
 
 
-def dry_run_plan(cfg: LinkConfig, pre: dict, todo: list[str], done: dict) -> dict:
+def dry_run_plan(cfg: LinkConfig, pre: dict, todo: list[str], done: dict, file_meta: dict[str, dict]) -> dict:
     """What a run would do, from the checks alone (``--dry-run``): each input file read, with
     its size (and rows, for Parquet: from its footer) and whether it would be linked or skipped
     (its complete output already there); each file not read, with the reason."""
     import pyarrow.parquet as pq
 
     from otmel.io.storage import resolve
-    from otmel.linking.link_input import input_stamps
     from otmel.linking.link_output import output_name
 
-    sizes = {f: int(stamp.split(":")[0]) for f, stamp in input_stamps(pre["files"], cfg.s3_endpoint).items()}
+    # the sizes plan_inputs read (each file's input stamp is "size:mtime"): no second listing
+    sizes = {f: int(file_meta[f]["input_stamp"].split(":")[0]) for f in pre["files"]}
     files = []
     for f in pre["files"]:
         rows = None

@@ -164,7 +164,8 @@ def test_a_bad_numeric_flag_exits_2_in_one_line_before_any_work(command, flag, t
         assert len(err) == 1 and flag in err[0] and err[0].startswith(f"otmel {' '.join(command)}: error:"), err
     assert not ray_starts and _tree(tmp_path) == before
     args = build_parser().parse_args(_argv(command, flag, good, tmp_path))  # a sound value parses
-    assert getattr(args, flag.lstrip("-").replace("-", "_")) == type(getattr(args, flag.lstrip("-").replace("-", "_")))(good)
+    parsed = getattr(args, flag.lstrip("-").replace("-", "_"))
+    assert parsed == type(parsed)(good)
 
 
 @pytest.mark.parametrize("field,value", [("nil_threshold", float("nan")), ("nil_threshold", float("inf")),

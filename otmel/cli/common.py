@@ -44,8 +44,8 @@ def real(minimum: float | None = None, above: float | None = None, maximum: floa
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if not math.isfinite(value) or minimum is not None and value < minimum or \
                 above is not None and value <= above or maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be a finite number {_bounds(minimum, above, maximum)}, got {text}"
-                                             .replace(" , got", ", got"))
+            bounds = _bounds(minimum, above, maximum)
+            raise argparse.ArgumentTypeError(f"must be a finite number{' ' + bounds if bounds else ''}, got {text}")
         return value
 
     parse.__name__ = "number"

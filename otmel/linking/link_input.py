@@ -131,6 +131,13 @@ def _classify(rel: str) -> str | None:
     return None
 
 
+def _glob_base(uri: str) -> str:
+    """The directory a glob lists: the part before its first wildcard, up to the last slash
+    ("*.jsonl": the current directory)."""
+    head = uri[:min(uri.index(c) for c in "*?[" if c in uri)]
+    return head.rsplit("/", 1)[0] if "/" in head else "."
+
+
 def list_files(uri: str, s3_endpoint: str | None = None) -> list[tuple[str, str]]:
     """Every file a file, directory or glob URI names: sorted ``(uri, path relative to what was
     listed)``; a file named directly has the relative path ``""``."""
@@ -140,9 +147,7 @@ def list_files(uri: str, s3_endpoint: str | None = None) -> list[tuple[str, str]
     prefix = "s3://" if uri.startswith(("s3://", "s3a://")) else ""
     found: list[tuple[str, str]] = []
     if _is_glob(uri):
-        cut = min(uri.index(c) for c in "*?[" if c in uri)
-        head = uri[:cut]
-        base = head.rsplit("/", 1)[0] if "/" in head else "."  # "*.jsonl": the current directory
+        base = _glob_base(uri)
         fs, base_path = resolve(base or "/", s3_endpoint)
         rest = uri[len(base):].lstrip("/")
         pattern = _glob_regex(rest)
@@ -214,8 +219,7 @@ def _location(uri: str) -> str:
 
     uri = str(uri)
     if _is_glob(uri):
-        head = uri[:min(uri.index(c) for c in "*?[" if c in uri)]
-        uri = head.rsplit("/", 1)[0] if "/" in head else "."
+        uri = _glob_base(uri)
     if uri.startswith(("s3://", "s3a://")):
         return "s3://" + uri.split("://", 1)[1].strip("/")
     return os.path.realpath(os.path.abspath(uri or "."))
