@@ -279,7 +279,7 @@ class Preprocess:
             if errors[i] is None and image_problem and self.bad_image == "error":
                 errors[i] = image_problem
             upstream = batch.get("error")
-            if upstream is not None and upstream[i]:  # an error found earlier (reading the input)
+            if upstream is not None and isinstance(upstream[i], str) and upstream[i]:  # found earlier (reading the input)
                 errors[i] = upstream[i]
         out = {k: v for k, v in batch.items() if k not in ("image", "image_uri", "error", "ok")}
         out.update({

@@ -148,7 +148,7 @@ def read_kb_identity(files: list[str], s3_endpoint: str | None, update: bool = F
     non-null ids (a driver-side pass over three small columns, before any work)."""
     import pyarrow.parquet as pq
 
-    from otmel.data.schemas import REQUIRED, SchemaError, check_unique_ids
+    from otmel.data.schemas import REQUIRED, SchemaError, bad_utf8_rows, check_unique_ids, without_rows
     from otmel.io.storage import resolve
 
     tables = []
@@ -165,8 +165,15 @@ def read_kb_identity(files: list[str], s3_endpoint: str | None, update: bool = F
             t = t.append_column("aliases", pa.nulls(t.num_rows, pa.list_(pa.string())))
         if "deleted" not in t.column_names:
             t = t.append_column("deleted", pa.array([False] * t.num_rows))
-        tables.append(t.select(["entity_id", "name", "aliases", "deleted"]).cast(pa.schema([
-            ("entity_id", pa.string()), ("name", pa.string()), ("aliases", pa.list_(pa.string())), ("deleted", pa.bool_())])))
+        t = t.select(["entity_id", "name", "aliases", "deleted"]).cast(pa.schema([
+            ("entity_id", pa.string()), ("name", pa.string()), ("aliases", pa.list_(pa.string())), ("deleted", pa.bool_())]))
+        for column in ("name", "aliases"):  # undecodable text: the entity is skipped by the build (mark_bad_text)
+            rows = bad_utf8_rows(t.column(column))
+            if rows:
+                log.warning("%s: %d KB row(s) with a %s that is not valid UTF-8 (first: row %d): left out of the "
+                            "aliases%s", uri, len(rows), column, rows[0], " and the index" if column == "name" else "")
+                t = t.set_column(t.column_names.index(column), column, without_rows(t.column(column), rows))
+        tables.append(t)
     table = pa.concat_tables(tables)
     check_unique_ids(table, "KB", files[0] if len(files) == 1 else f"{len(files)} KB files")
     if not update and table.num_rows == 0:
@@ -198,12 +205,34 @@ def preprocess_entities(batch: dict, preprocessor, image_policy, bad_image: str,
     return Preprocess(preprocessor, "entity", image_policy, bad_image, transform)(batch)
 
 
-def rows_of_shards(batch: dict, shards: frozenset, num_shards: int) -> dict:
-    """The KB rows that hash to ``shards`` (a rebuild of lost shards encodes only theirs)."""
+def mark_bad_text(batch: pa.Table) -> pa.Table:
+    """Ray Data step on Arrow batches, before any value becomes a Python string: a KB row whose
+    name or attributes are not valid UTF-8 (Parquet stores what its writer gave it) keeps its id,
+    loses that text and carries the reason in ``error``; the preprocess step then skips it and
+    the build counts it in the manifest (``skipped``: ``bad_text``), as it does empty names.
+    One such row used to fail the whole build."""
+    from otmel.data.schemas import bad_utf8_rows, without_rows
+
+    bad: dict[int, list[str]] = {}
+    for name in ("name", "attributes"):
+        if name in batch.column_names:
+            rows = bad_utf8_rows(batch.column(name))
+            for i in rows:
+                bad.setdefault(i, []).append(name)
+            if rows:
+                batch = batch.set_column(batch.column_names.index(name), name, without_rows(batch.column(name), rows))
+    reasons = [f"bad_text: {' and '.join(bad[i])} not valid UTF-8" if i in bad else None for i in range(batch.num_rows)]
+    return batch.append_column("error", pa.array(reasons, pa.string()))
+
+
+def rows_of_shards(batch: pa.Table, shards: frozenset, num_shards: int) -> pa.Table:
+    """The KB rows that hash to ``shards`` (a rebuild of lost shards encodes only theirs), on
+    Arrow batches: the columns keep their types (through NumPy, a column of nulls came back
+    as NaN, which the next step read as an error on every row, and the rebuilt shard was empty)."""
     from otmel.linking.entity_index import shard_of
 
-    keep = np.isin(shard_of([str(e) for e in batch["entity_id"]], num_shards), list(shards))
-    return {k: np.asarray(v)[keep] for k, v in batch.items()}
+    keep = np.isin(shard_of(batch.column("entity_id").to_pylist(), num_shards), list(shards))
+    return batch.filter(pa.array(keep))
 
 
 #: Parquet footers one of Ray Data's footer-reader actors has in flight at once (Ray's default
@@ -260,8 +289,9 @@ def encoded_entities(cfg: IndexConfig, files: list[str], preprocessor, use_gpu: 
     with footer_readers_for(len(paths)):
         ds = ray.data.read_parquet(paths, filesystem=fs, columns=None, num_cpus=0.25)
     ds = ds.select_columns([c for c in columns if c in ds.schema().names])
+    ds = ds.map_batches(mark_bad_text, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
     if only_shards is not None:
-        ds = ds.map_batches(rows_of_shards, batch_size=None, num_cpus=0.1,
+        ds = ds.map_batches(rows_of_shards, batch_format="pyarrow", batch_size=None, num_cpus=0.1,
                             fn_kwargs={"shards": only_shards[0], "num_shards": only_shards[1]})
     # preprocessing on CPU tasks, never fused into the encode actors (encode_step)
     ds = ds.map_batches(preprocess_entities, batch_size=cfg.batch_size, num_cpus=0.25,
@@ -409,6 +439,7 @@ def build_shards(cfg: IndexConfig, plan: dict[int, tuple], files: list[str], pre
     from otmel.io.storage import file_sizes, join
 
     entries, indexed, seen, skipped = {}, set(), 0, Counter()
+    expected: Counter = Counter()  # rows routed to each shard by the first pass: what a rebuild must hold
     todo = dict(plan)
     for attempt in range(1, SHARD_ATTEMPTS + 1):
         builders = dict(zip(todo, start_builders(list(todo.values()), cfg, key, use_gpu)))
@@ -418,7 +449,7 @@ def build_shards(cfg: IndexConfig, plan: dict[int, tuple], files: list[str], pre
             n, why, routed = route(encoded_entities(cfg, files, preprocessor, use_gpu, only), builders, num_shards,
                                    deleted)
             if attempt == 1:
-                seen, skipped = n, why
+                seen, skipped, expected = n, why, Counter(routed)
         refs = {s: b.close.remote(key.factory, cfg.train_size, shapes) for s, b in builders.items()}
         lost = []
         for s, ref in refs.items():
@@ -426,6 +457,13 @@ def build_shards(cfg: IndexConfig, plan: dict[int, tuple], files: list[str], pre
             if appended != routed[s]:
                 log.warning("%s: its builder holds %d of the %d rows routed to it (its node was lost?): rebuilding it "
                             "(pass %d)", entry["name"], appended, routed[s], attempt + 1)
+                lost.append(s)
+                continue
+            if encode and routed[s] != expected[s]:
+                # a rebuild pass re-encodes the shard's own KB rows: it must route as many as the
+                # first pass did (an empty rebuild of a lost shard is a lost shard, not a shard)
+                log.warning("%s: rebuilt with %d rows, the first pass routed %d to it: rebuilding it (pass %d)",
+                            entry["name"], routed[s], expected[s], attempt + 1)
                 lost.append(s)
                 continue
             uri = join(cfg.out, entry["dir"])

@@ -123,7 +123,7 @@ PLANTS = (
           "jobs/index.py",
           (("    os.environ[FOOTER_READERS_ENV] = str(footer_readers(n_files))\n",
             "    os.environ[FOOTER_READERS_ENV] = str(MAX_FOOTER_READERS)\n"),),
-          ("tests/test_index_job.py::test_a_kb_of_a_few_files_is_listed_by_one_footer_reader_not_ray_datas_32",)),
+          ("tests/test_index_job.py::test_a_kb_of_a_few_files_is_listed_by_one_footer_reader_and_undecodable_rows_are_skipped_and_counted",)),
     Plant("stall-restart", "A link pipeline that stops moving (a hung encode actor, Ray 2.60 after a node "
           "loss) is restarted for the files not committed; committed files are kept; the output is complete",
           "the job fails on its first stall instead of restarting the pipeline",
@@ -288,6 +288,19 @@ PLANTS = (
           "jobs/link.py",
           (("    if cfg.dry_run:\n        return LinkResult(", "    if False:\n        return LinkResult("),),
           ("tests/test_link_job.py::test_a_dry_run_prints_the_plan_and_starts_and_writes_nothing",)),
+    Plant("kb-bad-text", "An index build skips and counts KB rows whose text is not valid UTF-8; the rest is indexed",
+          "the KB's text goes to the preprocess step undecoded-checked (the bad-text step dropped)",
+          "jobs/index.py",
+          (('    ds = ds.map_batches(mark_bad_text, batch_format="pyarrow", batch_size=None, num_cpus=0.25)\n', ""),),
+          ("tests/test_index_job.py::test_a_kb_of_a_few_files_is_listed_by_one_footer_reader_and_undecodable_rows_are_"
+           "skipped_and_counted",)),
+    Plant("rebuild-rows", "The pass that rebuilds a lost shard encodes that shard's KB rows (good ones ok, bad ones "
+          "skipped)", "the rebuild's shard filter keeps the other shards' rows",
+          "jobs/index.py",
+          (('    keep = np.isin(shard_of(batch.column("entity_id").to_pylist(), num_shards), list(shards))\n',
+            '    keep = ~np.isin(shard_of(batch.column("entity_id").to_pylist(), num_shards), list(shards))\n'),),
+          ("tests/test_index_job.py::test_a_kb_of_a_few_files_is_listed_by_one_footer_reader_and_undecodable_rows_are_"
+           "skipped_and_counted",)),
 )
 
 

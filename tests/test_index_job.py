@@ -95,10 +95,16 @@ def _footer_readers_started() -> int:
     return sum("FooterReader" in a["ActorClassName"] for a in actors().values())
 
 
-def test_a_kb_of_a_few_files_is_listed_by_one_footer_reader_not_ray_datas_32(ray_local, onnx_model, synth_dir,
-                                                                              tmp_path, monkeypatch):
+def test_a_kb_of_a_few_files_is_listed_by_one_footer_reader_and_undecodable_rows_are_skipped_and_counted(
+        ray_local, onnx_model, synth_dir, tmp_path, monkeypatch):
     """Ray Data lists Parquet through 32 footer-reader actors by default, a Ray worker process
-    each: a KB directory of two files needs one (an index build of the synth KB: 6 -> 3 s)."""
+    each: a KB directory of two files needs one (an index build of the synth KB: 6 -> 3 s).
+    The second file holds a name, an attributes value and an alias that are not valid UTF-8
+    (one such name used to fail the whole build: exit 1 after retries, 4 Ray tracebacks): the two
+    entities with bad text are skipped and counted in the manifest, the bad alias is left out of
+    the alias table, every other entity is indexed."""
+    from hostile_files import string_column_with_invalid_utf8
+
     from otmel.jobs.index import FOOTER_READERS_ENV, footer_readers
 
     assert [footer_readers(n) for n in (1, 128, 129, 10**6)] == [1, 1, 2, 32]
@@ -107,13 +113,45 @@ def test_a_kb_of_a_few_files_is_listed_by_one_footer_reader_not_ray_datas_32(ray
     (tmp_path / "kb").mkdir()
     half = kb.num_rows // 2
     pq.write_table(kb.slice(0, half), tmp_path / "kb" / "a.parquet")
-    pq.write_table(kb.slice(half), tmp_path / "kb" / "b.parquet")
+    b = kb.slice(half)
+    names = [v.encode() for v in b.column("name").to_pylist()]
+    attributes = [(v or "").encode() for v in b.column("attributes").to_pylist()]
+    names[0], attributes[1] = b"\xff\xfe broken", b"caf\xc3"
+    alias_values = list(names)
+    alias_values[2] = b"\xff alias"  # an entity whose text is fine but for one alias
+    aliases = pa.ListArray.from_arrays(pa.array(list(range(b.num_rows + 1)), pa.int32()),
+                                       string_column_with_invalid_utf8(alias_values))
+    for column, values in (("name", string_column_with_invalid_utf8(names)),
+                           ("attributes", string_column_with_invalid_utf8(attributes))):
+        b = b.set_column(b.column_names.index(column), column, values)
+    b = b.set_column(b.column_names.index("aliases"), "aliases", aliases)
+    pq.write_table(b, tmp_path / "kb" / "b.parquet")
     before = _footer_readers_started()
     manifest = run(IndexConfig(model=onnx_model, kb=str(tmp_path / "kb"), out=str(tmp_path / "index"), shards=2,
                                **ONE_ENCODE_ACTOR)).manifest
-    assert manifest["count"] == kb.num_rows  # both files read
+    assert manifest["count"] == kb.num_rows - 2  # both files read, the 2 rows with bad text skipped
+    assert manifest["skipped"] == {"bad_text": 2}, manifest["skipped"]
     assert _footer_readers_started() - before == 1
     assert FOOTER_READERS_ENV not in os.environ  # the job's setting does not outlive it
+    bad_ids = set(b.column("entity_id").to_pylist()[:2])
+    aliases_file = next((tmp_path / "index").glob("aliases*.parquet"))
+    table = pq.read_table(aliases_file)
+    alias_ids = set(table.column("entity_id").to_pylist())  # every value decodes
+    assert not bad_ids & alias_ids and b.column("entity_id")[2].as_py() in alias_ids  # by its name
+    assert len(table.column("alias").to_pylist()) == table.num_rows
+    # the pass that rebuilds a lost shard (its node died) encodes that shard's KB rows, the
+    # good ones ok and the bad ones skipped: here shard 1's rows, as the full build encoded them
+    from otmel.backend import load_backend
+    from otmel.jobs.index import encoded_entities, kb_files
+
+    cfg = IndexConfig(model=onnx_model, kb=str(tmp_path / "kb"), out=str(tmp_path / "unused"), shards=2,
+                      **ONE_ENCODE_ACTOR)
+    rows = encoded_entities(cfg, kb_files(cfg.kb), load_backend(onnx_model).preprocessor, False,
+                            (frozenset({1}), 2)).select_columns(["entity_id", "ok"]).take_all()
+    ids = kb.column("entity_id").to_pylist()
+    expected = {e for e, s in zip(ids, shard_of(ids, 2)) if s == 1}
+    assert {r["entity_id"] for r in rows} == expected
+    assert {r["entity_id"] for r in rows if not r["ok"]} == bad_ids & expected
 
 
 def _by_id(directory) -> dict[str, dict]:

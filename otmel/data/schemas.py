@@ -157,6 +157,45 @@ def conform(table: pa.Table, kind: str, where: str) -> pa.Table:
     return pa.Table.from_arrays(columns + [table.column(name) for name in extra], schema=out_schema)
 
 
+def bad_utf8_rows(column: pa.Array | pa.ChunkedArray) -> list[int]:
+    """Rows of a string (or list of strings) column whose bytes are not valid UTF-8: Parquet
+    stores what its writer gave it, and decoding fails only when a value is turned into a Python
+    string. Checked in C++ first (a valid column costs one pass), row by row only when that fails."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    bad, first = [], 0
+    for chunk in chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid:
+            if pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type):  # the rows of the bad items
+                parents = pc.list_parent_indices(chunk).to_numpy()
+                bad += sorted({first + int(parents[i]) for i in bad_utf8_rows(chunk.flatten())})
+                first += len(chunk)
+                continue
+            for i in range(len(chunk)):
+                try:
+                    chunk.slice(i, 1).validate(full=True)
+                except pa.ArrowInvalid:
+                    bad.append(first + i)
+        first += len(chunk)
+    return bad
+
+
+def without_rows(column: pa.Array | pa.ChunkedArray, rows: list[int]) -> pa.Array:
+    """``column`` with ``rows`` set to null, without decoding its strings (their bytes may not
+    be UTF-8)."""
+    import numpy as np
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    mask = np.zeros(len(column), dtype=bool)
+    mask[rows] = True
+    nulls = pa.nulls(len(column), column.type)
+    if pa.types.is_string(column.type):  # through binary: neither side is decoded
+        kept = pc.if_else(pa.array(mask), nulls.cast(pa.binary()), column.cast(pa.binary()))
+        return kept.cast(pa.string())
+    return pc.if_else(pa.array(mask), nulls, column)
+
+
 def check_unique_ids(table: pa.Table, kind: str, where: str) -> None:
     """Raise :class:`SchemaError` on null or duplicate ids (``entity_id`` / ``mention_id``),
     naming a few of the duplicates."""
