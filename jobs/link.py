@@ -80,6 +80,7 @@ class LinkConfig:
     min_alias_length: int = 3  # mention detection filters
     max_alias_entities: int = 20
     bad_image: str = "error"  # error | text: what a given-but-unusable image does to its row
+    require_text: bool = False  # a mentions row without text: an error row (else linked on its mention, warning no_context)
     image_transform: str = "auto"  # cpu | device (resize/normalise on the encoder's GPU) | auto: device with GPUs
     allow_image_prefix: list[str] = field(default_factory=list)  # local image_uri roots allowed
     allow_private_hosts: bool = False  # http(s) image_uri on private/loopback/link-local hosts
@@ -140,7 +141,7 @@ class LinkConfig:
         """The settings that change output rows (a re-run with other values recomputes)."""
         keys = ("top_k", "candidates", "detect_mentions", "context_chars", "min_alias_length", "max_alias_entities",
                 "bad_image", "allow_image_prefix", "allow_private_hosts", "image_timeout_s", "max_image_bytes",
-                "image_transform")
+                "image_transform", "require_text")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -306,10 +307,11 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
             _release(coordinator, shards)
     seconds = time.perf_counter() - t_work
     processed = sum(m["rows"] for m in written.values())
-    totals, reasons = Counter(), Counter()
+    totals, reasons, warnings = Counter(), Counter(), Counter()
     for meta in list(written.values()) + list(done.values()):
         totals.update(meta["counts"])
         reasons.update(meta.get("errors_by_reason", {}))
+        warnings.update(meta.get("warnings", {}))
     counts = {"in": int(sum(m["rows"] for m in written.values()) + sum(m["rows"] for m in done.values())),
               **{s: int(totals.get(s, 0)) for s in ("ok", "nil", "no_mention", "error")}}
     summary = {
@@ -317,6 +319,7 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
         "output": cfg.output,
         "counts": counts,
         "errors_by_reason": dict(reasons),
+        "warnings": dict(warnings),  # rows linked with less than the model expects (no_context: no text)
         "files": {f: output_name(f) for f in pre["files"]},
         "skipped_files": pre["skipped_files"],  # every input file not read, with its reason
         "files_processed": len(written),

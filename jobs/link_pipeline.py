@@ -136,7 +136,7 @@ def shard_load_error(exc: Exception) -> Exception:
 
 
 def read_inputs(batch: dict[str, np.ndarray], s3_endpoint: str | None, detector, context_chars: int,
-                chunk_rows: int = DEFAULT_CHUNK_ROWS, chunk_bytes: int = READ_CHUNK_BYTES):
+                chunk_rows: int = DEFAULT_CHUNK_ROWS, chunk_bytes: int = READ_CHUNK_BYTES, require_text: bool = False):
     """Input file paths -> mention rows, streamed in chunks (a file is never held whole).
 
     ``file_rows`` is -1 on every chunk but a file's last, which carries the file's total: the
@@ -153,7 +153,8 @@ def read_inputs(batch: dict[str, np.ndarray], s3_endpoint: str | None, detector,
 
     for path in batch["path"]:
         total, previous = 0, None
-        for table in iter_mention_rows(str(path), s3_endpoint, detector, context_chars, chunk_rows, chunk_bytes):
+        for table in iter_mention_rows(str(path), s3_endpoint, detector, context_chars, chunk_rows, chunk_bytes,
+                                       require_text):
             if table.num_rows == 0:
                 continue
             table = sort_rows(table)
@@ -272,6 +273,9 @@ class LinkStage:
                 cands.append(row)
                 error.append(None)
         text = lambda name: [None if v is None else str(v) for v in batch[name]]  # noqa: E731
+        # only strings are warnings: a column of nulls can come back from NumPy as NaN
+        warning = [w if isinstance(w, str) and w and preset[i] != "no_mention" else None
+                   for i, w in enumerate(batch["warning"])]
         return pa.table({
             "mention_id": pa.array(text("mention_id"), pa.string()),
             "post_id": pa.array(text("post_id"), pa.string()),
@@ -283,6 +287,7 @@ class LinkStage:
             "candidates": pa.array(cands, pa.list_(CANDIDATE)),
             "status": pa.array(status, pa.string()),
             "error": pa.array(error, pa.string()),
+            "warning": pa.array(warning, pa.string()),
             "model_version": pa.array([self.model_version] * n, pa.string()),
             "index_version": pa.array([self.index_version] * n, pa.string()),
             "source_file": pa.array(text("source_file"), pa.string()),
@@ -310,7 +315,7 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
     ds = ds.map_batches(read_inputs, batch_size=1, num_cpus=READ_CPUS,
                         fn_kwargs={"s3_endpoint": cfg.s3_endpoint, "detector": detector,
                                    "context_chars": cfg.context_chars, "chunk_rows": cfg.read_chunk_rows,
-                                   "chunk_bytes": cfg.read_chunk_bytes})
+                                   "chunk_bytes": cfg.read_chunk_bytes, "require_text": cfg.require_text})
     # preprocessing stays on CPU tasks, never fused into the encode actors (encode_step)
     ds = ds.map_batches(preprocess_mentions, batch_size=cfg.batch_size, num_cpus=PREPROCESS_CPUS,
                         fn_kwargs={"preprocessor": preprocessor, "image_policy": policy, "bad_image": cfg.bad_image,

@@ -24,15 +24,18 @@ def plan_inputs(cfg: LinkConfig, files: list[str], model_version: str, index_ver
     """Which input files this run links: ``(todo, done, file_meta)``. An input is done when
     its committed output was written for THIS input (same path, size and mtime), model,
     index and result settings (``LinkConfig.result_settings`` + the NIL threshold + the
-    coherence embeddings' version and weight);
+    coherence embeddings' version and weight), in this version's output format (an output of an
+    earlier format is linked again, not mixed into the output directory);
     ``file_meta`` is what each output records to be recognised by a re-run."""
     from otmel.linking.link_input import input_stamps
     from otmel.linking.link_output import is_complete, output_name
     from otmel.io.storage import join
 
+    from otmel.linking.link_output import OUTPUT_FORMAT
+
     stamps = input_stamps(files, cfg.s3_endpoint)
     expected = {"model_version": model_version, "index_version": index_version,
-                "settings": settings_hash(cfg, nil_threshold, coherence)}
+                "settings": settings_hash(cfg, nil_threshold, coherence), "output_format": OUTPUT_FORMAT}
     file_meta = {f: dict(expected, input=f, input_stamp=stamps[f]) for f in files}
     todo, done = [], {}
     for f in files:

@@ -301,6 +301,13 @@ PLANTS = (
             '    keep = ~np.isin(shard_of(batch.column("entity_id").to_pylist(), num_shards), list(shards))\n'),),
           ("tests/test_index_job.py::test_a_kb_of_a_few_files_is_listed_by_one_footer_reader_and_undecodable_rows_are_"
            "skipped_and_counted",)),
+    Plant("no-context", "A mentions row without text is linked on its mention string and flagged no_context "
+          "(counted in _SUCCESS.json), or with --require-text an empty_text error row",
+          "the reader gives text-less mentions rows no warning",
+          "otmel/linking/link_input.py",
+          (('"warning": None if has_text else NO_CONTEXT', '"warning": None'),),
+          ("tests/test_link_job.py::test_a_mentions_row_without_text_is_flagged_or_with_require_text_an_error_row",
+           "tests/test_link_job.py::test_bad_rows_become_error_rows_with_their_reason")),
 )
 
 

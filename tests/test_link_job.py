@@ -59,6 +59,11 @@ def s3_inputs(synth_dir, s3_server):
     ]
     files["posts.jsonl"] = _jsonl(posts)
     files["empty.jsonl"] = b""  # an empty part file still gets its (empty) output
+    # mentions without text (none, null, blank): linked on the mention string, flagged no_context
+    files["bare.jsonl"] = _jsonl([{"mention_id": "bare-1", "mention": name0},
+                                  {"mention_id": "bare-2", "mention": name0, "text": None},
+                                  {"mention_id": "bare-3", "mention": name0, "text": "  "},
+                                  {"mention_id": "bare-4", "mention": name0, "text": text}])
     files["array.json"] = json.dumps([{"post_id": "j1", "text": text, "mentions": spans[:1]}]).encode()
     other = pa.BufferOutputStream()
     pq.write_table(pa.table({"foo": [1, 2], "bar": ["x", "y"]}), other)
@@ -69,7 +74,7 @@ def s3_inputs(synth_dir, s3_server):
     for name, data in {**files, **{n: b"not read" for n in not_read}}.items():
         write_bytes(f"{BUCKET}/in/{name}", data, s3_server)
     expected = {"a.parquet": half, "b.parquet": test.num_rows - half, "posts.jsonl": 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1,
-                "other.parquet": 2, "empty.jsonl": 0, "array.json": 1}
+                "other.parquet": 2, "empty.jsonl": 0, "array.json": 1, "bare.jsonl": 4}
     return {"uri": f"{BUCKET}/in/", "test": test, "expected_rows": expected, "text": text, "spans": spans,
             "not_read": not_read}
 
@@ -154,6 +159,14 @@ def test_bad_rows_become_error_rows_with_their_reason(s3_link, s3_inputs, s3_ser
     assert out["p2"]["status"] == "error" and out["p2"]["error"].startswith("empty_text")
     assert out[f"{posts}:3"]["status"] == "error" and out[f"{posts}:3"]["error"].startswith("bad_json")
     assert out[f"{posts}:7"]["error"].startswith("bad_json")
+    # a mentions row without text is linked on its mention string alone, and says so
+    for i in (1, 2, 3):
+        row = out[f"bare-{i}"]
+        assert row["status"] in ("ok", "nil") and row["candidates"] and row["error"] is None, row
+        assert row["warning"] == "no_context", row
+    assert out["bare-4"]["warning"] is None and out["bare-4"]["status"] in ("ok", "nil")
+    assert {r["warning"] for r in out.values()} == {None, "no_context"}
+    assert result.summary["warnings"] == {"no_context": 3}
     assert out[f"p4:{sp[0]['start']}-{sp[0]['end']}"]["error"].startswith("bad_image")
     assert out["p5:5-999"]["error"].startswith("bad_span")
     assert out["p6"]["error"].startswith("no_spans")
@@ -816,6 +829,30 @@ def test_input_files_are_streamed_in_chunks_with_their_line_and_row_numbers(tmp_
     chunks = list(iter_mention_rows(str(tmp_path / "y.parquet"), chunk_rows=1000))
     assert [c.num_rows for c in chunks] == [700, 700, 700, 700, 200]  # a row group at a time
     assert chunks[4].column("source_row").to_pylist() == list(range(2800, 3000))
+
+
+def test_a_mentions_row_without_text_is_flagged_or_with_require_text_an_error_row(tmp_path):
+    """Parquet without a text column, and JSONL rows with no, null and blank text: each row is
+    read with the warning no_context (linked on its mention string alone); --require-text
+    makes each an empty_text error row instead, and rows with text stay as they were."""
+    from otmel.linking.link_input import iter_mention_rows
+
+    pq.write_table(pa.table({"mention_id": ["a", "b"], "mention": ["Paris", "Rome"]}), tmp_path / "m.parquet")
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"mention_id": "c", "mention": "Paris"}, {"mention_id": "d", "mention": "Paris", "text": None},
+        {"mention_id": "e", "mention": "Paris", "text": " \t"}, {"mention_id": "f", "mention": "Paris", "text": "Paris!"})))
+    for name in ("m.parquet", "m.jsonl"):
+        for require in (False, True):
+            rows = pa.concat_tables(list(iter_mention_rows(str(tmp_path / name), require_text=require))).to_pylist()
+            bare = [r for r in rows if r["mention_id"] != "f"]
+            assert len(bare) == 2 if name == "m.parquet" else 3
+            if require:
+                assert all(r["preset"] == "error" and r["error"].startswith("empty_text") and r["warning"] is None
+                           for r in bare), bare
+            else:
+                assert all(r["preset"] == "" and r["error"] is None and r["warning"] == "no_context" for r in bare), bare
+            assert [(r["preset"], r["warning"]) for r in rows if r["mention_id"] == "f"] == \
+                   ([] if name == "m.parquet" else [("", None)])
 
 
 def test_a_bad_value_or_a_damaged_row_group_becomes_error_rows_and_the_rest_of_the_file_is_read(tmp_path):

@@ -28,7 +28,7 @@ def test_contract_types():
     span = POST_SCHEMA.field("mentions").type.value_type
     assert [(f.name, f.type) for f in span] == [("mention", pa.string()), ("start", pa.int32()), ("end", pa.int32())]
     assert LINK_OUTPUT_SCHEMA.names == ["mention_id", "post_id", "mention", "start", "end", "entity_id", "score",
-                                       "candidates", "status", "error", "model_version", "index_version"]
+                                       "candidates", "status", "error", "warning", "model_version", "index_version"]
     assert LINK_OUTPUT_SCHEMA.field("score").type == pa.float32()
     assert LINK_OUTPUT_SCHEMA.field("start").type == pa.int32()
     candidate = LINK_OUTPUT_SCHEMA.field("candidates").type.value_type

@@ -17,6 +17,7 @@ def cmd_link(args) -> int:
                      batch_size=args.batch_size, detect_mentions=args.detect_mentions,
                      context_chars=args.context_chars, min_alias_length=args.min_alias_length,
                      max_alias_entities=args.max_alias_entities, bad_image=args.bad_image,
+                     require_text=args.require_text,
                      allow_image_prefix=args.allow_image_prefix or [], allow_private_hosts=args.allow_private_hosts,
                      image_timeout_s=args.image_timeout, force=args.force,
                      skip_unsupported=args.skip_unsupported, dry_run=args.dry_run, address=args.address,
@@ -70,6 +71,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--max-alias-entities", type=integer(1), default=20, help="aliases shared by more entities are not matched")
     s.add_argument("--bad-image", choices=["error", "text"], default="error",
                    help="a given image that cannot be fetched/decoded: error row (default) or link on text")
+    s.add_argument("--require-text", action="store_true",
+                   help="a mentions row without text becomes an error row (empty_text); by default it is linked on its "
+                        "mention string alone and flagged (warning no_context, counted in _SUCCESS.json)")
     s.add_argument("--image-timeout", type=real(above=0), default=10.0, help="seconds per image fetch")
     s.add_argument("--force", action="store_true", help="recompute inputs whose output is already complete")
     s.add_argument("--dry-run", action="store_true",

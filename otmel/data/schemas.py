@@ -71,6 +71,7 @@ LINK_OUTPUT_SCHEMA = pa.schema([
     ("candidates", pa.list_(CANDIDATE)),  # top-k, best first
     ("status", pa.string()),  # one of LINK_STATUSES
     ("error", pa.string()),  # the reason; null unless status == "error"
+    ("warning", pa.string()),  # null, or why a linked row had less to go on (no_context: the row had no text)
     ("model_version", pa.string()),
     ("index_version", pa.string()),
 ])

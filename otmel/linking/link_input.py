@@ -57,6 +57,7 @@ MENTION_ROW_SCHEMA = pa.schema([
     ("image_uri", pa.string()),
     ("preset", pa.string()),  # "" | no_mention | error
     ("error", pa.string()),
+    ("warning", pa.string()),  # linked, but with less than the model expects (no_context: no text)
     ("source_file", pa.string()),
     ("source_row", pa.int64()),  # row (Parquet) or line (JSONL, 1-based) in the input file
 ])
@@ -256,7 +257,7 @@ def _error_row(source: str, row: int, reason: str, post_id=None, mention_id=None
     return {"mention_id": str(mention_id) if mention_id not in (None, "") else ident,
             "post_id": str(post_id) if post_id not in (None, "") else ident, "mention": None, "start": None,
             "end": None, "text": None, "image": None, "image_uri": None, "preset": "error", "error": reason,
-            "source_file": source, "source_row": row}
+            "warning": None, "source_file": source, "source_row": row}
 
 
 def _first(value):
@@ -470,26 +471,37 @@ def _span_rows(rec: dict, post_id: str, text: str, spans, source: str, row: int,
         rows.append({"mention_id": mention_id, "post_id": post_id, "mention": given or text[start:end],
                      "start": start, "end": end, "text": context_window(text, start, end, context_chars),
                      "image": image, "image_uri": image_uri, "preset": "error" if image_error else "",
-                     "error": image_error, "source_file": source, "source_row": row})
+                     "error": image_error, "warning": None, "source_file": source, "source_row": row})
     return rows
 
 
 def iter_mention_rows(uri: str, s3_endpoint: str | None = None, detector=None,
                       context_chars: int = DEFAULT_CONTEXT_CHARS, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                      chunk_bytes: int = READ_CHUNK_BYTES) -> Iterator[pa.Table]:
+                      chunk_bytes: int = READ_CHUNK_BYTES, require_text: bool = False) -> Iterator[pa.Table]:
     """One input file -> its mention rows (:data:`MENTION_ROW_SCHEMA`), chunk by chunk; never
     raises on bad content (bad rows are error rows). Each record is read by its own columns: a
-    ``mention`` column makes it a mentions row, ``post_id`` + ``text`` a post."""
+    ``mention`` column makes it a mentions row, ``post_id`` + ``text`` a post. A mentions row
+    without text is linked on its mention string alone, with the warning ``no_context``
+    (``require_text``: an ``empty_text`` error row instead)."""
     try:
         for records in _iter_records(uri, s3_endpoint, chunk_rows, chunk_bytes):
-            yield _mention_rows(uri, records, detector, context_chars)
+            yield _mention_rows(uri, records, detector, context_chars, require_text)
     except FileNotFoundError as exc:  # listed, then gone: the file itself is the bad input
         yield _mention_rows(uri, [(0, None, f"unreadable_file: {exc}")], detector, context_chars)
     # any other StorageError (throttling, a reset connection) propagates: Ray retries the read
     # task, and a failed job leaves no output claiming the file was handled
 
 
-def _mention_rows(uri: str, records: list[Record], detector, context_chars: int) -> pa.Table:
+#: the warning of a mentions row linked without text (its mention string is all the model saw)
+NO_CONTEXT = "no_context"
+
+
+def _has_text(value) -> bool:
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
+def _mention_rows(uri: str, records: list[Record], detector, context_chars: int,
+                  require_text: bool = False) -> pa.Table:
     rows: list[dict] = []
     for row, rec, problem in records:
         if rec is None:
@@ -504,11 +516,16 @@ def _mention_rows(uri: str, records: list[Record], detector, context_chars: int)
             if mention_id is None or str(mention_id) == "":
                 rows.append(_error_row(uri, row, "missing_id: the row has no mention_id", rec.get("post_id")))
                 continue
+            has_text = _has_text(rec.get("text"))
+            if require_text and not has_text:
+                rows.append(_error_row(uri, row, "empty_text: the mention row has no text (--require-text)",
+                                       rec.get("post_id"), mention_id))
+                continue
             rows.append({"mention_id": str(mention_id), "post_id": None if rec.get("post_id") is None else str(rec["post_id"]),
                          "mention": rec.get("mention"), "start": rec.get("start"), "end": rec.get("end"),
                          "text": rec.get("text"), "image": image, "image_uri": image_uri,
                          "preset": "error" if image_error else "", "error": image_error,
-                         "source_file": uri, "source_row": row})
+                         "warning": None if has_text else NO_CONTEXT, "source_file": uri, "source_row": row})
         elif is_posts:
             post_id = rec.get("post_id")
             text = rec.get("text")
@@ -529,7 +546,7 @@ def _mention_rows(uri: str, records: list[Record], detector, context_chars: int)
             if not spans:
                 rows.append({"mention_id": post_id, "post_id": post_id, "mention": None, "start": None, "end": None,
                              "text": None, "image": None, "image_uri": None, "preset": "no_mention", "error": None,
-                             "source_file": uri, "source_row": row})
+                             "warning": None, "source_file": uri, "source_row": row})
                 continue
             rows.extend(_span_rows(rec, post_id, text, spans, uri, row, context_chars, image, image_uri, image_error))
         else:

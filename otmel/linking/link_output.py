@@ -47,6 +47,10 @@ from otmel.data.schemas import LINK_OUTPUT_SCHEMA, LINK_STATUSES
 
 log = logging.getLogger(__name__)
 
+#: the output's column layout, recorded in each file's footer: 2 added ``warning``. A re-run links
+#: again an input whose output has another format (absent = 1), so one directory holds one
+OUTPUT_FORMAT = 2
+
 SUCCESS_FILE = "_SUCCESS.json"
 STAGING_DIR = "_staging"
 METADATA_KEY = b"otmel"
@@ -73,6 +77,11 @@ def staging_uri(out_uri: str, input_uri: str) -> str:
 def status_counts(table: pa.Table) -> dict[str, int]:
     counts = Counter(table.column("status").to_pylist())
     return {s: int(counts.get(s, 0)) for s in LINK_STATUSES}
+
+
+def warning_counts(table: pa.Table) -> dict[str, int]:
+    """Rows by warning (``no_context``: linked on the mention string alone)."""
+    return dict(Counter(w for w in table.column("warning").to_pylist() if w))
 
 
 def error_reasons(table: pa.Table) -> dict[str, int]:
@@ -103,7 +112,7 @@ def write_part(table: pa.Table, out_uri: str, input_uri: str, s3_endpoint: str |
     write_parquet(uri, table, s3_endpoint, compression="zstd")
     first, last = table.slice(0, 1).to_pylist()[0], table.slice(table.num_rows - 1, 1).to_pylist()[0]
     return {"part": uri, "rows": table.num_rows, "counts": status_counts(table), "errors_by_reason": error_reasons(table),
-            "first_key": list(sort_key(first)), "last_key": list(sort_key(last))}
+            "warnings": warning_counts(table), "first_key": list(sort_key(first)), "last_key": list(sort_key(last))}
 
 
 # ---------------------------------------------------------------------------- commit
@@ -125,13 +134,14 @@ def commit_output_file(parts: list[dict], out_uri: str, input_uri: str, meta: di
     for a, b in zip(ordered, ordered[1:]):
         if _key(a["last_key"]) > _key(b["first_key"]):  # never: parts are slices of one sorted stream
             raise RuntimeError(f"{input_uri}: staged parts overlap in sort order ({a['part']}, {b['part']})")
-    counts, reasons = Counter(), Counter()
+    counts, reasons, warnings = Counter(), Counter(), Counter()
     for p in ordered:
         counts.update(p["counts"])
         reasons.update(p["errors_by_reason"])
+        warnings.update(p.get("warnings", {}))
     rows = sum(p["rows"] for p in ordered)
     meta = dict(meta, rows=rows, counts={s: int(counts.get(s, 0)) for s in LINK_STATUSES},
-                errors_by_reason=dict(reasons), written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                errors_by_reason=dict(reasons), warnings=dict(warnings), written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     tops = None
     if vectors is not None:
         tops, after = _coherence_passes(ordered, vectors, coherence, s3_endpoint)
@@ -232,5 +242,13 @@ def read_link_output(out_uri: str, s3_endpoint: str | None = None) -> pa.Table:
     from otmel.linking.link_input import OWN_OUTPUT, list_files
 
     files = [f for f, rel in list_files(out_uri, s3_endpoint) if OWN_OUTPUT.fullmatch(rel)]
-    tables = [read_parquet(f, s3_endpoint).replace_schema_metadata(None) for f in files]
+    tables = [_current_format(read_parquet(f, s3_endpoint).replace_schema_metadata(None)) for f in files]
     return pa.concat_tables(tables) if tables else LINK_OUTPUT_SCHEMA.empty_table()
+
+
+def _current_format(table: pa.Table) -> pa.Table:
+    """An output file of an earlier format (1: no ``warning``) in this format's columns."""
+    if "warning" not in table.column_names:
+        table = table.add_column(LINK_OUTPUT_SCHEMA.get_field_index("warning"), "warning",
+                                 pa.nulls(table.num_rows, pa.string()))
+    return table
