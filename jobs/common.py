@@ -21,6 +21,44 @@ from otmel.model.preprocessing import MODEL_INPUTS  # the encoder inputs the pre
 log = logging.getLogger(__name__)
 
 
+class JobInterrupted(BaseException):
+    """SIGINT or SIGTERM reached a job's driver (the CLI turns both into this exception, see
+    :func:`otmel.cli.main.stop_on_signals`): the job stops submitting work, ends its actors
+    and reports what it kept. A BaseException, like KeyboardInterrupt: no ``except Exception``
+    on the way may swallow it."""
+
+    def __init__(self, signum: int, message: str | None = None, kept: int | None = None):
+        import signal
+
+        self.signum = signum
+        self.kept = kept  # input files whose output was committed and kept (None: not counted)
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(message or f"interrupted by {self.signal_name}")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by the signal: 130 (SIGINT), 143 (SIGTERM)."""
+        return 128 + self.signum
+
+
+def keep_signal_handlers(start):
+    """Call ``start()`` (``ray.init``) and put back the Python SIGINT/SIGTERM handlers that were
+    there before: Ray's C++ core installs its own on start, and a SIGTERM (Kubernetes, ``ray
+    job stop``) then ended the driver with SIGABRT and a C++ stack dump (exit 134)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return start()
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return start()
+    finally:
+        for s, handler in before.items():
+            if handler is not None:
+                signal.signal(s, handler)
+
+
 class PipelineStalled(RuntimeError):
     """A job's pipeline made no progress for its stall timeout in every attempt: one line
     naming what was kept and what to do (the CLI prints it and exits 2)."""
@@ -153,7 +191,7 @@ def connect_ray(address: str | None, **init_kwargs) -> None:
         # the local instance's processes inherit this environment: none of them may follow it
         log.info("RAY_ADDRESS=%s ignored (no --address): pass --address auto to join that cluster",
                  os.environ.pop("RAY_ADDRESS"))
-    ray.init(address=where, **init_kwargs)
+    keep_signal_handlers(lambda: ray.init(address=where, **init_kwargs))
     cpus = ray.cluster_resources().get("CPU", 0)
     if where == "local":
         log.info("started a local Ray instance (%g CPUs; the embedded default: --address auto or HOST:PORT "

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -52,7 +53,8 @@ import numpy as np
 from otmel.jobs.link_commit import end_attempt, load_coherence_vectors, start_commit_coordinator
 from otmel.jobs.link_pipeline import PIPELINE_ATTEMPTS, ShardActors, link_files
 from otmel.jobs.link_resume import plan_inputs
-from otmel.linking.link_input import DEFAULT_CHUNK_ROWS, READ_CHUNK_BYTES
+from otmel.linking.link_input import (DEFAULT_CHUNK_ROWS, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_TEXT_BYTES,
+                                      READ_CHUNK_BYTES)
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +82,14 @@ class LinkConfig:
     min_alias_length: int = 3  # mention detection filters
     max_alias_entities: int = 20
     bad_image: str = "error"  # error | text: what a given-but-unusable image does to its row
-    require_text: bool = False  # a mentions row without text: an error row (else linked on its mention, warning no_context)
+    require_text: bool = False  # a mentions row without text: an error row (else linked, warning no_context)
     image_transform: str = "auto"  # cpu | device (resize/normalise on the encoder's GPU) | auto: device with GPUs
     allow_image_prefix: list[str] = field(default_factory=list)  # local image_uri roots allowed
     allow_private_hosts: bool = False  # http(s) image_uri on private/loopback/link-local hosts
     image_timeout_s: float = 10.0
-    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # a larger image (inline or fetched) is refused for its row
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES  # a longer text: a text_too_long error row (or cut: truncate_text)
+    truncate_text: bool = False  # cut a text at max_text_bytes (warning text_truncated) instead of an error row
     kge_embeddings: str | None = None  # entity_id + vector Parquet (`otmel kge embed`): collective disambiguation
     coherence_weight: float | None = None  # W of otmel.linking.coherence (None = the weight calibrated for these embeddings)
     force: bool = False  # recompute inputs whose output is already complete
@@ -98,6 +102,11 @@ class LinkConfig:
     s3_endpoint: str | None = None
 
     def __post_init__(self):
+        # numbers that key a re-run as the CLI parses them: a library caller's 600 and the CLI's
+        # 600.0 are one setting (else the re-run keys differ and every file is linked again)
+        self.image_timeout_s = float(self.image_timeout_s)
+        if self.nil_threshold is not None:
+            self.nil_threshold = float(self.nil_threshold)
         # the CLI checks every flag while parsing; these hold for library callers too
         if self.nil_threshold is not None and not np.isfinite(self.nil_threshold):
             raise ValueError(f"--nil-threshold must be a finite number, got {self.nil_threshold}")
@@ -125,6 +134,9 @@ class LinkConfig:
             raise ValueError("read_chunk_rows and read_chunk_bytes must be >= 1")
         if self.shard_replicas < 1:
             raise ValueError(f"--shard-replicas must be >= 1, got {self.shard_replicas}")
+        if self.max_text_bytes < 1 or self.max_image_bytes < 1:
+            raise ValueError(f"--max-text-bytes and --max-image-bytes must be >= 1, got {self.max_text_bytes}, "
+                             f"{self.max_image_bytes}")
         if not (self.stall_timeout_s >= 0 and np.isfinite(self.stall_timeout_s)):
             raise ValueError(f"--stall-timeout must be a number of seconds >= 0 (0: never), got {self.stall_timeout_s}")
         if self.shard_gpus is not None and not 0 <= self.shard_gpus <= 1:
@@ -141,7 +153,7 @@ class LinkConfig:
         """The settings that change output rows (a re-run with other values recomputes)."""
         keys = ("top_k", "candidates", "detect_mentions", "context_chars", "min_alias_length", "max_alias_entities",
                 "bad_image", "allow_image_prefix", "allow_private_hosts", "image_timeout_s", "max_image_bytes",
-                "image_transform", "require_text")
+                "image_transform", "require_text", "max_text_bytes", "truncate_text")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -233,7 +245,8 @@ def resolve_coherence(cfg: LinkConfig, backend) -> tuple[dict, float | None]:
 
 
 def run(cfg: LinkConfig, progress=None) -> LinkResult:
-    from otmel.jobs.common import PipelineStalled, encode_pool, gpu_count, init_ray
+    from otmel.jobs.common import JobInterrupted, PipelineStalled, encode_pool, gpu_count, init_ray
+    from otmel.io.lease import OutputLease
     from otmel.linking.link_output import STAGING_DIR, SUCCESS_FILE, output_name, write_success
     from otmel.io.storage import delete_dir, delete_file, join
 
@@ -244,106 +257,174 @@ def run(cfg: LinkConfig, progress=None) -> LinkResult:
                                         pre["nil_threshold"], pre["coherence"])
     if cfg.dry_run:
         return LinkResult(cfg.output, dry_run_plan(cfg, pre, todo, done, file_meta), "")
-    log.info("linking %d input file(s) (%d already complete, skipped; %d not read, listed in _SUCCESS.json) against "
-             "index %s (%d entities, %d shard(s)) -> %s", len(todo), len(done), len(pre["skipped_files"]),
-             pre["index_version"][:12], manifest["count"], manifest["num_shards"], cfg.output)
-    written: dict[str, dict] = {}
-    shard_batches: dict[str, list[int]] = {}
-    t_work = time.perf_counter()
-    startup = 0.0
-    encoders = str(cfg.workers)  # the encode pool, as sized at the start when there is work
-    if todo:
-        delete_file(join(cfg.output, SUCCESS_FILE), cfg.s3_endpoint)  # a stale one must not vouch for this run
-        # parts an interrupted run staged belong to inputs not committed, i.e. to this run's todo
-        delete_dir(join(cfg.output, STAGING_DIR), cfg.s3_endpoint)
-        init_ray(cfg.address)
-        import ray
-        from ray.data.exceptions import ExecutionTimeoutError
-
-        vectors = load_coherence_vectors(pre["coherence"], cfg.s3_endpoint)
-        coordinator = shards = None
-        try:
-            use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
-            shards = ShardActors(cfg, manifest, use_gpu)  # loading while the pipeline starts
-            encoders = encode_pool(cfg.workers, use_gpu)
-            pending = todo  # the input files the next pipeline attempt links
-            for attempt in range(1, PIPELINE_ATTEMPTS + 1):
-                coordinator = start_commit_coordinator(cfg, file_meta, vectors, pre["coherence"], pre["nil_threshold"])
-                try:
-                    written.update(link_files(cfg, pending, pre, backend, shards, coordinator, use_gpu, encoders,
-                                               progress))
-                    break
-                except ExecutionTimeoutError as exc:
-                    end_attempt(coordinator)
-                    coordinator = None
-                    # what the stalled attempt committed is done; the rest is linked again, from
-                    # its first row (its staged parts stay unused and go with the staging dir)
-                    pending, now_done, _ = plan_inputs(dataclasses.replace(cfg, force=False), pending,
-                                                       backend.model_version, pre["index_version"],
-                                                       pre["nil_threshold"], pre["coherence"])
-                    written.update(now_done)
-                    stalled = f"the link pipeline moved no block for {cfg.stall_timeout_s:g} s"
-                    if attempt == PIPELINE_ATTEMPTS:
-                        raise PipelineStalled(
-                            f"{stalled} in each of {PIPELINE_ATTEMPTS} attempts: {len(written)} of {len(todo)} input "
-                            f"file(s) committed in {cfg.output} and kept; rerun the same command to link the other "
-                            f"{len(pending)} (more CPUs, or a larger --stall-timeout if a step is that slow)") from None
-                    log.warning("%s; %d input file(s) committed so far; restarting it for the %d not committed "
-                                "(attempt %d of %d). Ray Data: %s", stalled, len(written), len(pending), attempt + 1,
-                                PIPELINE_ATTEMPTS, " | ".join(str(exc).splitlines()[1:-1]))
-                    if not pending:
-                        break
-            shards.wait()  # loaded (an attempt waits for it; all may have stalled before any batch)
-            startup = shards.loaded_at - t_work
+    # one writer per output: a second job into it is refused here, before it deletes anything
+    lease = OutputLease(cfg.output, cfg.s3_endpoint)
+    written: dict[str, dict] = {}  # input file -> its committed output's metadata, this run
+    lease.acquire()
+    try:
+        log.info("linking %d input file(s) (%d already complete, skipped; %d not read, listed in _SUCCESS.json) against "
+                 "index %s (%d entities, %d shard(s)) -> %s", len(todo), len(done), len(pre["skipped_files"]),
+                 pre["index_version"][:12], manifest["count"], manifest["num_shards"], cfg.output)
+        shard_batches: dict[str, list[int]] = {}
+        t_work = time.perf_counter()
+        startup = 0.0
+        encoders = str(cfg.workers)  # the encode pool, as sized at the start when there is work
+        if todo:
+            delete_file(join(cfg.output, SUCCESS_FILE), cfg.s3_endpoint)  # a stale one must not vouch for this run
+            # parts an interrupted run staged belong to inputs not committed, i.e. to this run's todo
             delete_dir(join(cfg.output, STAGING_DIR), cfg.s3_endpoint)
+            init_ray(cfg.address)
+            import ray
+            from ray.data.exceptions import ExecutionTimeoutError
 
-            # batches each replica served: shows whether --shard-replicas spreads the load
-            shard_batches = {e["name"]: ray.get([a.served.remote() for a in reps])
-                             for e, reps in zip(manifest["shards"], shards.actors)}
-        finally:
-            # the job's own actors go with it, whatever ended it: left to Python's garbage
-            # collector (the dataset's plan holds their handles in reference cycles), a
-            # library caller's next job found the last ones' shard actors still holding CPUs
-            _release(coordinator, shards)
-    seconds = time.perf_counter() - t_work
-    processed = sum(m["rows"] for m in written.values())
-    totals, reasons, warnings = Counter(), Counter(), Counter()
-    for meta in list(written.values()) + list(done.values()):
-        totals.update(meta["counts"])
-        reasons.update(meta.get("errors_by_reason", {}))
-        warnings.update(meta.get("warnings", {}))
-    counts = {"in": int(sum(m["rows"] for m in written.values()) + sum(m["rows"] for m in done.values())),
-              **{s: int(totals.get(s, 0)) for s in ("ok", "nil", "no_mention", "error")}}
-    summary = {
-        "input": cfg.input,
-        "output": cfg.output,
-        "counts": counts,
-        "errors_by_reason": dict(reasons),
-        "warnings": dict(warnings),  # rows linked with less than the model expects (no_context: no text)
-        "files": {f: output_name(f) for f in pre["files"]},
-        "skipped_files": pre["skipped_files"],  # every input file not read, with its reason
-        "files_processed": len(written),
-        "files_skipped_complete": len(done),
-        "rows_processed": processed,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "link_seconds": round(seconds, 2),
-        # until every shard actor had loaded its shard (they load while the pipeline starts:
-        # at real model size its encode actors take longer)
-        "startup_seconds": round(startup, 2),
-        # throughput after the shard actors had loaded
-        "mentions_per_second": round(processed / (seconds - startup), 2) if processed and seconds > startup else None,
-        "model_version": backend.model_version,
-        "model": {"kind": backend.kind, "precision": backend.precision},
-        "index_version": pre["index_version"],
-        "nil_threshold": pre["nil_threshold"],
-        "settings": dict(cfg.result_settings(), nil_threshold=pre["nil_threshold"]),
-        "coherence": pre["coherence"],
-        "pools": {"encode": encoders, "link": str(cfg.link_actors), "shard_replicas": cfg.shard_replicas},
-        "shard_batches": shard_batches,
-    }
-    success = write_success(cfg.output, summary, cfg.s3_endpoint)
-    log.info("link output in %s (%s)", cfg.output, success)
-    return LinkResult(cfg.output, summary, success)
+            vectors = load_coherence_vectors(pre["coherence"], cfg.s3_endpoint)
+            coordinator = shards = None
+            try:
+                use_gpu = (gpu_count() > 0) if cfg.gpu is None else cfg.gpu
+                shards = ShardActors(cfg, manifest, use_gpu)  # loading while the pipeline starts
+                encoders = encode_pool(cfg.workers, use_gpu)
+                pending = todo  # the input files the next pipeline attempt links
+                for attempt in range(1, PIPELINE_ATTEMPTS + 1):
+                    coordinator = start_commit_coordinator(cfg, file_meta, vectors, pre["coherence"], pre["nil_threshold"])
+                    try:
+                        written.update(link_files(cfg, pending, pre, backend, shards, coordinator, use_gpu, encoders,
+                                                   progress))
+                        break
+                    except ExecutionTimeoutError as exc:
+                        end_attempt(coordinator)
+                        coordinator = None
+                        # what the stalled attempt committed is done; the rest is linked again, from
+                        # its first row (its staged parts stay unused and go with the staging dir)
+                        pending, now_done, _ = plan_inputs(dataclasses.replace(cfg, force=False), pending,
+                                                           backend.model_version, pre["index_version"],
+                                                           pre["nil_threshold"], pre["coherence"])
+                        written.update(now_done)
+                        stalled = f"the link pipeline moved no block for {cfg.stall_timeout_s:g} s"
+                        if attempt == PIPELINE_ATTEMPTS:
+                            raise PipelineStalled(
+                                f"{stalled} in each of {PIPELINE_ATTEMPTS} attempts: {len(written)} of {len(todo)} input "
+                                f"file(s) committed in {cfg.output} and kept; rerun the same command to link the other "
+                                f"{len(pending)} (more CPUs, or a larger --stall-timeout if a step is that slow)") from None
+                        log.warning("%s; %d input file(s) committed so far; restarting it for the %d not committed "
+                                    "(attempt %d of %d). Ray Data: %s", stalled, len(written), len(pending), attempt + 1,
+                                    PIPELINE_ATTEMPTS, " | ".join(str(exc).splitlines()[1:-1]))
+                        if not pending:
+                            break
+                shards.wait()  # loaded (an attempt waits for it; all may have stalled before any batch)
+                startup = shards.loaded_at - t_work
+                delete_dir(join(cfg.output, STAGING_DIR), cfg.s3_endpoint)
+
+                # batches each replica served: shows whether --shard-replicas spreads the load
+                shard_batches = {e["name"]: ray.get([a.served.remote() for a in reps])
+                                 for e, reps in zip(manifest["shards"], shards.actors)}
+            except JobInterrupted as exc:
+                raise _interrupted(exc, len(set(done) | set(written) | set(_drain(coordinator))), cfg, pre) from None
+            finally:
+                # the job's own actors go with it, whatever ended it: left to Python's garbage
+                # collector (the dataset's plan holds their handles in reference cycles), a
+                # library caller's next job found the last ones' shard actors still holding CPUs
+                _release(coordinator, shards)
+                if sys.exc_info()[1] is not None:  # failed or interrupted: its commit tasks died with it
+                    _remove_staging(cfg)
+        seconds = time.perf_counter() - t_work
+        processed = sum(m["rows"] for m in written.values())
+        totals, reasons, warnings = Counter(), Counter(), Counter()
+        for meta in list(written.values()) + list(done.values()):
+            totals.update(meta["counts"])
+            reasons.update(meta.get("errors_by_reason", {}))
+            warnings.update(meta.get("warnings", {}))
+        counts = {"in": int(sum(m["rows"] for m in written.values()) + sum(m["rows"] for m in done.values())),
+                  **{s: int(totals.get(s, 0)) for s in ("ok", "nil", "no_mention", "error")}}
+        summary = {
+            "input": cfg.input,
+            "output": cfg.output,
+            "counts": counts,
+            "errors_by_reason": dict(reasons),
+            "warnings": dict(warnings),  # rows linked with less than the model expects (no_context: no text)
+            "files": {f: output_name(f) for f in pre["files"]},
+            "skipped_files": pre["skipped_files"],  # every input file not read, with its reason
+            "files_processed": len(written),
+            "files_skipped_complete": len(done),
+            "rows_processed": processed,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "link_seconds": round(seconds, 2),
+            # until every shard actor had loaded its shard (they load while the pipeline starts:
+            # at real model size its encode actors take longer)
+            "startup_seconds": round(startup, 2),
+            # throughput after the shard actors had loaded
+            "mentions_per_second": round(processed / (seconds - startup), 2) if processed and seconds > startup else None,
+            "model_version": backend.model_version,
+            "model": {"kind": backend.kind, "precision": backend.precision},
+            "index_version": pre["index_version"],
+            "nil_threshold": pre["nil_threshold"],
+            "settings": dict(cfg.result_settings(), nil_threshold=pre["nil_threshold"]),
+            "coherence": pre["coherence"],
+            "pools": {"encode": encoders, "link": str(cfg.link_actors), "shard_replicas": cfg.shard_replicas},
+            "shard_batches": shard_batches,
+        }
+        success = write_success(cfg.output, summary, cfg.s3_endpoint)
+        log.info("link output in %s (%s)", cfg.output, success)
+        return LinkResult(cfg.output, summary, success)
+    except JobInterrupted as exc:  # before or after the pipeline: what was complete before the run is kept
+        raise exc if exc.kept is not None else _interrupted(exc, len(set(done) | set(written)), cfg, pre) from None
+    finally:
+        lease.release()
+
+
+def _interrupted(exc, kept: int, cfg: LinkConfig, pre: dict):
+    """The one line of an interrupted link job: what it kept and what to do."""
+    from otmel.jobs.common import JobInterrupted
+
+    return JobInterrupted(exc.signum, f"interrupted by {exc.signal_name}: {kept} of {len(pre['files'])} input file(s) "
+                          f"committed in {cfg.output} and kept; re-run the same command to link the rest", kept=kept)
+
+
+#: how long an interrupted job waits for the commits in flight (each is whole or nothing)
+INTERRUPT_COMMIT_WAIT_S = 10.0
+
+
+def _drain(coordinator) -> list[str]:
+    """The files the current attempt's coordinator committed, once the commits in flight are
+    done (up to INTERRUPT_COMMIT_WAIT_S); none when it cannot say."""
+    import ray
+
+    if coordinator is None:
+        return []
+    try:
+        return list(ray.get(coordinator.drain.remote(INTERRUPT_COMMIT_WAIT_S), timeout=2 * INTERRUPT_COMMIT_WAIT_S))
+    except Exception:  # noqa: BLE001 - the coordinator died with the work: its files are not counted
+        return []
+
+
+def _remove_staging(cfg: LinkConfig) -> None:
+    """A job that failed (a full disk, a storage error) or was interrupted removes what it
+    staged for the inputs it did not commit (parts, half-written commit files) and says so:
+    they were never output (a re-run relinks those inputs from their first row), and on a
+    full disk they kept it full. Committed files stay. Best effort: the storage that failed
+    the job may fail this too, and the re-run removes them then."""
+    from otmel.io.storage import delete_dir, join, resolve
+    from otmel.linking.link_output import STAGING_DIR
+
+    staging = join(cfg.output, STAGING_DIR)
+    try:
+        fs, path = resolve(staging, cfg.s3_endpoint)
+        infos = [i for i in fs.get_file_info(_selector(path)) if i.type.name == "File"]
+        if not infos:
+            return
+        delete_dir(staging, cfg.s3_endpoint)
+    except Exception as exc:  # noqa: BLE001 - the job's own error is the one to report
+        log.warning("could not remove %s (the re-run removes it): %s", staging, str(exc).splitlines()[0] if str(exc)
+                    else type(exc).__name__)
+        return
+    inputs = {i.path.rstrip("/").rsplit("/", 2)[-2] for i in infos}
+    log.warning("removed %d staged file(s) (%.1f MB) of %d input file(s) not committed, under %s; committed files "
+                "are kept", len(infos), sum(i.size or 0 for i in infos) / 1e6, len(inputs), staging)
+
+
+def _selector(path: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSelector(path, recursive=True, allow_not_found=True)
 
 
 def _release(coordinator, shards: ShardActors | None) -> None:

@@ -128,6 +128,16 @@ class CommitCoordinator:
         self.announced.update(f for f, _ in new)
         return new
 
+    def drain(self, timeout: float) -> list[str]:
+        """The job was interrupted: wait up to ``timeout`` s for the commits in flight (each is
+        whole or nothing: written aside, then moved into place), then return the files this
+        coordinator committed."""
+        try:
+            self.tracker.poll(timeout)
+        except Exception as exc:  # noqa: BLE001 - a failed commit is simply not committed
+            self.failure = exc
+        return list(self.tracker.written)
+
     def finish(self, todo: list[str]) -> tuple[dict[str, dict], int]:
         """Waits for the last commits; returns every file's footer metadata and the number of
         parts reported twice."""

@@ -6,6 +6,7 @@ batch to them, merges the per-shard top-k and stages the rows; one attempt of it
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -136,7 +137,7 @@ def shard_load_error(exc: Exception) -> Exception:
 
 
 def read_inputs(batch: dict[str, np.ndarray], s3_endpoint: str | None, detector, context_chars: int,
-                chunk_rows: int = DEFAULT_CHUNK_ROWS, chunk_bytes: int = READ_CHUNK_BYTES, require_text: bool = False):
+                chunk_rows: int = DEFAULT_CHUNK_ROWS, chunk_bytes: int = READ_CHUNK_BYTES, **row_rules):
     """Input file paths -> mention rows, streamed in chunks (a file is never held whole).
 
     ``file_rows`` is -1 on every chunk but a file's last, which carries the file's total: the
@@ -154,7 +155,7 @@ def read_inputs(batch: dict[str, np.ndarray], s3_endpoint: str | None, detector,
     for path in batch["path"]:
         total, previous = 0, None
         for table in iter_mention_rows(str(path), s3_endpoint, detector, context_chars, chunk_rows, chunk_bytes,
-                                       require_text):
+                                       **row_rules):
             if table.num_rows == 0:
                 continue
             table = sort_rows(table)
@@ -315,7 +316,9 @@ def encoded_mentions(cfg: LinkConfig, files: list[str], preprocessor, detector, 
     ds = ds.map_batches(read_inputs, batch_size=1, num_cpus=READ_CPUS,
                         fn_kwargs={"s3_endpoint": cfg.s3_endpoint, "detector": detector,
                                    "context_chars": cfg.context_chars, "chunk_rows": cfg.read_chunk_rows,
-                                   "chunk_bytes": cfg.read_chunk_bytes, "require_text": cfg.require_text})
+                                   "chunk_bytes": cfg.read_chunk_bytes, "require_text": cfg.require_text,
+                                   "max_text_bytes": cfg.max_text_bytes, "truncate_text": cfg.truncate_text,
+                                   "max_image_bytes": cfg.max_image_bytes})
     # preprocessing stays on CPU tasks, never fused into the encode actors (encode_step)
     ds = ds.map_batches(preprocess_mentions, batch_size=cfg.batch_size, num_cpus=PREPROCESS_CPUS,
                         fn_kwargs={"preprocessor": preprocessor, "image_policy": policy, "bad_image": cfg.bad_image,
@@ -361,11 +364,17 @@ def link_files(cfg: LinkConfig, files: list[str], pre: dict, backend, shards: Sh
     ds.context.execution_no_progress_timeout_s = cfg.stall_timeout_s or -1
     linked: Counter = Counter()  # rows per input file, from the dataset's output (a cross-check)
 
+    stopped = threading.Event()
+
     def consume():
         for meta in ds.iter_batches(batch_size=None, batch_format="numpy"):  # row counts only
             for f, rows in zip(meta["source_file"], meta["rows"]):
                 linked[str(f)] += int(rows)
             report_commits(ray.get(coordinator.committed.remote()), progress)
+        if stopped.is_set():
+            # cut short (an interrupt): the end of this iteration is not the end of the input,
+            # and finish() would commit every file without rows so far as an EMPTY input
+            raise RuntimeError("the link pipeline was stopped")
         finished = ray.get(coordinator.finish.remote(files))
         report_commits(ray.get(coordinator.committed.remote()), progress)
         return finished
@@ -373,7 +382,7 @@ def link_files(cfg: LinkConfig, files: list[str], pre: dict, backend, shards: Sh
     try:
         # the dataset runs in a thread while this one watches the shard actors load: one that
         # cannot fails the job at once, in one line, not when the first batch reaches it
-        written, retried = while_loading(consume, shards)
+        written, retried = while_loading(consume, shards, stop=lambda: (stopped.set(), stop_datasets()))
     except ExecutionTimeoutError:
         raise  # a stall: run() decides
     except Exception as exc:
@@ -392,12 +401,30 @@ def link_files(cfg: LinkConfig, files: list[str], pre: dict, backend, shards: Sh
     return written
 
 
-def while_loading(work, shards: ShardActors):
+def stop_datasets() -> None:
+    """End every Ray Data execution of this process now (the job's driver runs only its own):
+    their tasks and actors stop, and an iteration over them in another thread ends. Ray 2.60
+    has no public call for this; each execution is a ``StreamingExecutor`` thread with a
+    ``shutdown(force)`` of its own, which Ray Data calls itself when a dataset is garbage
+    collected. Without it, an interrupted job's pipeline outlived the job's end and Ray Data
+    printed tracebacks after the CLI's last line."""
+
+    for thread in threading.enumerate():
+        if type(thread).__name__ == "StreamingExecutor" and hasattr(thread, "shutdown"):
+            thread.shutdown(force=True)
+
+
+#: how long an interrupted job waits for its pipeline thread to end after stopping its dataset
+STOP_WAIT_S = 30.0
+
+
+def while_loading(work, shards: ShardActors, stop=None):
     """``work()`` in a thread (its result, or its exception raised here) while this thread
     waits for the ``shards`` to load: a shard's load error is raised as soon as it happens.
     The job then ends with it; the dataset left running in the thread fails at its next link
-    call (the shard actor is dead) or ends with the driver."""
-    import threading
+    call (the shard actor is dead) or ends with the driver. When this thread is interrupted
+    (SIGINT/SIGTERM: :class:`otmel.jobs.common.JobInterrupted`), ``stop()`` ends the work
+    and the thread is given :data:`STOP_WAIT_S` to finish before the interrupt goes on."""
 
     box: dict = {}
 
@@ -409,10 +436,16 @@ def while_loading(work, shards: ShardActors):
 
     thread = threading.Thread(target=target, name="otmel-link-pipeline", daemon=True)
     thread.start()
-    while thread.is_alive():
-        if shards.wait(timeout=0.5):  # loaded: only the pipeline is left to wait for
-            break
-    thread.join()
+    try:
+        while thread.is_alive():
+            if shards.wait(timeout=0.5):  # loaded: only the pipeline is left to wait for
+                break
+        thread.join()
+    except BaseException:
+        if stop is not None:
+            stop()
+            thread.join(STOP_WAIT_S)
+        raise
     if "error" in box:
         shards.wait(timeout=5)  # a pipeline failed by a shard that did not load: that shard's error
         raise box["error"]

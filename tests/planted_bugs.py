@@ -308,6 +308,47 @@ PLANTS = (
           (('"warning": None if has_text else NO_CONTEXT', '"warning": None'),),
           ("tests/test_link_job.py::test_a_mentions_row_without_text_is_flagged_or_with_require_text_an_error_row",
            "tests/test_link_job.py::test_bad_rows_become_error_rows_with_their_reason")),
+    Plant("text-cap", "A text over --max-text-bytes is a text_too_long error row (or cut, with --truncate-text), "
+          "decided while reading", "the cap is not applied (every text goes on to detection and the tokenizer)",
+          "otmel/linking/link_input.py",
+          (("        if not isinstance(text, str) or 4 * len(text) <= self.max_bytes:\n",
+            "        if True:\n"),),
+          ("tests/test_link_job.py::test_a_text_over_the_cap_is_an_error_row_or_cut_and_a_giant_line_is_skipped_as_it_"
+           "streams",)),
+    Plant("line-bound", "A JSONL line longer than a text and an image at their caps is skipped as it streams by "
+          "(one line_too_long row); no process of the job passes 2 GB with a 200 MB line",
+          "lines are held whole, however long",
+          "otmel/linking/link_input.py",
+          (("            elif held + len(piece) > max_line:\n", "            elif False:\n"),),
+          ("tests/test_link_job.py::test_a_text_over_the_cap_is_an_error_row_or_cut_and_a_giant_line_is_skipped_as_it_"
+           "streams",
+           "tests/reliability/test_hostile_corpus.py::test_a_hostile_corpus_comes_back_row_for_row_and_bad_images_"
+           "link_on_text")),
+    Plant("signals", "SIGTERM and SIGINT stop a link job in one line saying what was kept (exit 143 / 130), no "
+          "traceback or C++ dump; the re-run completes it", "the CLI installs no signal handlers",
+          "otmel/cli/main.py",
+          (("        with stop_on_signals():\n", "        with contextlib.nullcontext():\n"),),
+          ("tests/test_link_job.py::test_sigterm_then_sigint_stop_the_job_in_one_line_and_the_rerun_completes_it",)),
+    Plant("signals-after-ray", "A job's signal handlers survive Ray's start",
+          "the handlers in place before ray.init are not put back after it",
+          "jobs/common.py",
+          (("            if handler is not None:\n                signal.signal(s, handler)\n",
+            "            pass\n"),),
+          ("tests/test_link_job.py::test_sigterm_then_sigint_stop_the_job_in_one_line_and_the_rerun_completes_it",)),
+    Plant("clean-failure", "A failed or interrupted link job removes what it staged for the inputs it did not "
+          "commit, and says so; committed files stay", "the staged parts are left behind on failure",
+          "jobs/link.py",
+          (("            if sys.exc_info()[1] is not None:  # failed or interrupted: its commit tasks died with it\n"
+            "                _remove_staging(cfg)\n", ""),),
+          ("tests/reliability/test_storage_faults.py::test_a_permanent_output_failure_is_one_line_nothing_vouches_for_"
+           "missing_data_and_no_staging_is_left",)),
+    Plant("one-writer", "One writer per output: a second job into an output whose lease is live is refused in one "
+          "line before it deletes anything; a stale lease is taken over", "a live lease is taken over as if stale",
+          "otmel/io/lease.py",
+          (("                if age <= self.stale_s:\n", "                if False:\n"),),
+          ("tests/test_link_job.py::test_one_lease_per_output_a_live_one_refuses_a_second_job_and_a_stale_one_is_taken_"
+           "over",
+           "tests/test_link_job.py::test_two_link_jobs_started_together_into_one_output_one_is_refused_in_one_line")),
 )
 
 

@@ -71,6 +71,8 @@ FLAGS = {
     (("link",), "--min-alias-length"): (["0"], "3"),
     (("link",), "--max-alias-entities"): (["0"], "20"),
     (("link",), "--image-timeout"): (["0", "nan", "-1"], "10"),
+    (("link",), "--max-text-bytes"): (["0", "-1", "1.5"], "65536"),
+    (("link",), "--max-image-bytes"): (["0", "x"], "1048576"),
     (("link",), "--shard-replicas"): (["0"], "2"),
     (("link",), "--shard-gpus"): (["-0.1", "1.5", "nan"], "0.25"),
     (("link",), "--stall-timeout"): (["-1", "nan", "inf"], "0"),
@@ -170,7 +172,7 @@ def test_a_bad_numeric_flag_exits_2_in_one_line_before_any_work(command, flag, t
 
 @pytest.mark.parametrize("field,value", [("nil_threshold", float("nan")), ("nil_threshold", float("inf")),
                                          ("batch_size", 0), ("image_timeout_s", 0.0), ("cpus_per_actor", 0.0),
-                                         ("context_chars", -1)])
+                                         ("context_chars", -1), ("max_text_bytes", 0)])
 def test_a_library_caller_gets_the_same_refusal_from_the_link_config(field, value):
     from otmel.jobs.link import LinkConfig
 

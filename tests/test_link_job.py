@@ -19,7 +19,7 @@ from otmel.jobs.link import LinkConfig, run
 from otmel.linking.link_output import output_name, read_link_output
 from otmel.data.schemas import LINK_OUTPUT_SCHEMA
 
-from conftest import ONE_ACTOR_EACH, own_worker_env, png_bytes, scratch_dirs
+from conftest import ONE_ACTOR_EACH, cli_options, own_worker_env, png_bytes, scratch_dirs
 
 BUCKET = "s3://otmel-test"
 
@@ -197,7 +197,8 @@ def test_rerun_skips_complete_outputs_and_forced_rerun_reproduces_them(s3_link, 
     cfg, first, _, _ = s3_link
     before = set(_job_actors())  # an earlier job's, on their way out or not
     again = run(cfg)
-    assert again.summary["files_processed"] == 0 and again.summary["files_skipped_complete"] == 6
+    inputs = len(first.summary["files"])
+    assert inputs == 7 and again.summary["files_processed"] == 0 and again.summary["files_skipped_complete"] == inputs
     assert again.summary["counts"] == first.summary["counts"]
     # a rewritten input is linked again, and only that one
     time.sleep(1.1)  # a new mtime
@@ -205,7 +206,7 @@ def test_rerun_skips_complete_outputs_and_forced_rerun_reproduces_them(s3_link, 
     changed = run(cfg)
     assert changed.summary["files_processed"] == 1 and changed.summary["counts"] == first.summary["counts"]
     forced = run(LinkConfig(**{**cfg.to_dict(), "output": f"{BUCKET}/out-2", "force": True}))
-    assert forced.summary["files_processed"] == 6
+    assert forced.summary["files_processed"] == inputs
     a, b = read_link_output(cfg.output, s3_server), read_link_output(forced.output, s3_server)
     assert_same_link_rows(a.to_pylist(), b.to_pylist())  # same files (hash names), rows in the same order
     deadline = time.time() + 30  # a killed actor is reported dead within moments
@@ -229,6 +230,7 @@ RERUN_KEY_CASES = {
     "output": (f"{BUCKET}/out-1/", False),  # the same place spelled with a slash
     "skip_unsupported": (False, False),  # which files are read is the input listing's, not a row setting
     "dry_run": (True, False),
+    "require_text": (True, True), "max_text_bytes": (1000, True), "truncate_text": (True, True),
 }
 
 
@@ -762,6 +764,166 @@ def test_a_killed_driver_leaves_only_whole_files_and_the_rerun_completes_them_on
     assert not _staged_parts(out) and again.summary["counts"]["ok"] == rows.num_rows
 
 
+def test_sigterm_then_sigint_stop_the_job_in_one_line_and_the_rerun_completes_it(ray_local, s3_index, onnx_model,
+                                                                                  synth_dir, tmp_path, s3_server):
+    """`otmel link` (the CLI, joined to the session's Ray) with a small file and a big one
+    whose images a host holds (the job cannot end by itself). SIGTERM once the small file is
+    committed: exit 143 and one last line saying 1 of 2 files were kept, no traceback and no
+    C++ stack dump (it was exit 134, SIGABRT with a dump, after Ray's start replaced the
+    handler). Run again and SIGINT while it links the big file: exit 130, the same line. The
+    third run links the big file alone, every row exactly once, nothing left staged."""
+    import signal
+    import subprocess
+    import sys
+
+    import ray
+
+    test = pq.read_table(synth_dir / "mentions" / "test.parquet")
+    (tmp_path / "in").mkdir()
+    small_rows = test.slice(0, 16)
+    pq.write_table(small_rows, tmp_path / "in" / "a-small.parquet")
+    images = GatedImages()
+    held = test.set_column(test.column_names.index("image"), "image", pa.nulls(test.num_rows, pa.binary()))
+    held = held.set_column(held.column_names.index("image_uri"), "image_uri",
+                           pa.array([f"{images.url}/img.png?row={r}" for r in range(held.num_rows)]))
+    held = held.set_column(0, "mention_id", pa.array([f"big-{i}" for i in range(held.num_rows)]))
+    pq.write_table(held, tmp_path / "in" / "b-big.parquet")
+    out = tmp_path / "out"
+    small = str(tmp_path / "in" / "a-small.parquet")
+    args = [str(Path(sys.executable).parent / "otmel"), "link", "--model", onnx_model, "--index", s3_index[0].out,
+            "--input", str(tmp_path / "in"), "--output", str(out), "--batch-size", "8", "--s3-endpoint", s3_server,
+            "--allow-private-hosts", "--image-timeout", "600", *cli_options(ONE_ACTOR_EACH),
+            "--address", ray.get_runtime_context().gcs_address]
+
+    def interrupted(signum: int, ready, what: str) -> list[str]:
+        log = tmp_path / f"{signal.Signals(signum).name}.log"
+        with open(log, "w") as err:
+            driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            _wait_for(lambda: ready(log.read_text(errors="replace")), what, timeout=600,
+                      alive=lambda: driver.poll() is None)
+            driver.send_signal(signum)
+            assert driver.wait(120) == 128 + signum, log.read_text()[-3000:]
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        text = log.read_text(errors="replace")
+        assert "Traceback" not in text and "*** SIG" not in text and "Aborted" not in text, text[-3000:]
+        return text.strip().splitlines()
+
+    try:
+        lines = interrupted(signal.SIGTERM, lambda _: (out / output_name(small)).exists() and images.waiting,
+                            "the small file's commit while the big one's images are held")
+        kept = f"1 of 2 input file(s) committed in {out} and kept; re-run the same command to link the rest"
+        assert lines[-1] == f"otmel link: interrupted by SIGTERM: {kept}", lines[-5:]
+        assert not _staged_parts(out)  # an interrupted job removes what it staged
+        held_before = images.waiting  # the first run's fetches stay held
+        assert not (out / output_name(str(tmp_path / "in" / "b-big.parquet"))).exists()
+        lines = interrupted(signal.SIGINT, lambda text: "linking 1 input file(s)" in text and images.waiting > held_before,
+                            "the re-run linking the big file")
+        assert lines[-1] == f"otmel link: interrupted by SIGINT: {kept}", lines[-5:]
+        assert not (out / output_name(str(tmp_path / "in" / "b-big.parquet"))).exists()
+        images.open()
+        again = run(LinkConfig(model=onnx_model, index=s3_index[0].out, input=str(tmp_path / "in"), output=str(out),
+                               batch_size=8, s3_endpoint=s3_server, allow_private_hosts=True, image_timeout_s=600,
+                               **ONE_ACTOR_EACH))
+    finally:
+        images.close()
+    assert again.summary["files_skipped_complete"] == 1 and again.summary["files_processed"] == 1
+    rows = read_link_output(str(out))
+    assert rows.num_rows == 16 + held.num_rows == len(set(rows.column("mention_id").to_pylist()))
+    assert not _staged_parts(out)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_one_lease_per_output_a_live_one_refuses_a_second_job_and_a_stale_one_is_taken_over(where, tmp_path,
+                                                                                               s3_server, caplog):
+    """Local (O_EXCL) and on the S3 endpoint (conditional PUT, If-None-Match): a second lease
+    on an output held by a live job is refused in one line naming that job; released, the
+    output can be leased again; a lease whose heartbeat is older than the stale bound (its job
+    was SIGKILLed) is taken over with a warning; the heartbeat renews the record."""
+    import logging
+
+    from otmel.io.lease import LEASE_FILE, OutputBusy, OutputLease
+    from otmel.io.storage import exists, join, read_bytes, write_bytes
+
+    out = str(tmp_path / "out") if where == "local" else f"{BUCKET}/lease-{tmp_path.name}"
+    first = OutputLease(out, s3_server, heartbeat_s=0.2)
+    with first:
+        with pytest.raises(OutputBusy, match=f"another job is writing this output .*job {first.record['job'][:12]}"):
+            OutputLease(out, s3_server).acquire()
+        beat = first.record["heartbeat"]
+        time.sleep(0.6)
+        assert json.loads(read_bytes(join(out, LEASE_FILE), s3_server))["heartbeat"] > beat  # renewed
+    assert not exists(join(out, LEASE_FILE), s3_server)  # released
+    with OutputLease(out, s3_server):
+        pass
+    # a job that was SIGKILLed: its lease stays, its heartbeat stops
+    gone = {"job": "f" * 32, "command": "otmel link", "host": "elsewhere", "pid": 1, "started": 0, "heartbeat": 0}
+    write_bytes(join(out, LEASE_FILE), json.dumps(gone).encode(), s3_server)
+    with caplog.at_level(logging.WARNING, logger="otmel.io.lease"), OutputLease(out, s3_server) as taken:
+        assert json.loads(read_bytes(join(out, LEASE_FILE), s3_server))["job"] == taken.record["job"]
+    assert any("taking over the stale lease" in r.getMessage() and "ffffffffffff" in r.getMessage()
+               for r in caplog.records)
+    # a SIGKILLed driver on this host (its pid gone, or reused by a process started at
+    # another time), heartbeat fresh: taken over at once, so the same command can resume
+    import socket
+
+    killed = dict(gone, job="e" * 32, host=socket.gethostname(), pid=os.getpid(), pid_started=1.0,
+                  heartbeat=time.time())
+    write_bytes(join(out, LEASE_FILE), json.dumps(killed).encode(), s3_server)
+    with caplog.at_level(logging.WARNING, logger="otmel.io.lease"), OutputLease(out, s3_server):
+        pass
+    assert any("eeeeeeeeeeee" in r.getMessage() and "its process is gone" in r.getMessage() for r in caplog.records)
+
+
+def test_two_link_jobs_started_together_into_one_output_one_is_refused_in_one_line(ray_local, s3_index, onnx_model,
+                                                                                   synth_dir, tmp_path, s3_server):
+    """Two `otmel link` processes started at once with the same --output (their input's images
+    held by a host, so neither can end before the other has tried): one takes the output's
+    lease, the other exits 2 in one line naming it, having deleted nothing; the first then
+    links every row, and its lease goes with it."""
+    import subprocess
+    import sys
+
+    import ray
+
+    test = pq.read_table(synth_dir / "mentions" / "test.parquet").slice(0, 16)
+    images = GatedImages()
+    (tmp_path / "in").mkdir()
+    pq.write_table(test.set_column(test.column_names.index("image"), "image", pa.nulls(test.num_rows, pa.binary()))
+                   .set_column(test.column_names.index("image_uri"), "image_uri",
+                               pa.array([f"{images.url}/img.png?row={r}" for r in range(test.num_rows)])),
+                   tmp_path / "in" / "held.parquet")
+    out = tmp_path / "out"
+    args = [str(Path(sys.executable).parent / "otmel"), "link", "--model", onnx_model, "--index", s3_index[0].out,
+            "--input", str(tmp_path / "in"), "--output", str(out), "--s3-endpoint", s3_server, "--allow-private-hosts",
+            "--image-timeout", "600", *cli_options(ONE_ACTOR_EACH), "--address", ray.get_runtime_context().gcs_address]
+    jobs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        # one ends (refused), or both got as far as fetching images (more than one job's 16 held)
+        _wait_for(lambda: any(j.poll() is not None for j in jobs) or images.waiting > test.num_rows,
+                  "one of the two jobs to end", timeout=600)
+        assert images.waiting <= test.num_rows, "both jobs are linking into the same output"
+        refused = next(j for j in jobs if j.poll() is not None)
+        running = next(j for j in jobs if j is not refused)
+        err = refused.communicate(timeout=60)[1]
+        assert refused.returncode == 2, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("otmel link: error:") and "another job is writing this output" in last, last
+        assert running.poll() is None and (out / "_otmel.lease").exists()
+        images.open()
+        assert running.wait(600) == 0, running.communicate()[1][-3000:]
+    finally:
+        images.close()
+        for j in jobs:
+            if j.poll() is None:
+                j.kill()
+    rows = read_link_output(str(out))
+    assert sorted(rows.column("mention_id").to_pylist()) == sorted(test.column("mention_id").to_pylist())
+    assert not (out / "_otmel.lease").exists()
+
+
 def test_best_threshold_is_the_max_f1_cut():
     from otmel.linking.calibration import best_threshold
 
@@ -853,6 +1015,48 @@ def test_a_mentions_row_without_text_is_flagged_or_with_require_text_an_error_ro
                 assert all(r["preset"] == "" and r["error"] is None and r["warning"] == "no_context" for r in bare), bare
             assert [(r["preset"], r["warning"]) for r in rows if r["mention_id"] == "f"] == \
                    ([] if name == "m.parquet" else [("", None)])
+
+
+def test_a_text_over_the_cap_is_an_error_row_or_cut_and_a_giant_line_is_skipped_as_it_streams(tmp_path):
+    """--max-text-bytes 1000 (lines then hold at most ~1.05 MiB): a 5 MB JSONL line (a giant
+    field that is not the text) is one line_too_long row and the lines after it keep their
+    numbers; a mention's 1,600-byte text is a text_too_long row, or with --truncate-text cut at
+    a character boundary within 1,000 bytes (warning text_truncated); a post over the cap is
+    one error row, or cut: its span inside the cut linked with the warning, the one past it a
+    bad_span; a Parquet text over the cap is the same error row."""
+    from otmel.linking.link_input import iter_mention_rows, max_line_bytes
+
+    long_text = "é" * 800  # 1,600 UTF-8 bytes, 800 characters
+    post_text = "Paris " + "x" * 2000 + " Rome"
+    lines = [json.dumps({"mention_id": "m1", "mention": "Paris", "text": "in Paris"}),
+             json.dumps({"mention_id": "giant", "mention": "Paris", "text": "in Paris", "junk": "z" * 5_000_000}),
+             json.dumps({"mention_id": "m3", "mention": "Paris", "text": long_text}),
+             json.dumps({"post_id": "p4", "text": post_text,
+                         "mentions": [{"mention": "Paris", "start": 0, "end": 5},
+                                      {"mention": "Rome", "start": len(post_text) - 4, "end": len(post_text)}]}),
+             json.dumps({"mention_id": "m5", "mention": "Rome", "text": "Rome"})]
+    (tmp_path / "x.jsonl").write_text("\n".join(lines))
+    pq.write_table(pa.table({"mention_id": ["q1", "q2"], "mention": ["Paris", "Rome"], "text": ["ok", long_text]}),
+                   tmp_path / "y.parquet")
+    limits = dict(max_text_bytes=1000, max_image_bytes=1000)
+    assert max_line_bytes(1000, 1000) < 1.1 * 2**20
+
+    def read(name, **kw):
+        rows = pa.concat_tables(list(iter_mention_rows(str(tmp_path / name), **limits, **kw))).to_pylist()
+        return {r["mention_id"]: r for r in rows}
+
+    rows = read("x.jsonl")
+    assert rows[f"{tmp_path / 'x.jsonl'}:2"]["error"].startswith("line_too_long: line 2 is 50000")
+    assert rows["m1"]["error"] is None and rows["m5"]["source_row"] == 5 and rows["m5"]["error"] is None
+    assert rows["m3"]["error"].startswith("text_too_long: the text is 1600 bytes")
+    assert rows["p4"]["error"].startswith("text_too_long") and len([r for r in rows.values() if r["post_id"] == "p4"]) == 1
+    cut = read("x.jsonl", truncate_text=True)
+    assert cut["m3"]["error"] is None and cut["m3"]["warning"] == "text_truncated" and cut["m3"]["text"] == "é" * 500
+    assert cut["p4:0-5"]["warning"] == "text_truncated" and cut["p4:0-5"]["error"] is None
+    assert [r["error"].split(":")[0] for r in cut.values() if r["post_id"] == "p4" and r["error"]] == ["bad_span"]
+    assert cut["m1"]["warning"] is None and cut[f"{tmp_path / 'x.jsonl'}:2"]["error"].startswith("line_too_long")
+    parquet = read("y.parquet")
+    assert parquet["q1"]["error"] is None and parquet["q2"]["error"].startswith("text_too_long")
 
 
 def test_a_bad_value_or_a_damaged_row_group_becomes_error_rows_and_the_rest_of_the_file_is_read(tmp_path):

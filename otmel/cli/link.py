@@ -17,7 +17,8 @@ def cmd_link(args) -> int:
                      batch_size=args.batch_size, detect_mentions=args.detect_mentions,
                      context_chars=args.context_chars, min_alias_length=args.min_alias_length,
                      max_alias_entities=args.max_alias_entities, bad_image=args.bad_image,
-                     require_text=args.require_text,
+                     require_text=args.require_text, max_text_bytes=args.max_text_bytes,
+                     truncate_text=args.truncate_text, max_image_bytes=args.max_image_bytes,
                      allow_image_prefix=args.allow_image_prefix or [], allow_private_hosts=args.allow_private_hosts,
                      image_timeout_s=args.image_timeout, force=args.force,
                      skip_unsupported=args.skip_unsupported, dry_run=args.dry_run, address=args.address,
@@ -74,6 +75,14 @@ def add_parsers(sub) -> None:
     s.add_argument("--require-text", action="store_true",
                    help="a mentions row without text becomes an error row (empty_text); by default it is linked on its "
                         "mention string alone and flagged (warning no_context, counted in _SUCCESS.json)")
+    s.add_argument("--max-text-bytes", type=integer(1), default=1 << 20, metavar="N",
+                   help="a longer text (UTF-8 bytes) makes its row a text_too_long error row, decided while reading "
+                        "(default 1 MiB); a JSONL line longer than a text and an image at their caps is one "
+                        "line_too_long error row")
+    s.add_argument("--truncate-text", action="store_true",
+                   help="cut a text longer than --max-text-bytes there instead (warning text_truncated)")
+    s.add_argument("--max-image-bytes", type=integer(1), default=20 << 20, metavar="N",
+                   help="an image (inline or fetched) larger than this is refused for its row (default 20 MiB)")
     s.add_argument("--image-timeout", type=real(above=0), default=10.0, help="seconds per image fetch")
     s.add_argument("--force", action="store_true", help="recompute inputs whose output is already complete")
     s.add_argument("--dry-run", action="store_true",

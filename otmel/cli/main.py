@@ -20,14 +20,20 @@
     otmel scale --address HEAD:6379 (--cpus N | --gpus N | --bundles JSON | --clear) [--timeout S]
     otmel cluster local --nodes N [--autoscale] | otmel cluster down
 
-Errors a user can fix (bad paths, schemas, checkpoints) print one line and exit 2.
+Errors a user can fix (bad paths, schemas, checkpoints) print one line and exit 2. SIGINT and
+SIGTERM stop a job cleanly: one line saying what was kept, exit 130 / 143 (a second signal
+exits at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import signal
 import sys
+import threading
 
 from otmel.cli import cluster, data, demo, export, index, kge, link, train
 from otmel.cli.common import OneLineErrors
@@ -62,14 +68,49 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             PipelineStalled)
 
 
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT and SIGTERM (Ctrl-C; Kubernetes, ``ray job stop``, ``otmel stop``) raise
+    :class:`otmel.jobs.common.JobInterrupted` in the command's main thread: the job stops
+    submitting work, ends its actors, and the CLI prints one line of what was kept. A second
+    signal while it does so exits at once (130 / 143), as an impatient operator expects.
+    (Ray's start replaces these handlers; the jobs put them back: keep_signal_handlers.) The
+    caller's handlers are back afterwards (``main`` called in-process, as the tests do)."""
+    from otmel.jobs.common import JobInterrupted
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen = []
+
+    def on_signal(signum, _frame):
+        if seen:
+            os._exit(128 + signum)
+        seen.append(signum)
+        raise JobInterrupted(signum)
+
+    before = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from otmel.jobs.common import JobInterrupted
+
     try:  # a usage error (one line) or --help: nothing started, nothing touched
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     _setup_logging(args.verbose)
     try:
-        return args.func(args)
+        with stop_on_signals():
+            return args.func(args)
+    except JobInterrupted as exc:
+        print(f"otmel {args.command}: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     except _user_errors() as exc:
         if args.verbose:
             raise

@@ -37,6 +37,20 @@ log = logging.getLogger(__name__)
 
 INPUT_SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".json")
 DEFAULT_CONTEXT_CHARS = 200
+#: the longest text (UTF-8 bytes) a row may carry (``--max-text-bytes``); a longer one is an
+#: error row (``text_too_long``) or, with ``--truncate-text``, cut there (warning
+#: ``text_truncated``). Decided while reading, before mention detection or the tokenizer: one
+#: 200 MB text line drove a preprocess worker to 16.7 GB and stalled the job
+DEFAULT_MAX_TEXT_BYTES = 1 << 20
+#: the largest inline image a row may carry (``--max-image-bytes``; base64 in JSON)
+DEFAULT_MAX_IMAGE_BYTES = 20 << 20
+
+
+def max_line_bytes(max_text_bytes: int, max_image_bytes: int) -> int:
+    """The longest JSONL line read: a text and a base64 image at their caps, and 1 MiB for the
+    rest of the record. A longer line (a giant field of any kind) is skipped without being
+    held and becomes one ``line_too_long`` error row."""
+    return max_text_bytes + (max_image_bytes * 4) // 3 + (1 << 20)
 #: a read chunk ends at this many rows or at READ_CHUNK_BYTES of input, whichever comes first:
 #: rows of posts with inline images are ~100x larger than text rows, and a read task holds
 #: several copies of a chunk (Python records, mention table, sorted table) at once
@@ -378,10 +392,14 @@ def _decodes(col: pa.Array) -> bool:
 
 
 def _iter_records(uri: str, s3_endpoint: str | None, chunk_rows: int,
-                  chunk_bytes: int = READ_CHUNK_BYTES) -> Iterator[list[Record]]:
+                  chunk_bytes: int = READ_CHUNK_BYTES,
+                  max_line: int = max_line_bytes(DEFAULT_MAX_TEXT_BYTES, DEFAULT_MAX_IMAGE_BYTES)
+                  ) -> Iterator[list[Record]]:
     """The rows (Parquet, by batches of row groups) or lines (JSONL, streamed) of one file, in
     chunks of at most ``chunk_rows`` rows and about ``chunk_bytes`` of input (one row larger
-    than that is a chunk of its own): memory stays bounded by a chunk, not by the file.
+    than that is a chunk of its own): memory stays bounded by a chunk, not by the file. A
+    JSONL line longer than ``max_line`` bytes is skipped as it streams by (never held) and
+    becomes a ``line_too_long`` error record.
 
     Raises FileNotFoundError for a missing file and StorageError for a storage failure (the
     caller's task is retried); content problems are returned as records with a problem.
@@ -420,29 +438,62 @@ def _iter_records(uri: str, s3_endpoint: str | None, chunk_rows: int,
                 chunks: Iterator[bytes] = iter([data])
             else:
                 chunks = iter(lambda: f.read(1 << 20), b"")
-            out: list[Record] = []
-            tail, lineno, out_bytes = b"", 0, 0
-            for chunk in chunks:
-                lines = (tail + chunk).split(b"\n")
-                tail = lines.pop()
-                for raw in lines:
-                    lineno += 1
-                    if raw.strip():
-                        out.append(_json_record(lineno, raw, "line"))
-                        out_bytes += len(raw)
-                    if len(out) >= chunk_rows or out_bytes >= chunk_bytes:
-                        yield out
-                        out, out_bytes = [], 0
-            if tail.strip():
-                out.append(_json_record(lineno + 1, tail, "line"))
-            if out:
-                yield out
+            yield from _jsonl_records(chunks, chunk_rows, chunk_bytes, max_line)
     except FileNotFoundError:
         raise
     except OSError as exc:
         if "not found" in str(exc).lower() or "does not exist" in str(exc).lower():
             raise FileNotFoundError(f"{uri}: no such file") from exc
         raise StorageError(f"{uri}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+def _jsonl_records(chunks: Iterator[bytes], chunk_rows: int, chunk_bytes: int, max_line: int) -> Iterator[list[Record]]:
+    """JSON lines from a stream of byte chunks; a line's pieces are joined once it ends (not
+    re-copied per chunk: a 200 MB line read in 1 MiB chunks was copied ~200 times), and a
+    line past ``max_line`` bytes is dropped piece by piece as it streams by."""
+    out: list[Record] = []
+    pieces: list[bytes] = []
+    held, lineno, out_bytes = 0, 0, 0
+    too_long = -1  # the length so far of a line being skipped, or -1
+
+    def end_line() -> None:
+        nonlocal pieces, held, too_long, out_bytes
+        if too_long >= 0:
+            out.append((lineno, None, f"line_too_long: line {lineno} is {too_long} bytes, more than the {max_line} "
+                                      f"a row may hold (--max-text-bytes, --max-image-bytes)"))
+            out_bytes += 1
+        else:
+            raw = b"".join(pieces)
+            if raw.strip():
+                out.append(_json_record(lineno, raw, "line"))
+                out_bytes += len(raw)
+        pieces, held, too_long = [], 0, -1
+
+    for chunk in chunks:
+        start = 0
+        while start <= len(chunk):
+            nl = chunk.find(b"\n", start)
+            piece = chunk[start:] if nl < 0 else chunk[start:nl]
+            if too_long >= 0:
+                too_long += len(piece)
+            elif held + len(piece) > max_line:
+                too_long, pieces, held = held + len(piece), [], 0
+            elif piece:
+                pieces.append(piece)
+                held += len(piece)
+            if nl < 0:
+                break
+            lineno += 1
+            end_line()
+            if len(out) >= chunk_rows or out_bytes >= chunk_bytes:
+                yield out
+                out, out_bytes = [], 0
+            start = nl + 1
+    if pieces or too_long >= 0:
+        lineno += 1
+        end_line()
+    if out:
+        yield out
 
 
 def _span_rows(rec: dict, post_id: str, text: str, spans, source: str, row: int, context_chars: int,
@@ -477,15 +528,22 @@ def _span_rows(rec: dict, post_id: str, text: str, spans, source: str, row: int,
 
 def iter_mention_rows(uri: str, s3_endpoint: str | None = None, detector=None,
                       context_chars: int = DEFAULT_CONTEXT_CHARS, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                      chunk_bytes: int = READ_CHUNK_BYTES, require_text: bool = False) -> Iterator[pa.Table]:
+                      chunk_bytes: int = READ_CHUNK_BYTES, require_text: bool = False,
+                      max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES, truncate_text: bool = False,
+                      max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Iterator[pa.Table]:
     """One input file -> its mention rows (:data:`MENTION_ROW_SCHEMA`), chunk by chunk; never
     raises on bad content (bad rows are error rows). Each record is read by its own columns: a
     ``mention`` column makes it a mentions row, ``post_id`` + ``text`` a post. A mentions row
     without text is linked on its mention string alone, with the warning ``no_context``
-    (``require_text``: an ``empty_text`` error row instead)."""
+    (``require_text``: an ``empty_text`` error row instead). A text longer than
+    ``max_text_bytes`` makes its row (a post: each of its rows) a ``text_too_long`` error, or
+    with ``truncate_text`` is cut there (warning ``text_truncated``; a span past the cut is a
+    ``bad_span``), before mention detection and the tokenizer see it."""
+    limits = TextLimit(max_text_bytes, truncate_text)
     try:
-        for records in _iter_records(uri, s3_endpoint, chunk_rows, chunk_bytes):
-            yield _mention_rows(uri, records, detector, context_chars, require_text)
+        for records in _iter_records(uri, s3_endpoint, chunk_rows, chunk_bytes,
+                                     max_line_bytes(max_text_bytes, max_image_bytes)):
+            yield _mention_rows(uri, records, detector, context_chars, require_text, limits)
     except FileNotFoundError as exc:  # listed, then gone: the file itself is the bad input
         yield _mention_rows(uri, [(0, None, f"unreadable_file: {exc}")], detector, context_chars)
     # any other StorageError (throttling, a reset connection) propagates: Ray retries the read
@@ -496,12 +554,38 @@ def iter_mention_rows(uri: str, s3_endpoint: str | None = None, detector=None,
 NO_CONTEXT = "no_context"
 
 
+#: the warning of a row whose text was cut at ``--max-text-bytes`` (``--truncate-text``)
+TEXT_TRUNCATED = "text_truncated"
+
+
 def _has_text(value) -> bool:
     return value is not None and not (isinstance(value, str) and not value.strip())
 
 
+@dataclass(frozen=True)
+class TextLimit:
+    """``--max-text-bytes`` and ``--truncate-text``."""
+
+    max_bytes: int = DEFAULT_MAX_TEXT_BYTES
+    truncate: bool = False
+
+    def apply(self, text):
+        """``(text, problem)``: the text as given, or cut (problem ``text_truncated``), or
+        ``(None, "text_too_long: ...")``. A string of n characters is at most 4n UTF-8 bytes:
+        only long ones are encoded to be measured."""
+        if not isinstance(text, str) or 4 * len(text) <= self.max_bytes:
+            return text, None
+        data = text.encode("utf-8", "surrogatepass")
+        if len(data) <= self.max_bytes:
+            return text, None
+        if self.truncate:
+            return data[:self.max_bytes].decode("utf-8", "ignore"), TEXT_TRUNCATED
+        return None, (f"text_too_long: the text is {len(data)} bytes, more than --max-text-bytes {self.max_bytes} "
+                      "(--truncate-text cuts it there instead)")
+
+
 def _mention_rows(uri: str, records: list[Record], detector, context_chars: int,
-                  require_text: bool = False) -> pa.Table:
+                  require_text: bool = False, limits: TextLimit = TextLimit()) -> pa.Table:
     rows: list[dict] = []
     for row, rec, problem in records:
         if rec is None:
@@ -521,11 +605,16 @@ def _mention_rows(uri: str, records: list[Record], detector, context_chars: int,
                 rows.append(_error_row(uri, row, "empty_text: the mention row has no text (--require-text)",
                                        rec.get("post_id"), mention_id))
                 continue
+            text, problem = limits.apply(rec.get("text"))
+            if text is None and problem:
+                rows.append(_error_row(uri, row, problem, rec.get("post_id"), mention_id))
+                continue
             rows.append({"mention_id": str(mention_id), "post_id": None if rec.get("post_id") is None else str(rec["post_id"]),
                          "mention": rec.get("mention"), "start": rec.get("start"), "end": rec.get("end"),
-                         "text": rec.get("text"), "image": image, "image_uri": image_uri,
+                         "text": text, "image": image, "image_uri": image_uri,
                          "preset": "error" if image_error else "", "error": image_error,
-                         "warning": None if has_text else NO_CONTEXT, "source_file": uri, "source_row": row})
+                         "warning": problem or (None if has_text else NO_CONTEXT), "source_file": uri,
+                         "source_row": row})
         elif is_posts:
             post_id = rec.get("post_id")
             text = rec.get("text")
@@ -535,6 +624,10 @@ def _mention_rows(uri: str, records: list[Record], detector, context_chars: int,
             post_id = str(post_id)
             if not isinstance(text, str) or not text.strip():
                 rows.append(_error_row(uri, row, "empty_text: the post text is missing or empty", post_id, post_id))
+                continue
+            text, problem = limits.apply(text)
+            if text is None:
+                rows.append(_error_row(uri, row, problem, post_id, post_id))
                 continue
             spans = rec.get("mentions")
             if spans is None:
@@ -548,7 +641,11 @@ def _mention_rows(uri: str, records: list[Record], detector, context_chars: int,
                              "text": None, "image": None, "image_uri": None, "preset": "no_mention", "error": None,
                              "warning": None, "source_file": uri, "source_row": row})
                 continue
-            rows.extend(_span_rows(rec, post_id, text, spans, uri, row, context_chars, image, image_uri, image_error))
+            found = _span_rows(rec, post_id, text, spans, uri, row, context_chars, image, image_uri, image_error)
+            if problem:  # cut: said on each of its rows that were linked
+                for r in found:
+                    r["warning"] = problem if r["preset"] != "error" else None
+            rows.extend(found)
         else:
             rows.append(_error_row(uri, row, "unknown_columns: expected a posts row (post_id, text[, mentions]) or a "
                                    f"mentions row (mention_id, mention, text); found {', '.join(sorted(rec)) or 'none'}"))

@@ -3,16 +3,21 @@ decompression-bomb images, NUL bytes and non-UTF-8 lines, an empty and a 1 MB te
 wrongly typed fields, a duplicate mention id, reversed and negative spans, broken JSON lines,
 a JSON line nested 100k deep, invalid UTF-8 in a Parquet string column, a Parquet row group
 damaged in storage (footer intact),
-an empty file, a zero-row Parquet and a non-Parquet file named .parquet.
+an empty file, a zero-row Parquet and a non-Parquet file named .parquet; a 200 MB JSONL line
+and a 200 MB text in a Parquet row group.
 
 The job stays alive and every input row comes back exactly once, with a status and, for an
-error, its reason; rows whose only problem is their image are linked on their text.
+error, its reason; rows whose only problem is their image are linked on their text. No
+process of the job grows past :data:`JOB_PROCESS_LIMIT_MB` (docs/reliability.md): one 200 MB
+text line used to drive a preprocess worker to 16.7 GB and stall the job.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import threading
 import struct
 import zlib
 from collections import Counter
@@ -25,9 +30,16 @@ from PIL import Image
 from conftest import ONE_ACTOR_EACH
 from hostile_files import damage_row_group, deeply_nested_json_line, string_column_with_invalid_utf8
 
+from otmel.io.worker_memory import SAMPLE_EVERY_S, WorkerMemory
 from otmel.jobs.link import LinkConfig, run
 from otmel.linking.link_output import read_link_output
 from otmel.data.schemas import LINK_STATUSES
+
+#: the most private memory any process of a link job may reach with a 200 MB line or value in
+#: its input, default settings (docs/reliability.md); measured ~0.5 GB for the Parquet value's
+#: read (its column data, then the Python string), the JSONL line streamed by in 1 MiB pieces
+JOB_PROCESS_LIMIT_MB = 2048
+GIANT = 200 * 1024 * 1024
 
 
 def _png(size: int = 32) -> bytes:
@@ -89,11 +101,35 @@ def test_a_hostile_corpus_comes_back_row_for_row_and_bad_images_link_on_text(ray
     pq.write_table(pa.table({"mention_id": [f"d{i}" for i in range(6)], "mention": [g["mention"] for g in good[:6]],
                              "text": [g["text"] for g in good[:6]]}), src / "damaged.parquet", row_group_size=2)
     damage_row_group(src / "damaged.parquet", 1)
+    # a 200 MB line between two good ones, and a 200 MB text value in a Parquet row group
+    with open(src / "giant.jsonl", "wb") as f:
+        f.write(json.dumps({"mention_id": "g1", "mention": good[0]["mention"], "text": good[0]["text"]}).encode() + b"\n")
+        f.write(b'{"mention_id": "g2", "mention": "x", "text": "')
+        for _ in range(GIANT >> 20):
+            f.write(b"word " * (1 << 18))  # 1 MiB at a time: the test holds no 200 MB line either
+        f.write(b'"}\n' + json.dumps({"mention_id": "g3", "mention": good[1]["mention"], "text": good[1]["text"]}).encode())
+    pq.write_table(pa.table({"mention_id": ["h1", "h2"], "mention": [good[2]["mention"], "x"],
+                             "text": [good[2]["text"], "w" * GIANT]}), src / "giant.parquet")
 
-    r = run(LinkConfig(model=model, index=index, input=str(src), output=str(tmp_path / "out"), top_k=3,
-                       candidates=16, bad_image="text", **ONE_ACTOR_EACH))
+    memory = WorkerMemory(since=0, root_pid=os.getpid())  # every worker of the session's instance
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(SAMPLE_EVERY_S):
+            memory.sample()
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        r = run(LinkConfig(model=model, index=index, input=str(src), output=str(tmp_path / "out"), top_k=3,
+                           candidates=16, bad_image="text", **ONE_ACTOR_EACH))
+    finally:
+        stop.set()
+        sampler.join()
+    peaks = memory.by_kind()
+    assert peaks and max(peaks.values()) < JOB_PROCESS_LIMIT_MB, peaks
     out = read_link_output(r.output).to_pylist()
-    assert r.summary["counts"]["in"] == len(out) == 9 + 8 + 1 + 3 + 6
+    assert r.summary["counts"]["in"] == len(out) == 9 + 8 + 1 + 3 + 6 + 3 + 2
     assert all(x["status"] in LINK_STATUSES for x in out)
     assert all(x["error"] for x in out if x["status"] == "error")
     assert all(x["error"] is None for x in out if x["status"] != "error")
@@ -124,10 +160,14 @@ def test_a_hostile_corpus_comes_back_row_for_row_and_bad_images_link_on_text(ray
     damaged = str(src / "damaged.parquet")
     assert [by_id[f"{damaged}:{i}"]["error"].split(":")[0] for i in (2, 3)] == ["unreadable_row_group"] * 2
     assert all(by_id[f"d{i}"]["status"] in ("ok", "nil") for i in (0, 1, 4, 5))
+    # the giant line and value are error rows; the rows around them are linked
+    assert by_id[f"{src / 'giant.jsonl'}:2"]["error"].startswith("line_too_long: line 2 is")
+    assert by_id["h2"]["error"].startswith(f"text_too_long: the text is {GIANT} bytes")
+    assert all(by_id[i]["status"] in ("ok", "nil") for i in ("g1", "g3", "h1"))
     # every input file has its output (the empty ones an empty one)
     assert set(r.summary["files"]) == {str(src / n) for n in
                                        ("mentions.parquet", "posts.jsonl", "empty.jsonl", "zero.parquet", "fake.parquet",
-                                        "badutf8.parquet", "damaged.parquet")}
+                                        "badutf8.parquet", "damaged.parquet", "giant.jsonl", "giant.parquet")}
 
 
 def test_the_pixel_cap_refuses_a_bomb_before_decoding():

@@ -74,10 +74,14 @@ def test_transient_faults_are_retried_and_the_output_equals_a_healthy_run(on_s3,
     assert success["counts"]["in"] == clean.summary["counts"]["in"] > 0
 
 
-def test_a_permanent_output_failure_is_one_line_and_nothing_vouches_for_missing_data(on_s3, s3_server,
-                                                                                      ray_local):
-    # every write under the output prefix fails; reads (input, index) work
-    faults = Faults(always=True, kinds=("internal",), methods=("PUT", "POST"), path_contains="/faults/out-down")
+def test_a_permanent_output_failure_is_one_line_nothing_vouches_for_missing_data_and_no_staging_is_left(
+        on_s3, s3_server, ray_local):
+    """The output store accepts the job's probe and its staged parts, then fails every write of
+    a commit (an outage, a full bucket, a revoked grant in mid-job; an output that refuses every
+    write is refused before any work, by the probe): the job fails with one line naming the
+    output; no committed file and no _SUCCESS.json vouches for missing data; and the job
+    removes what it staged, saying so (a full disk stayed full of staged parts)."""
+    faults = Faults(always=True, kinds=("internal",), methods=("PUT", "POST"), path_contains="/commit-")
     out = f"s3://{BUCKET}/faults/out-down"
     with FaultProxy(s3_server, faults) as proxy:
         args = [OTMEL, "link", "--model", on_s3["model"], "--index", on_s3["index"], "--input", on_s3["input"],
@@ -89,5 +93,8 @@ def test_a_permanent_output_failure_is_one_line_and_nothing_vouches_for_missing_
     assert last.startswith("otmel link: error:") and "faults/out-down" in last, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert faults.injected.get("internal", 0) > 0
+    removed = [line for line in proc.stderr.splitlines() if "staged file(s)" in line and "removed" in line]
+    assert removed and "committed files are kept" in removed[0], proc.stderr[-3000:]
     keys = _keys(s3_server, "faults/out-down/")
     assert not [k for k in keys if k.endswith("_SUCCESS.json") or "/part-" in k.split("_staging")[0]], keys
+    assert not [k for k in keys if "_staging" in k], keys  # neither parts nor half-written commits
