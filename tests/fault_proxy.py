@@ -28,6 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 WRITES = ("PUT", "POST", "DELETE")
 SLOW_DOWN = (503, "SlowDown", "Please reduce your request rate.")
 INTERNAL = (500, "InternalError", "We encountered an internal error. Please try again.")
+#: a grant revoked in mid-job: not a fault the SDK retries
+FORBIDDEN = (403, "AccessDenied", "Access Denied")
 
 
 @dataclass
@@ -138,8 +140,8 @@ class FaultProxy:
                     self.close_connection = True
                     self.connection.close()
                     return
-                if kind in ("slowdown", "internal"):
-                    status, code, message = SLOW_DOWN if kind == "slowdown" else INTERNAL
+                if kind in ("slowdown", "internal", "forbidden"):
+                    status, code, message = {"slowdown": SLOW_DOWN, "internal": INTERNAL, "forbidden": FORBIDDEN}[kind]
                     xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
                            f"<Message>{message}</Message><RequestId>fault</RequestId></Error>").encode()
                     self.send_response(status)

@@ -76,12 +76,12 @@ def test_transient_faults_are_retried_and_the_output_equals_a_healthy_run(on_s3,
 
 def test_a_permanent_output_failure_is_one_line_nothing_vouches_for_missing_data_and_no_staging_is_left(
         on_s3, s3_server, ray_local):
-    """The output store accepts the job's probe and its staged parts, then fails every write of
-    a commit (an outage, a full bucket, a revoked grant in mid-job; an output that refuses every
-    write is refused before any work, by the probe): the job fails with one line naming the
-    output; no committed file and no _SUCCESS.json vouches for missing data; and the job
-    removes what it staged, saying so (a full disk stayed full of staged parts)."""
-    faults = Faults(always=True, kinds=("internal",), methods=("PUT", "POST"), path_contains="/commit-")
+    """The output store accepts the job's probe and its staged parts, then refuses every write of
+    a commit (403: a grant revoked in mid-job, as a full disk refuses a write; an output that
+    refuses every write is refused before any work, by the probe): the job fails with one line
+    naming the output; no committed file and no _SUCCESS.json vouches for missing data; and the
+    job removes what it staged, saying so (a full disk stayed full of staged parts)."""
+    faults = Faults(always=True, kinds=("forbidden",), methods=("PUT", "POST"), path_contains="/commit-")
     out = f"s3://{BUCKET}/faults/out-down"
     with FaultProxy(s3_server, faults) as proxy:
         args = [OTMEL, "link", "--model", on_s3["model"], "--index", on_s3["index"], "--input", on_s3["input"],
@@ -92,7 +92,7 @@ def test_a_permanent_output_failure_is_one_line_nothing_vouches_for_missing_data
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("otmel link: error:") and "faults/out-down" in last, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert faults.injected.get("internal", 0) > 0
+    assert faults.injected.get("forbidden", 0) > 0
     removed = [line for line in proc.stderr.splitlines() if "staged file(s)" in line and "removed" in line]
     assert removed and "committed files are kept" in removed[0], proc.stderr[-3000:]
     keys = _keys(s3_server, "faults/out-down/")
