@@ -305,7 +305,7 @@ PLANTS = (
           "(counted in _SUCCESS.json), or with --require-text an empty_text error row",
           "the reader gives text-less mentions rows no warning",
           "otmel/linking/link_input.py",
-          (('"warning": None if has_text else NO_CONTEXT', '"warning": None'),),
+          (('"warning": problem or (None if has_text else NO_CONTEXT)', '"warning": problem'),),
           ("tests/test_link_job.py::test_a_mentions_row_without_text_is_flagged_or_with_require_text_an_error_row",
            "tests/test_link_job.py::test_bad_rows_become_error_rows_with_their_reason")),
     Plant("text-cap", "A text over --max-text-bytes is a text_too_long error row (or cut, with --truncate-text), "
