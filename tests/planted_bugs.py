@@ -328,13 +328,15 @@ PLANTS = (
           "traceback or C++ dump; the re-run completes it", "the CLI installs no signal handlers",
           "otmel/cli/main.py",
           (("        with stop_on_signals():\n", "        with contextlib.nullcontext():\n"),),
-          ("tests/test_link_job.py::test_sigterm_then_sigint_stop_the_job_in_one_line_and_the_rerun_completes_it",)),
+          ("tests/test_link_job.py::test_two_jobs_into_one_output_one_refused_then_sigterm_and_sigint_stop_it_in_one_line_"
+           "and_the_rerun_completes",)),
     Plant("signals-after-ray", "A job's signal handlers survive Ray's start",
           "the handlers in place before ray.init are not put back after it",
           "jobs/common.py",
           (("            if handler is not None:\n                signal.signal(s, handler)\n",
             "            pass\n"),),
-          ("tests/test_link_job.py::test_sigterm_then_sigint_stop_the_job_in_one_line_and_the_rerun_completes_it",)),
+          ("tests/test_link_job.py::test_two_jobs_into_one_output_one_refused_then_sigterm_and_sigint_stop_it_in_one_line_"
+           "and_the_rerun_completes",)),
     Plant("clean-failure", "A failed or interrupted link job removes what it staged for the inputs it did not "
           "commit, and says so; committed files stay", "the staged parts are left behind on failure",
           "jobs/link.py",
@@ -348,7 +350,8 @@ PLANTS = (
           (("                if age <= self.stale_s and not _gone(held):\n", "                if False:\n"),),
           ("tests/test_link_job.py::test_one_lease_per_output_a_live_one_refuses_a_second_job_and_a_stale_one_is_taken_"
            "over",
-           "tests/test_link_job.py::test_two_link_jobs_started_together_into_one_output_one_is_refused_in_one_line")),
+           "tests/test_link_job.py::test_two_jobs_into_one_output_one_refused_then_sigterm_and_sigint_stop_it_in_one_"
+           "line_and_the_rerun_completes")),
 )
 
 

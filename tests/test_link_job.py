@@ -764,14 +764,16 @@ def test_a_killed_driver_leaves_only_whole_files_and_the_rerun_completes_them_on
     assert not _staged_parts(out) and again.summary["counts"]["ok"] == rows.num_rows
 
 
-def test_sigterm_then_sigint_stop_the_job_in_one_line_and_the_rerun_completes_it(ray_local, s3_index, onnx_model,
-                                                                                  synth_dir, tmp_path, s3_server):
+def test_two_jobs_into_one_output_one_refused_then_sigterm_and_sigint_stop_it_in_one_line_and_the_rerun_completes(
+        ray_local, s3_index, onnx_model, synth_dir, tmp_path, s3_server):
     """`otmel link` (the CLI, joined to the session's Ray) with a small file and a big one
-    whose images a host holds (the job cannot end by itself). SIGTERM once the small file is
-    committed: exit 143 and one last line saying 1 of 2 files were kept, no traceback and no
-    C++ stack dump (it was exit 134, SIGABRT with a dump, after Ray's start replaced the
-    handler). Run again and SIGINT while it links the big file: exit 130, the same line. The
-    third run links the big file alone, every row exactly once, nothing left staged."""
+    whose images a host holds (the job cannot end by itself), started twice at once with the
+    same --output: one takes the output's lease, the other exits 2 in one line naming it.
+    SIGTERM to the first once the small file is committed: exit 143 and one last line saying 1
+    of 2 files were kept, no traceback and no C++ stack dump (it was exit 134, SIGABRT with a
+    dump, after Ray's start replaced the handler), nothing left staged. Run again and SIGINT
+    while it links the big file: exit 130, the same line. The third run links the big file
+    alone, every row exactly once, and leaves no lease."""
     import signal
     import subprocess
     import sys
@@ -789,40 +791,50 @@ def test_sigterm_then_sigint_stop_the_job_in_one_line_and_the_rerun_completes_it
     held = held.set_column(0, "mention_id", pa.array([f"big-{i}" for i in range(held.num_rows)]))
     pq.write_table(held, tmp_path / "in" / "b-big.parquet")
     out = tmp_path / "out"
-    small = str(tmp_path / "in" / "a-small.parquet")
+    small, big = (str(tmp_path / "in" / f) for f in ("a-small.parquet", "b-big.parquet"))
     args = [str(Path(sys.executable).parent / "otmel"), "link", "--model", onnx_model, "--index", s3_index[0].out,
             "--input", str(tmp_path / "in"), "--output", str(out), "--batch-size", "8", "--s3-endpoint", s3_server,
             "--allow-private-hosts", "--image-timeout", "600", *cli_options(ONE_ACTOR_EACH),
             "--address", ray.get_runtime_context().gcs_address]
 
-    def interrupted(signum: int, ready, what: str) -> list[str]:
-        log = tmp_path / f"{signal.Signals(signum).name}.log"
-        with open(log, "w") as err:
-            driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+    def interrupted(signum: int, ready, what: str, together: int = 1) -> tuple[list[str], list[str]]:
+        """``together`` drivers started at once; once ``ready``, the one still running gets
+        ``signum``. Returns (its stderr lines, the stderr lines of those that had ended)."""
+        logs = [tmp_path / f"{signal.Signals(signum).name}-{i}.log" for i in range(together)]
+        drivers = []
+        for log in logs:
+            with open(log, "w") as err:
+                drivers.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err))
         try:
-            _wait_for(lambda: ready(log.read_text(errors="replace")), what, timeout=600,
-                      alive=lambda: driver.poll() is None)
-            driver.send_signal(signum)
-            assert driver.wait(120) == 128 + signum, log.read_text()[-3000:]
+            _wait_for(lambda: ready(" ".join(log.read_text(errors="replace") for log in logs))
+                      and sum(d.poll() is None for d in drivers) <= 1, what, timeout=600,
+                      alive=lambda: any(d.poll() is None for d in drivers))
+            running = [i for i, d in enumerate(drivers) if d.poll() is None]
+            assert len(running) == 1, [d.returncode for d in drivers]
+            drivers[running[0]].send_signal(signum)
+            assert drivers[running[0]].wait(120) == 128 + signum, logs[running[0]].read_text()[-3000:]
         finally:
-            if driver.poll() is None:
-                driver.kill()
-        text = log.read_text(errors="replace")
-        assert "Traceback" not in text and "*** SIG" not in text and "Aborted" not in text, text[-3000:]
-        return text.strip().splitlines()
+            for d in drivers:
+                if d.poll() is None:
+                    d.kill()
+        texts = [log.read_text(errors="replace") for log in logs]
+        for text in texts:
+            assert "Traceback" not in text and "*** SIG" not in text and "Aborted" not in text, text[-3000:]
+        return texts[running[0]].strip().splitlines(), [t for i, t in enumerate(texts) if i != running[0]]
 
     try:
-        lines = interrupted(signal.SIGTERM, lambda _: (out / output_name(small)).exists() and images.waiting,
-                            "the small file's commit while the big one's images are held")
+        lines, others = interrupted(signal.SIGTERM, lambda _: (out / output_name(small)).exists() and images.waiting,
+                                    "the small file's commit while the big one's images are held", together=2)
+        refused = others[0].strip().splitlines()[-1]
+        assert refused.startswith("otmel link: error:") and "another job is writing this output" in refused, refused
         kept = f"1 of 2 input file(s) committed in {out} and kept; re-run the same command to link the rest"
         assert lines[-1] == f"otmel link: interrupted by SIGTERM: {kept}", lines[-5:]
-        assert not _staged_parts(out)  # an interrupted job removes what it staged
+        assert not _staged_parts(out) and not (out / output_name(big)).exists()  # staged parts removed
         held_before = images.waiting  # the first run's fetches stay held
-        assert not (out / output_name(str(tmp_path / "in" / "b-big.parquet"))).exists()
-        lines = interrupted(signal.SIGINT, lambda text: "linking 1 input file(s)" in text and images.waiting > held_before,
-                            "the re-run linking the big file")
+        lines, _ = interrupted(signal.SIGINT, lambda text: "linking 1 input file(s)" in text
+                               and images.waiting > held_before, "the re-run linking the big file")
         assert lines[-1] == f"otmel link: interrupted by SIGINT: {kept}", lines[-5:]
-        assert not (out / output_name(str(tmp_path / "in" / "b-big.parquet"))).exists()
+        assert not (out / output_name(big)).exists()
         images.open()
         again = run(LinkConfig(model=onnx_model, index=s3_index[0].out, input=str(tmp_path / "in"), output=str(out),
                                batch_size=8, s3_endpoint=s3_server, allow_private_hosts=True, image_timeout_s=600,
@@ -832,7 +844,7 @@ def test_sigterm_then_sigint_stop_the_job_in_one_line_and_the_rerun_completes_it
     assert again.summary["files_skipped_complete"] == 1 and again.summary["files_processed"] == 1
     rows = read_link_output(str(out))
     assert rows.num_rows == 16 + held.num_rows == len(set(rows.column("mention_id").to_pylist()))
-    assert not _staged_parts(out)
+    assert not _staged_parts(out) and not (out / "_otmel.lease").exists()
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -875,53 +887,6 @@ def test_one_lease_per_output_a_live_one_refuses_a_second_job_and_a_stale_one_is
     with caplog.at_level(logging.WARNING, logger="otmel.io.lease"), OutputLease(out, s3_server):
         pass
     assert any("eeeeeeeeeeee" in r.getMessage() and "its process is gone" in r.getMessage() for r in caplog.records)
-
-
-def test_two_link_jobs_started_together_into_one_output_one_is_refused_in_one_line(ray_local, s3_index, onnx_model,
-                                                                                   synth_dir, tmp_path, s3_server):
-    """Two `otmel link` processes started at once with the same --output (their input's images
-    held by a host, so neither can end before the other has tried): one takes the output's
-    lease, the other exits 2 in one line naming it, having deleted nothing; the first then
-    links every row, and its lease goes with it."""
-    import subprocess
-    import sys
-
-    import ray
-
-    test = pq.read_table(synth_dir / "mentions" / "test.parquet").slice(0, 16)
-    images = GatedImages()
-    (tmp_path / "in").mkdir()
-    pq.write_table(test.set_column(test.column_names.index("image"), "image", pa.nulls(test.num_rows, pa.binary()))
-                   .set_column(test.column_names.index("image_uri"), "image_uri",
-                               pa.array([f"{images.url}/img.png?row={r}" for r in range(test.num_rows)])),
-                   tmp_path / "in" / "held.parquet")
-    out = tmp_path / "out"
-    args = [str(Path(sys.executable).parent / "otmel"), "link", "--model", onnx_model, "--index", s3_index[0].out,
-            "--input", str(tmp_path / "in"), "--output", str(out), "--s3-endpoint", s3_server, "--allow-private-hosts",
-            "--image-timeout", "600", *cli_options(ONE_ACTOR_EACH), "--address", ray.get_runtime_context().gcs_address]
-    jobs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    try:
-        # one ends (refused), or both got as far as fetching images (more than one job's 16 held)
-        _wait_for(lambda: any(j.poll() is not None for j in jobs) or images.waiting > test.num_rows,
-                  "one of the two jobs to end", timeout=600)
-        assert images.waiting <= test.num_rows, "both jobs are linking into the same output"
-        refused = next(j for j in jobs if j.poll() is not None)
-        running = next(j for j in jobs if j is not refused)
-        err = refused.communicate(timeout=60)[1]
-        assert refused.returncode == 2, err[-3000:]
-        last = err.strip().splitlines()[-1]
-        assert last.startswith("otmel link: error:") and "another job is writing this output" in last, last
-        assert running.poll() is None and (out / "_otmel.lease").exists()
-        images.open()
-        assert running.wait(600) == 0, running.communicate()[1][-3000:]
-    finally:
-        images.close()
-        for j in jobs:
-            if j.poll() is None:
-                j.kill()
-    rows = read_link_output(str(out))
-    assert sorted(rows.column("mention_id").to_pylist()) == sorted(test.column("mention_id").to_pylist())
-    assert not (out / "_otmel.lease").exists()
 
 
 def test_best_threshold_is_the_max_f1_cut():
