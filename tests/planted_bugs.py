@@ -352,6 +352,12 @@ PLANTS = (
            "over",
            "tests/test_link_job.py::test_two_jobs_into_one_output_one_refused_then_sigterm_and_sigint_stop_it_in_one_"
            "line_and_the_rerun_completes")),
+    Plant("relative-paths", "Every path argument of every command is made absolute against the user's working "
+          "directory while parsing, before anything reaches Ray (s3:// untouched)",
+          "relative paths are passed on as typed (resolved later, in whatever process opens them)",
+          "otmel/cli/common.py",
+          (("    return os.path.abspath(os.path.expanduser(text))\n", "    return text\n"),),
+          ("tests/test_cli_paths.py",)),
 )
 
 

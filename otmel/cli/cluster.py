@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from otmel.cli.common import integer, real
+from otmel.cli.common import integer, location, real
 
 
 def cmd_submit(args) -> int:
@@ -65,7 +65,7 @@ def add_parsers(sub) -> None:
 
     def common(s, address_help="the head's Jobs API, http://HEAD:8265"):
         s.add_argument("--address", required=True, help=address_help)
-        s.add_argument("--token-file", default=None,
+        s.add_argument("--token-file", type=location, default=None,
                        help="cluster token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
 
     s = sub.add_parser("submit", help="run an otmel command on a cluster as a Ray job (prints the job id)")
@@ -109,5 +109,5 @@ def add_parsers(sub) -> None:
     s.add_argument("--max-nodes", type=integer(1), default=None, help="default: --nodes + 2 with --autoscale")
     s.add_argument("--cpus-per-node", type=integer(1), default=2,
                    help="logical CPUs of each node (Ray Data lists input files in 1-CPU tasks: keep >= 2)")
-    s.add_argument("--dir", default=None, help="state directory (default ~/.otmel/local-cluster)")
+    s.add_argument("--dir", type=location, default=None, help="state directory (default ~/.otmel/local-cluster)")
     s.set_defaults(func=cmd_cluster)

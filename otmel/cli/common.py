@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 
@@ -14,6 +15,29 @@ class OneLineErrors(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def location(text: str) -> str:
+    """An ``argparse`` type for a path argument: a local path made absolute against the
+    directory the command was typed in, here, before any config is built or sent to Ray (a
+    Ray worker's working directory is not the user's: ``otmel train --data data`` failed in
+    the workers); ``s3://`` and other URIs as given. Under ``otmel submit`` the job's own
+    command line is parsed on the cluster, against the job's working directory."""
+    if "://" in text or not text:
+        return text
+    return os.path.abspath(os.path.expanduser(text))
+
+
+location.__name__ = "path"
+
+
+def model_location(text: str) -> str:
+    """``--clip``: a hub name (``openai/clip-vit-base-patch32``) as given, a local directory
+    made absolute (:func:`location`) when it exists."""
+    return location(text) if os.path.exists(os.path.expanduser(text)) else text
+
+
+model_location.__name__ = "name or path"
 
 
 def integer(minimum: int | None = None, maximum: int | None = None):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from otmel.cli.common import integer, real, say
+from otmel.cli.common import integer, location, real, say
 
 
 def cmd_synth(args) -> int:
@@ -26,13 +26,13 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("synth", help="write a synthetic multimodal dataset (KB + mentions)")
     s.add_argument("--entities", type=integer(1), default=1000)
     s.add_argument("--mentions", type=integer(1), default=5000)
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", type=location, required=True)
     s.add_argument("--seed", type=integer(0), default=0)
     s.add_argument("--missing-image-rate", type=real(0, maximum=1), default=0.4, help="share of KB entities without an image")
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("import-mimic", help="convert a MIMIC/MELBench release to an otmel dataset")
-    s.add_argument("--root", required=True)
+    s.add_argument("--root", type=location, required=True)
     s.add_argument("--dataset", required=True, choices=["wikimel", "richpediamel", "wikidiverse"])
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", type=location, required=True)
     s.set_defaults(func=cmd_import_mimic)

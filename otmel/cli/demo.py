@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from otmel.cli.common import integer, say
+from otmel.cli.common import integer, location, say
 
 
 def cmd_demo(args) -> int:
@@ -34,7 +34,7 @@ def cmd_demo(args) -> int:
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("demo", help="the whole pipeline on a local Ray instance: synth -> train -> export -> index -> link")
-    s.add_argument("--out", default="demo-run")
+    s.add_argument("--out", type=location, default="demo-run")
     s.add_argument("--entities", type=integer(1), default=300)
     s.add_argument("--mentions", type=integer(1), default=2400)
     s.add_argument("--mode", default="kd", choices=["ot", "att", "kd"])

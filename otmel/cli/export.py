@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from otmel.cli.common import integer, say
+from otmel.cli.common import integer, location, say
 
 
 def cmd_export(args) -> int:
@@ -27,8 +27,8 @@ def cmd_export(args) -> int:
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("export", help="ONNX export (encoder.onnx + matcher.onnx), verified against PyTorch")
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--out", required=True)
+    s.add_argument("--checkpoint", type=location, required=True)
+    s.add_argument("--out", type=location, required=True)
     s.add_argument("--opset", type=integer(7), default=17)
     g = s.add_mutually_exclusive_group()
     g.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None,

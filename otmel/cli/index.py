@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from otmel.cli.common import data_job_options, integer, say
+from otmel.cli.common import data_job_options, integer, location, say
 
 
 def cmd_index(args) -> int:
@@ -24,11 +24,11 @@ def cmd_index(args) -> int:
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("index", help="build (or --update) the sharded FAISS entity index on Ray Data")
-    s.add_argument("--model", required=True, help="ONNX export dir or checkpoint dir (local or s3://)")
-    s.add_argument("--kb", required=True, help="KB Parquet file, directory or glob; with --update, the changed rows "
+    s.add_argument("--model", type=location, required=True, help="ONNX export dir or checkpoint dir (local or s3://)")
+    s.add_argument("--kb", type=location, required=True, help="KB Parquet file, directory or glob; with --update, the changed rows "
                    "(a boolean 'deleted' column marks removals)")
-    s.add_argument("--out", default=None, help="index URI to create (local dir or s3://)")
-    s.add_argument("--update", default=None, metavar="INDEX_URI", help="apply --kb as changes to this index")
+    s.add_argument("--out", type=location, default=None, help="index URI to create (local dir or s3://)")
+    s.add_argument("--update", type=location, default=None, metavar="INDEX_URI", help="apply --kb as changes to this index")
     s.add_argument("--shards", type=integer(1), default=1)
     s.add_argument("--factory", default="auto",
                    help="FAISS index factory string: auto (default: SQfp16 / Flat, exact, up to 50k entities per shard, "

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from otmel.cli.common import integer, real, say
+from otmel.cli.common import integer, location, real, say
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,12 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("kge", help="OTKGE multimodal KG embeddings: train | features | evaluate | embed")
     kge = s.add_subparsers(dest="kge_command", required=True)
     k = kge.add_parser("train", help="train on KG triples (train/valid/test files); prints the filtered test metrics")
-    k.add_argument("--triples", required=True, help="directory with train, valid, test (head<TAB>relation<TAB>tail)")
-    k.add_argument("--out", required=True, help="checkpoint directory (local or s3://)")
+    k.add_argument("--triples", type=location, required=True, help="directory with train, valid, test (head<TAB>relation<TAB>tail)")
+    k.add_argument("--out", type=location, required=True, help="checkpoint directory (local or s3://)")
     k.add_argument("--model", default="complex", choices=["complex", "rotate", "transe"])
     k.add_argument("--modalities", default="structure", choices=["structure", "ling", "visual", "all"])
     k.add_argument("--fusion", default="ot", choices=["ot", "mean", "concat"])
-    k.add_argument("--features", default=None, help="*.parquet: entity_id + ling / visual vectors (otmel kge features); or a directory of "
+    k.add_argument("--features", type=location, default=None, help="*.parquet: entity_id + ling / visual vectors (otmel kge features); or a directory of "
                         "ling.npy / visual.npy whose rows entities.txt names")
     k.add_argument("--entity-map", default=None, help="name<TAB>entity_id lines, when triples use other names")
     k.add_argument("--dim", type=integer(2), default=400, help="reals per entity embedding (ComplEx/RotatE: even)")
@@ -103,22 +103,22 @@ def add_parsers(sub) -> None:
     k.add_argument("--s3-endpoint", default=None)
     k = kge.add_parser("features", help="ling / visual entity features from the otmel CLIP encoder over a KB "
                                         "(the --features file of kge train)")
-    k.add_argument("--model", required=True, help="otmel checkpoint or ONNX export dir (local or s3://)")
-    k.add_argument("--kb", required=True, help="KB Parquet: entity_id, name, attributes, image / image_uri")
-    k.add_argument("--out", required=True, help="Parquet file URI: entity_id, ling, visual")
+    k.add_argument("--model", type=location, required=True, help="otmel checkpoint or ONNX export dir (local or s3://)")
+    k.add_argument("--kb", type=location, required=True, help="KB Parquet: entity_id, name, attributes, image / image_uri")
+    k.add_argument("--out", type=location, required=True, help="Parquet file URI: entity_id, ling, visual")
     k.add_argument("--batch-size", type=integer(1), default=64)
     k.add_argument("--allow-image-prefix", action="append", default=None, metavar="DIR",
                    help="local directory whose files image_uri may name (repeatable)")
     k.add_argument("--s3-endpoint", default=None)
     k = kge.add_parser("evaluate", help="filtered MRR and H@1/3/10 of a checkpoint on a split")
-    k.add_argument("--checkpoint", required=True)
-    k.add_argument("--triples", required=True)
+    k.add_argument("--checkpoint", type=location, required=True)
+    k.add_argument("--triples", type=location, required=True)
     k.add_argument("--split", default="test", choices=["train", "valid", "test"])
     k.add_argument("--s3-endpoint", default=None)
     k = kge.add_parser("embed", help="write the unified entity embeddings (entity_id, vector) as Parquet")
-    k.add_argument("--checkpoint", required=True)
-    k.add_argument("--out", required=True, help="Parquet file URI (local or s3://)")
-    k.add_argument("--kb", default=None, metavar="KB_URI",
+    k.add_argument("--checkpoint", type=location, required=True)
+    k.add_argument("--out", type=location, required=True, help="Parquet file URI (local or s3://)")
+    k.add_argument("--kb", type=location, default=None, metavar="KB_URI",
                    help="keep only this KB's entities and report the KB entities without a vector and the KG "
                         "entities outside the KB")
     k.add_argument("--s3-endpoint", default=None)

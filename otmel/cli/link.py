@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from otmel.cli.common import data_job_options, integer, real, say
+from otmel.cli.common import data_job_options, integer, location, real, say
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,14 @@ def cmd_calibrate(args) -> int:
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("link", help="link a corpus (Parquet/JSONL posts or mentions) against an index, on Ray Data")
-    s.add_argument("--model", required=True, help="ONNX export dir or checkpoint dir (the index's model)")
-    s.add_argument("--index", required=True)
-    s.add_argument("--input", required=True, help="Parquet/JSONL file, directory or glob (local or s3://)")
-    s.add_argument("--output", required=True, help="output dir (local or s3://): one Parquet file per input file")
+    s.add_argument("--model", type=location, required=True, help="ONNX export dir or checkpoint dir (the index's model)")
+    s.add_argument("--index", type=location, required=True)
+    s.add_argument("--input", type=location, required=True, help="Parquet/JSONL file, directory or glob (local or s3://)")
+    s.add_argument("--output", type=location, required=True, help="output dir (local or s3://): one Parquet file per input file")
     s.add_argument("--top-k", type=integer(1), default=5, help="candidates written per mention")
     s.add_argument("--candidates", type=integer(1), default=20, metavar="K", help="retrieved per shard, then reranked")
     s.add_argument("--nil-threshold", type=real(), default=None, help="default: the calibrated value of the model")
-    s.add_argument("--kge-embeddings", default=None, metavar="URI",
+    s.add_argument("--kge-embeddings", type=location, default=None, metavar="URI",
                    help="collective disambiguation: entity vectors (otmel kge embed) of the KB; each candidate's score "
                         "gains W x its mean cosine to the other mentions' top candidates in the post")
     s.add_argument("--coherence-weight", type=real(0), default=None, metavar="W",
@@ -104,12 +104,12 @@ def add_parsers(sub) -> None:
     s.set_defaults(func=cmd_link)
 
     s = sub.add_parser("calibrate", help="pick the NIL threshold on a dev split (max linking F1) and store it")
-    s.add_argument("--model", required=True, help="ONNX export dir or checkpoint dir (the threshold is stored there)")
-    s.add_argument("--index", required=True)
-    s.add_argument("--data", required=True, help="dataset dir with kb.parquet and mentions/SPLIT.parquet")
+    s.add_argument("--model", type=location, required=True, help="ONNX export dir or checkpoint dir (the threshold is stored there)")
+    s.add_argument("--index", type=location, required=True)
+    s.add_argument("--data", type=location, required=True, help="dataset dir with kb.parquet and mentions/SPLIT.parquet")
     s.add_argument("--split", default="dev", choices=["train", "dev", "test"])
     s.add_argument("--candidates", type=integer(1), default=20)
-    s.add_argument("--kge-embeddings", default=None, metavar="URI",
+    s.add_argument("--kge-embeddings", type=location, default=None, metavar="URI",
                    help="also choose the coherence weight for these KGE vectors (otmel kge embed); "
                         "the dev mentions' post_id groups them")
     s.add_argument("--top-k", type=integer(1), default=5, help="with --kge-embeddings: candidates re-ordered per mention "

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from otmel.cli.common import integer, real, say
+from otmel.cli.common import integer, location, model_location, real, say
 
 
-def cmd_train(args) -> int:
-    from otmel.jobs.train import TrainConfig, run
+def train_config(args):
+    """The TrainConfig of an ``otmel train`` command line."""
+    from otmel.jobs.train import TrainConfig
 
     model_overrides = {}
     if args.missing_image:
@@ -24,6 +25,13 @@ def cmd_train(args) -> int:
                       max_failures=args.max_failures, seed=args.seed, s3_endpoint=args.s3_endpoint,
                       cpus_per_worker=args.cpus_per_worker, model=model_overrides or None,
                       preprocess=args.preprocess)
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from otmel.jobs.train import run
+
+    cfg = train_config(args)
     result = run(cfg)
     m = result.metrics
     say(f"trained {cfg.mode} for {m.get('epoch', -1) + 1} epochs ({m.get('step')} steps): train loss "
@@ -62,8 +70,8 @@ def cmd_evaluate(args) -> int:
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("train", help="distributed training on Ray Train (checkpoints to a local dir or s3://)")
-    s.add_argument("--data", required=True, help="dataset URI (kb.parquet + mentions/{train,dev}.parquet)")
-    s.add_argument("--out", required=True, help="run storage URI (local dir or s3://bucket/prefix)")
+    s.add_argument("--data", type=location, required=True, help="dataset URI (kb.parquet + mentions/{train,dev}.parquet)")
+    s.add_argument("--out", type=location, required=True, help="run storage URI (local dir or s3://bucket/prefix)")
     s.add_argument("--mode", default="kd", choices=["ot", "att", "kd"])
     s.add_argument("--workers", type=integer(1), default=2)
     s.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
@@ -77,7 +85,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--grad-clip", type=real(above=0), default=None, metavar="NORM",
                    help="clip the global gradient norm (default: no clipping, the release)")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--clip", default=None, help="pretrained CLIP: hub name or local directory")
+    g.add_argument("--clip", type=model_location, default=None, help="pretrained CLIP: hub name or local directory")
     g.add_argument("--tiny-clip", action="store_true", help="tiny random CLIP (tests, CPU demo)")
     s.add_argument("--missing-image", choices=["zeros", "mask"], default=None)
     s.add_argument("--text-length", type=integer(3), default=None)
@@ -97,12 +105,12 @@ def add_parsers(sub) -> None:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("evaluate", help="H@1/3/5 and MRR of a checkpoint on a dataset split")
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--data", required=True)
+    s.add_argument("--checkpoint", type=location, required=True)
+    s.add_argument("--data", type=location, required=True)
     s.add_argument("--split", default="test", choices=["train", "dev", "test"])
     s.add_argument("--retrieve", type=integer(1), default=None, metavar="K",
                    help="retrieve K candidates by the separable score, then rerank with the full S_O")
     s.add_argument("--batch-size", type=integer(1), default=64)
-    s.add_argument("--out", default=None, help="metrics JSON path (default: CHECKPOINT/eval-SPLIT.json)")
+    s.add_argument("--out", type=location, default=None, help="metrics JSON path (default: CHECKPOINT/eval-SPLIT.json)")
     s.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
     s.set_defaults(func=cmd_evaluate)
