@@ -171,7 +171,12 @@ def read_inputs(batch: dict[str, np.ndarray], s3_endpoint: str | None, detector,
 def preprocess_mentions(batch: dict, preprocessor, image_policy, bad_image: str, transform: str = "cpu") -> dict:
     from otmel.jobs.common import Preprocess
 
-    return Preprocess(preprocessor, "mention", image_policy, bad_image, transform)(batch)
+    out = Preprocess(preprocessor, "mention", image_policy, bad_image, transform)(batch)
+    # the warning column as strings in every block ("" = none): a block whose column was all
+    # null came through NumPy as float NaN, and Ray Data then could not put it in one batch
+    # with a block holding a warning (float vs string); the link stage turns "" back into null
+    out["warning"] = np.array([w if isinstance(w, str) else "" for w in out["warning"]], dtype=object)
+    return out
 
 
 def _int_or_none(v) -> int | None:
