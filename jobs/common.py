@@ -325,7 +325,10 @@ class Preprocess:
             "attention_mask": prepared.attention_mask,
             "has_image": prepared.has_image,
             "ok": np.array([e is None for e in errors], dtype=bool),
-            "error": np.array(errors, dtype=object),
+            # "" for no error (``ok`` says which rows are usable): a column of nulls passed on
+            # from NumPy came back as float NaN in some blocks, and Ray Data could not batch
+            # them with blocks holding an error (string vs float)
+            "error": np.array([e if isinstance(e, str) else "" for e in errors], dtype=object),
         })
         if self.transform == "cpu":
             out["pixel_values"] = prepared.pixel_values

@@ -265,7 +265,8 @@ class LinkStage:
             if preset[i] == "no_mention":
                 status.append("no_mention"); entity.append(None); score.append(None); cands.append(None); error.append(None)  # noqa: E702
             elif not linkable[i]:
-                reason = batch["error"][i] if batch["error"][i] else "unusable: the row cannot be encoded"
+                reason = batch["error"][i] if isinstance(batch["error"][i], str) and batch["error"][i] \
+                    else "unusable: the row cannot be encoded"
                 status.append("error"); entity.append(None); score.append(None); cands.append(None); error.append(str(reason))  # noqa: E702
             else:
                 j = pos[i]
@@ -278,7 +279,9 @@ class LinkStage:
                 score.append(top["score"] if top else None)
                 cands.append(row)
                 error.append(None)
-        text = lambda name: [None if v is None else str(v) for v in batch[name]]  # noqa: E731
+        # a null can reach here as float NaN (NumPy's form of a column of nulls): null, not "nan"
+        text = lambda name: [None if v is None or (isinstance(v, float) and v != v) else str(v)  # noqa: E731
+                             for v in batch[name]]
         # only strings are warnings: a column of nulls can come back from NumPy as NaN
         warning = [w if isinstance(w, str) and w and preset[i] != "no_mention" else None
                    for i, w in enumerate(batch["warning"])]
