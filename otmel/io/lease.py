@@ -128,9 +128,7 @@ class OutputLease:
         data = json.dumps(self.record).encode()
         if not _create_exclusive(self.uri, data, self.s3_endpoint):
             held = self._read()
-            if held is None:  # released between the two calls
-                pass
-            else:
+            if held is not None:  # (None: released between the two calls: create it again below)
                 age = time.time() - float(held.get("heartbeat", 0) or 0)
                 if age <= self.stale_s and not _gone(held):
                     raise OutputBusy(
